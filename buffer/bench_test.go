@@ -1,0 +1,127 @@
+package buffer
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// BenchmarkAppendDurable measures durable (fsync) appends of 200-byte events from concurrent appenders:
+// events/s and the p99 append-to-durable latency in milliseconds. Compare events/s with BenchmarkRawCeiling
+// from the same run.
+func BenchmarkAppendDurable(b *testing.B) {
+	for _, appenders := range []int{1, 16, 256} {
+		b.Run(fmt.Sprintf("appenders=%d", appenders), func(b *testing.B) {
+			l := openTest(b, Config{MaxBytes: 4 << 30}, 0)
+			run(b, l.Log)
+			e := benchEntry()
+			lat := make([]time.Duration, b.N)
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			b.ResetTimer()
+			start := time.Now()
+			for range appenders {
+				wg.Go(func() {
+					for {
+						i := next.Add(1) - 1
+						if i >= int64(b.N) {
+							return
+						}
+						t0 := time.Now()
+						if _, err := l.Append(context.Background(), e); err != nil {
+							b.Error(err)
+							return
+						}
+						lat[i] = time.Since(t0)
+					}
+				})
+			}
+			wg.Wait()
+			elapsed := time.Since(start)
+			b.StopTimer()
+			slices.Sort(lat)
+			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "events/s")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+			commits := float64(testutilHistogramCount(b, l, "edgegate_buffer_commit_batch_size"))
+			b.ReportMetric(float64(b.N)/commits, "events/commit")
+			b.ReportMetric(histogramSum(b, l, "edgegate_buffer_commit_duration_seconds")/commits*1e3, "commit-ms")
+		})
+	}
+}
+
+// BenchmarkRawCeiling is the ceiling for BenchmarkAppendDurable: raw bbolt with the same options, one
+// transaction (one fsync) per 1000 200-byte events under sequential keys.
+func BenchmarkRawCeiling(b *testing.B) {
+	db, err := bolt.Open(filepath.Join(b.TempDir(), "raw.db"), 0o600, &bolt.Options{
+		NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	val := benchEntry().Data
+	var seq uint64
+	b.ResetTimer()
+	start := time.Now()
+	for done := 0; done < b.N; {
+		n := min(1000, b.N-done)
+		err := db.Update(func(tx *bolt.Tx) error {
+			bk, err := tx.CreateBucketIfNotExists([]byte("events"))
+			if err != nil {
+				return err
+			}
+			bk.FillPercent = 1.0
+			for range n {
+				seq++
+				if err := bk.Put(seqKey(seq), val); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		done += n
+	}
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "events/s")
+}
+
+// BenchmarkOpenWithBacklog measures Open on a log holding a backlog of EDGEGATE_BENCH_BACKLOG events
+// (default 1,000,000 of 200 bytes).
+func BenchmarkOpenWithBacklog(b *testing.B) {
+	n := 1_000_000
+	if s := os.Getenv("EDGEGATE_BENCH_BACKLOG"); s != "" {
+		var err error
+		if n, err = strconv.Atoi(s); err != nil {
+			b.Fatal(err)
+		}
+	}
+	cfg := Config{Durability: DurabilityInterval, MaxBytes: 4 << 30, Cursors: []string{"sink"}}
+	l := openTest(b, cfg, 0)
+	stop := run(b, l.Log)
+	fill(b, l.Log, n)
+	stop()
+	cfg.Path = l.path
+	for b.Loop() {
+		l, err := Open(cfg, nil, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if l.Stats().Events != int64(n) {
+			b.Fatalf("%d events", l.Stats().Events)
+		}
+		b.StopTimer()
+		_ = l.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(fileSize(cfg.Path))/(1<<20), "file-MiB")
+}

@@ -1,0 +1,139 @@
+package buffer
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+const (
+	compactSlack   = 4 << 20
+	compactTxBytes = 16 << 20
+)
+
+// maybeCompact compacts the file when it is mostly free space: larger than compactMinFile and than twice
+// the used size plus 4 MiB. The caller holds writeMu. Only a failure to reopen the file is returned.
+func (l *Log) maybeCompact() error {
+	size := fileSize(l.path)
+	if size < l.compactMinFile {
+		return nil
+	}
+	used, err := l.usedBytes()
+	if err != nil || size <= 2*(used+compactSlack) {
+		return nil
+	}
+	return l.compact(size, used)
+}
+
+// usedBytes is the part of the file bbolt uses: the high-water mark minus the free pages.
+func (l *Log) usedBytes() (int64, error) {
+	var hwm int64
+	if err := l.db.View(func(tx *bolt.Tx) error { hwm = tx.Size(); return nil }); err != nil {
+		return 0, err
+	}
+	s := l.db.Stats()
+	return hwm - int64(s.FreePageN+s.PendingPageN)*int64(l.db.Info().PageSize), nil
+}
+
+// compact copies the live data into a new file next to the log, fsyncs it, renames it over the log and
+// reopens it. Appends wait meanwhile (the writer holds writeMu); readers wait for the swap only.
+func (l *Log) compact(oldSize, used int64) error {
+	start := time.Now()
+	tmp := l.path + ".compact"
+	fail := func(err error) error {
+		_ = os.Remove(tmp)
+		l.m.compactErrors.Inc()
+		l.logger.Error("compaction failed; the log keeps its file", "error", err)
+		return nil
+	}
+	_ = os.Remove(tmp)
+	dst, err := bolt.Open(tmp, 0o600, &bolt.Options{Timeout: openTimeout, NoSync: true,
+		NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		return fail(err)
+	}
+	if err := bolt.Compact(dst, l.db, compactTxBytes); err != nil {
+		_ = dst.Close()
+		return fail(err)
+	}
+	err = dst.Sync()
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fail(err)
+	}
+
+	l.dbMu.Lock()
+	defer l.dbMu.Unlock()
+	if err := os.Rename(tmp, l.path); err != nil {
+		return fail(err)
+	}
+	if err := syncDir(filepath.Dir(l.path)); err != nil {
+		l.logger.Warn("fsync of the data directory after compaction", "error", err)
+	}
+	ndb, err := openDB(l.path, l.cfg.Durability)
+	if err != nil {
+		// The old file is no longer at the path: nothing more may be committed to it.
+		_ = l.db.Close()
+		l.db = nil
+		l.m.compactErrors.Inc()
+		return fmt.Errorf("buffer: compact: reopen: %w", err)
+	}
+	old := l.db
+	l.db = ndb
+	l.unsynced = false
+	if err := old.Close(); err != nil {
+		l.logger.Warn("close the log file replaced by compaction", "error", err)
+	}
+	l.m.compactions.Inc()
+	l.logger.Info("log compacted", "file_bytes_before", oldSize, "file_bytes_after", fileSize(l.path),
+		"used_bytes", used, "duration", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// syncDir fsyncs a directory so that a rename in it is durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Recover moves a damaged log file aside, as <path>.corrupt-<UTC time>, so that the next start creates a new,
+// empty log; nothing is deleted. It refuses while a process holds the file (a running gateway).
+func Recover(path string) (movedTo string, err error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return "", fmt.Errorf("buffer: recover %s: %w", path, err)
+	}
+	if err := lockFile(f.Fd()); err != nil {
+		_ = f.Close()
+		return "", fmt.Errorf("buffer: recover %s: %w", path, ErrLocked)
+	}
+	defer f.Close()
+	base := path + ".corrupt-" + time.Now().UTC().Format("20060102T150405Z")
+	movedTo = base
+	for i := 1; ; i++ {
+		if _, err := os.Lstat(movedTo); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		movedTo = fmt.Sprintf("%s-%d", base, i)
+	}
+	if err := os.Rename(path, movedTo); err != nil {
+		return "", fmt.Errorf("buffer: recover %s: %w", path, err)
+	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return movedTo, fmt.Errorf("buffer: recover %s: fsync directory: %w", path, err)
+	}
+	return movedTo, nil
+}

@@ -1,0 +1,142 @@
+package buffer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestDiskFull runs TestDiskFullChild in a private mount namespace on a 4 MiB tmpfs (root and unshare(1)
+// needed; skipped otherwise) and checks that it passed: a full filesystem makes appends fail with ErrFull,
+// the process stays up, appends succeed again once space returns, and the file stays consistent.
+func TestDiskFull(t *testing.T) {
+	if os.Getenv("EDGEGATE_DISKFULL_CHILD") != "" {
+		t.Skip("in the child")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a tmpfs")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("unshare(1) not found")
+	}
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, unshare, "-m", "sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`,
+		dir, os.Args[0], "-test.run=^TestDiskFullChild$", "-test.count=1", "-test.v", "-test.timeout=50s")
+	cmd.Env = append(os.Environ(), "EDGEGATE_DISKFULL_CHILD=1", "EDGEGATE_DISKFULL_DIR="+dir)
+	out, err := cmd.CombinedOutput()
+	if !strings.Contains(string(out), "disk full child started") {
+		t.Skipf("cannot mount a private tmpfs here (%v): %s", err, out)
+	}
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestDiskFullChild") {
+		t.Fatalf("child failed (%v):\n%s", err, out)
+	}
+	t.Logf("child:\n%s", out)
+}
+
+// TestDiskFullChild is the child of TestDiskFull; it must run on a small, otherwise empty filesystem.
+func TestDiskFullChild(t *testing.T) {
+	dir := os.Getenv("EDGEGATE_DISKFULL_DIR")
+	if os.Getenv("EDGEGATE_DISKFULL_CHILD") != "1" || dir == "" {
+		t.Skip("run by TestDiskFull")
+	}
+	fmt.Println("disk full child started")
+	tests := []struct {
+		name     string
+		minFree  int64
+		wantNoSp bool // the filesystem itself refused (not the guard)
+	}{
+		{"no guard: the filesystem refuses", 0, true},
+		{"min_free guard fires first", 1 << 20, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sub := filepath.Join(dir, fmt.Sprintf("case%d", tt.minFree))
+			if err := os.MkdirAll(sub, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			defer os.RemoveAll(sub)
+			filler := filepath.Join(sub, "filler")
+			if err := os.WriteFile(filler, make([]byte, 1<<20), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cfg := Config{Path: filepath.Join(sub, "events.db"), MinFreeBytes: tt.minFree, MaxBytes: 64 << 20,
+				Cursors: []string{"sink"}}
+			l := openTest(t, cfg, 64)
+			stop := run(t, l.Log)
+			mk := func(i int) Entry {
+				return Entry{Data: fmt.Appendf(nil, `{"id":"%d","pad":"%01000d"}`, i, i), Type: "fill", Subject: "d"}
+			}
+			acked := map[uint64]string{}
+			var full error
+			for i := range 20000 {
+				seq, err := l.Append(context.Background(), mk(i))
+				if err != nil {
+					full = err
+					break
+				}
+				acked[seq] = fmt.Sprintf(`{"id":"%d"`, i)
+			}
+			if full == nil {
+				t.Fatal("20000 appends of 1 KiB fitted in a 4 MiB filesystem")
+			}
+			if !errors.Is(full, ErrFull) {
+				t.Fatalf("append on a full filesystem = %v, want ErrFull", full)
+			}
+			if tt.wantNoSp && !errors.Is(full, syscall.ENOSPC) {
+				t.Fatalf("append on a full filesystem = %v, want ENOSPC", full)
+			}
+			t.Logf("%d appends acknowledged, then: %v", len(acked), full)
+			// Still running and, while nothing frees space, refusing: near the limit a freed page may still
+			// take an event or two, so wait for five refusals in a row.
+			for i, refused := 0, 0; refused < 5; i++ {
+				if i == 500 {
+					t.Fatal("no five refusals in a row within 500 appends on a full filesystem")
+				}
+				seq, err := l.Append(context.Background(), mk(100000+i))
+				switch {
+				case err == nil:
+					acked[seq] = fmt.Sprintf(`{"id":"%d"`, 100000+i)
+					refused = 0
+				case errors.Is(err, ErrFull):
+					refused++
+				default:
+					t.Fatalf("append %d on a full filesystem = %v", i, err)
+				}
+			}
+			if err := os.Remove(filler); err != nil {
+				t.Fatal(err)
+			}
+			var seq uint64
+			waitFor(t, 10*time.Second, "appends to succeed again", func() bool {
+				var err error
+				seq, err = l.Append(context.Background(), mk(200000))
+				return err == nil
+			})
+			acked[seq] = `{"id":"200000"`
+			stop()
+
+			l2 := openTest(t, cfg, 0)
+			checkDB(t, l2.Log)
+			stored := map[uint64][]byte{}
+			for _, r := range readAll(t, l2.Log) {
+				stored[r.Seq] = r.Data
+			}
+			for seq, prefix := range acked {
+				if !strings.HasPrefix(string(stored[seq]), prefix) {
+					t.Fatalf("acknowledged seq %d lost or changed: %.40q", seq, stored[seq])
+				}
+			}
+			_ = l2.Close()
+		})
+	}
+}

@@ -1,0 +1,34 @@
+// Package buffer is the gateway's durable, ordered event log in a bbolt file: ingest appends CloudEvents,
+// forwarding sinks read them through named durable cursors, and an event leaves the log only when every
+// required cursor has passed it or a counted retention rule removes it (store-and-forward).
+//
+// # Durability
+//
+// One writer goroutine (Log.Run) commits everything queued in one bbolt transaction (group commit): appends
+// that arrive while a commit runs share the next one, so many devices' appends share one fsync. With
+// durability "fsync" (the default) Append returns after the commit's fsync: a returned sequence number
+// survives a crash or a power loss. With durability "interval" Append returns once the batch is written to
+// the file and the file is fsync'd at most every fsync_interval: a process crash loses nothing, but a power
+// loss or kernel crash may lose the events acknowledged during the last fsync_interval (default 200ms).
+// A failed commit (write or fsync error, full filesystem) acknowledges none of its events: each appender gets
+// the error, and the next batch is tried afresh.
+//
+// # Layout and space
+//
+// Events are stored under 8-byte big-endian sequence numbers in segment buckets of 8192 numbers, with a
+// small header (priority, time, type, subject) before the CloudEvent JSON. Per-segment metadata (counts,
+// bytes, bounds, count per priority) lives in its own bucket, updated in the same transaction, so opening a
+// log with a large backlog reads no events. Draining deletes whole segments; when the file is mostly free
+// space the writer compacts it into a new file and renames it over the old one, so the file shrinks again.
+//
+// # Retention
+//
+// Config.Cursors names the cursors that must carry every event. Whole segments every one of them passed
+// are deleted promptly; the delivered events of a partly passed segment are deleted when room is needed.
+// When max_bytes or min_free_bytes is reached, when_full "reject" refuses new events with ErrFull
+// (back-pressure), and "drop-oldest" drops stored events, lowest priority and oldest first (never of a
+// priority above the new event's). With no required cursor the log is a bounded history and always makes
+// room that way. Every event removed before the required cursors passed it is counted in
+// edgegate_buffer_dropped_total by reason (max_bytes, min_free, max_age, purge) and logged at most once per
+// second.
+package buffer

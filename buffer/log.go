@@ -1,0 +1,822 @@
+package buffer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// Sentinel errors, checked with errors.Is.
+var (
+	// ErrFull means the log has no room for the event (max_bytes or min_free_bytes reached and nothing may be
+	// dropped, the filesystem is out of space, or the append queue is full for Enqueue).
+	ErrFull = errors.New("log is full")
+	// ErrClosed means the log has stopped.
+	ErrClosed = errors.New("log is closed")
+	// ErrCorrupt means the log file is damaged; Recover moves it aside so that a new log can start.
+	ErrCorrupt = errors.New("log file is damaged")
+	// ErrLocked means another process (a running gateway) holds the log file.
+	ErrLocked = errors.New("database is locked by another process (is edgegate running?)")
+
+	errDamaged = errors.New("damaged")
+)
+
+// Entry is one event to store.
+type Entry struct {
+	// Data is the CloudEvent in JSON structured mode, stored as is (copied: the caller may reuse it once
+	// Append or Enqueue returned).
+	Data []byte
+	// Type is the CloudEvent type, kept in the record header for filters and stats.
+	Type string
+	// Subject is the device id.
+	Subject string
+	// Time is the event time (TTL, export ranges); the zero time means the time of the append.
+	Time time.Time
+	// Priority ranks the event for drop-oldest: 0 (lowest, the default) to 9 (highest). Lower priorities are
+	// dropped first.
+	Priority uint8
+}
+
+// Record is a stored entry with its sequence number.
+type Record struct {
+	// Seq numbers records from 1 in append order; a number is never reused, even after the record is removed.
+	Seq uint64
+	Entry
+}
+
+const (
+	defaultSegmentSize = 8192
+	maxBatchEntries    = 4096
+	maxBatchBytes      = 4 << 20
+	maxQueueBytes      = 64 << 20
+	openTimeout        = time.Second
+	tickEvery          = 100 * time.Millisecond
+	ttlEvery           = time.Second
+	compactCheckEvery  = 10 * time.Second
+	compactMinFile     = 32 << 20
+)
+
+// Log is the durable, ordered event log. Appends are made durable by one writer goroutine (Run) that commits
+// everything queued in one transaction (group commit). Readers read committed records from any position and
+// keep their position in named cursors. All methods are safe for concurrent use.
+type Log struct {
+	cfg      Config
+	path     string
+	logger   *slog.Logger
+	m        *metrics
+	segSize  uint64
+	tool     bool
+	required []string
+
+	// Test hooks: beforeCommit fails a commit when it returns an error; now is the clock; statfs reports
+	// the free space of the filesystem holding a path.
+	beforeCommit   func() error
+	now            func() time.Time
+	statfs         func(path string) (int64, error)
+	compactMinFile int64
+	compactEvery   time.Duration
+
+	dbMu sync.RWMutex // guards db: readers hold it shared; compaction and close hold it exclusively
+	db   *bolt.DB     // nil once closed
+
+	writeMu sync.Mutex // serialises write transactions, compaction and close
+
+	state atomic.Pointer[state] // the committed state, replaced after every commit
+	full  atomic.Bool           // the last room check failed (reject fast path)
+
+	mu           sync.Mutex
+	queue        []*batch
+	queued       int
+	queuedBytes  int64
+	space        chan struct{} // closed and replaced when the queue shrinks and someone waits
+	spaceWaiters int
+	notify       chan struct{} // closed and replaced when a commit adds records or the log closes
+	cursors      map[string]*cursor
+	closed       bool
+	running      bool
+	stopOnce     sync.Once
+	stop         chan struct{}
+	runDone      chan struct{}
+
+	wake chan struct{}
+
+	// Owned by the writer.
+	unsynced    bool
+	lastSync    time.Time
+	lastTTL     time.Time
+	lastCompact time.Time
+	limiter     dropLog
+	fullProbe   int64 // size of the smallest event refused since the log became full
+}
+
+// cursor is a named reader position: pos in memory, saved on disk.
+type cursor struct {
+	pos, saved uint64
+}
+
+// batch is the unit of group commit: the entries queued while the previous commit ran.
+type batch struct {
+	recs  []pending
+	bytes int64
+	done  chan struct{}
+	err   error        // set for every entry when the commit failed
+	waits atomic.Int32 // appenders still waiting for done
+}
+
+type pending struct {
+	val  []byte
+	prio uint8
+	time int64
+	seq  uint64 // assigned by the commit
+	full bool   // rejected for want of room
+}
+
+// state is the committed view of the log, immutable once published.
+type state struct {
+	segs      []*segMeta
+	events    int64
+	bytes     int64
+	lastSeq   uint64
+	dropHint  [maxPriority + 1]uint64 // no record of that priority with seq <= hint is stored
+	prioBytes [maxPriority + 1]int64  // bytes stored per priority
+}
+
+func (s *state) clone() *state {
+	c := *s
+	c.segs = slices.Clone(s.segs)
+	return &c
+}
+
+func (s *state) firstSeq() uint64 {
+	if len(s.segs) == 0 {
+		return 0
+	}
+	return s.segs[0].MinSeq
+}
+
+type openOptions struct {
+	tool    bool
+	segSize uint64
+}
+
+// Open opens or creates the log at cfg.Path for the gateway: zero fields of cfg take the defaults of
+// DefaultConfig, persisted cursors not in cfg.Cursors are removed, and the metrics are registered with reg
+// (nil: not registered). Open reads only per-segment metadata, so its time does not grow with the backlog.
+// It starts nothing: Run commits appends.
+func Open(cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Log, error) {
+	return open(cfg, logger, reg, openOptions{})
+}
+
+// OpenTool opens an existing log for an offline tool (stats, export, import, purge). It keeps every persisted
+// cursor (cfg.Cursors is ignored; the persisted cursors hold events as the gateway's would) and registers no
+// metrics. It fails within about a second with ErrLocked when a running gateway holds the file. Run is needed
+// only to Append; Purge, Read and Stats work without it.
+func OpenTool(cfg Config, logger *slog.Logger) (*Log, error) {
+	return open(cfg, logger, nil, openOptions{tool: true})
+}
+
+func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOptions) (*Log, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("buffer: config: %w", err)
+	}
+	if cfg.Path == "" {
+		return nil, errors.New("buffer: config: path is empty")
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	if o.segSize == 0 {
+		o.segSize = defaultSegmentSize
+	}
+	if o.tool {
+		if _, err := os.Stat(cfg.Path); err != nil {
+			return nil, fmt.Errorf("buffer: open %s: %w", cfg.Path, err)
+		}
+	}
+	l := &Log{
+		cfg:            cfg,
+		path:           cfg.Path,
+		logger:         logger.With("component", "buffer"),
+		segSize:        o.segSize,
+		tool:           o.tool,
+		now:            time.Now,
+		statfs:         diskFree,
+		compactMinFile: compactMinFile,
+		compactEvery:   compactCheckEvery,
+		space:          make(chan struct{}),
+		notify:         make(chan struct{}),
+		cursors:        map[string]*cursor{},
+		stop:           make(chan struct{}),
+		runDone:        make(chan struct{}),
+		wake:           make(chan struct{}, 1),
+	}
+	if !o.tool {
+		_ = os.Remove(cfg.Path + ".compact") // left by a compaction that did not finish; the log is intact
+	}
+	db, err := openDB(cfg.Path, cfg.Durability)
+	if err != nil {
+		return nil, err
+	}
+	l.db = db
+	if err := l.init(); err != nil {
+		_ = db.Close()
+		return nil, err
+	}
+	m, err := newMetrics(l, reg)
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("buffer: metrics: %w", err)
+	}
+	l.m = m
+	st := l.state.Load()
+	l.logger.Info("log opened", "path", cfg.Path, "events", st.events, "bytes", st.bytes,
+		"first_seq", st.firstSeq(), "last_seq", st.lastSeq, "segments", len(st.segs))
+	return l, nil
+}
+
+// openDB opens the bbolt file, turning lock timeouts and damage into ErrLocked and ErrCorrupt.
+func openDB(path, durability string) (db *bolt.DB, err error) {
+	if err := precheck(path); err != nil {
+		return nil, err
+	}
+	defer func() {
+		// bbolt panics on some kinds of damage (while rebuilding the free list); report it as damage.
+		if r := recover(); r != nil {
+			db, err = nil, corruptError(path, fmt.Errorf("%v", r))
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, &bolt.Options{
+		Timeout:        openTimeout,
+		NoFreelistSync: true,
+		FreelistType:   bolt.FreelistMapType,
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, berrors.ErrTimeout):
+		return nil, fmt.Errorf("buffer: open %s: %w", path, ErrLocked)
+	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrChecksum),
+		errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrInvalidMapping),
+		strings.Contains(err.Error(), "invalid"), strings.Contains(err.Error(), "file size too small"):
+		return nil, corruptError(path, err)
+	default:
+		return nil, fmt.Errorf("buffer: open %s: %w", path, err)
+	}
+	db.NoSync = durability == DurabilityInterval
+	return db, nil
+}
+
+// precheck walks every page and element of an existing file, read-only, before the real open. Opening
+// for writing rebuilds bbolt's free list by walking the file in a goroutine of its own, where a damaged page
+// would crash the process; here the same damage is caught and reported as ErrCorrupt. It reads page and
+// element headers, not the events, and costs about as much as that rebuild.
+func precheck(path string) (err error) {
+	if fi, statErr := os.Stat(path); statErr != nil || fi.Size() == 0 {
+		return nil // created (or reported) by the real open
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: openTimeout})
+	switch {
+	case err == nil:
+	case errors.Is(err, berrors.ErrTimeout):
+		return fmt.Errorf("buffer: open %s: %w", path, ErrLocked)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("buffer: open %s: %w", path, err)
+	default:
+		return corruptError(path, err)
+	}
+	defer db.Close()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = corruptError(path, fmt.Errorf("%v", r))
+		}
+	}()
+	var walk func(b *bolt.Bucket) error
+	walk = func(b *bolt.Bucket) error {
+		c := b.Cursor()
+		for k, v := c.First(); k != nil; k, v = c.Next() {
+			if v == nil {
+				if err := walk(b.Bucket(k)); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	return db.View(func(tx *bolt.Tx) error {
+		return tx.ForEach(func(_ []byte, b *bolt.Bucket) error { return walk(b) })
+	})
+}
+
+func corruptError(path string, cause error) error {
+	return fmt.Errorf("buffer: open %s: %w (%v); move it aside and start a new log with "+
+		"\"edgegate backlog recover\" (same --config; data_dir %s; the file is kept as %s.corrupt-<time>)",
+		path, ErrCorrupt, cause, filepath.Dir(path), filepath.Base(path))
+}
+
+// init creates the buckets of a new file, checks the format, loads the state and the cursors.
+func (l *Log) init() error {
+	var removed []string
+	err := l.db.Update(func(tx *bolt.Tx) (err error) {
+		defer func() {
+			// bbolt panics on some damaged pages; anything wrong in what is read here is damage.
+			if r := recover(); r != nil {
+				err = fmt.Errorf("%v", r)
+			}
+			if err != nil {
+				err = fmt.Errorf("%w: %w", errDamaged, err)
+			}
+		}()
+		meta := tx.Bucket(bucketMeta)
+		if meta == nil {
+			if tx.Bucket(bucketEvents) != nil || tx.Bucket(bucketSegments) != nil {
+				return errors.New("meta bucket missing")
+			}
+			for _, name := range [][]byte{bucketMeta, bucketSegments, bucketEvents, bucketCursors} {
+				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+					return err
+				}
+			}
+			meta = tx.Bucket(bucketMeta)
+			if err := meta.Put(keyFormat, []byte{formatVersion}); err != nil {
+				return err
+			}
+			if err := meta.Put(keyLastSeq, encodeUint64(0)); err != nil {
+				return err
+			}
+			if err := meta.Put(keySegmentSize, encodeUint64(l.segSize)); err != nil {
+				return err
+			}
+		}
+		if v := meta.Get(keyFormat); len(v) != 1 || v[0] != formatVersion {
+			return fmt.Errorf("unknown format %v", v)
+		}
+		segSize, err := decodeSeqKey(meta.Get(keySegmentSize))
+		if err != nil || segSize == 0 || segSize > 1<<32 {
+			return fmt.Errorf("segment_size %d: %w", segSize, errBadRecord)
+		}
+		l.segSize = segSize
+		st, err := l.loadState(tx)
+		if err != nil {
+			return err
+		}
+		l.state.Store(st)
+		curs := tx.Bucket(bucketCursors)
+		want := map[string]bool{}
+		for _, name := range l.cfg.Cursors {
+			want[name] = true
+		}
+		var stale [][]byte
+		err = curs.ForEach(func(k, v []byte) error {
+			pos, err := decodeSeqKey(v)
+			if err != nil {
+				return fmt.Errorf("cursor %q: %w", k, err)
+			}
+			if !l.tool && !want[string(k)] {
+				stale = append(stale, slices.Clone(k))
+				return nil
+			}
+			pos = min(pos, st.lastSeq)
+			l.cursors[string(k)] = &cursor{pos: pos, saved: pos}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, k := range stale {
+			if err := curs.Delete(k); err != nil {
+				return err
+			}
+			removed = append(removed, string(k))
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, errDamaged):
+		return corruptError(l.path, err)
+	case err != nil:
+		return fmt.Errorf("buffer: open %s: %w", l.path, err)
+	}
+	for _, name := range removed {
+		l.logger.Info("cursor removed: no longer configured", "cursor", name)
+	}
+	if l.tool {
+		for name := range l.cursors {
+			l.required = append(l.required, name)
+		}
+		slices.Sort(l.required)
+	} else {
+		l.required = slices.Clone(l.cfg.Cursors)
+		for _, name := range l.required {
+			if l.cursors[name] == nil {
+				l.cursors[name] = &cursor{}
+			}
+		}
+	}
+	return nil
+}
+
+// loadState reads the last seq and the segment metadata (no events).
+func (l *Log) loadState(tx *bolt.Tx) (*state, error) {
+	meta, segs, events := tx.Bucket(bucketMeta), tx.Bucket(bucketSegments), tx.Bucket(bucketEvents)
+	if meta == nil || segs == nil || events == nil || tx.Bucket(bucketCursors) == nil {
+		return nil, errors.New("a bucket is missing")
+	}
+	last, err := decodeSeqKey(meta.Get(keyLastSeq))
+	if err != nil {
+		return nil, fmt.Errorf("last_seq: %w", err)
+	}
+	st := &state{lastSeq: last}
+	err = segs.ForEach(func(k, v []byte) error {
+		m, err := decodeSegMeta(k, v, l.segSize)
+		if err != nil {
+			return err
+		}
+		if n := len(st.segs); n > 0 && st.segs[n-1].MaxSeq >= m.MinSeq {
+			return fmt.Errorf("segment %d overlaps segment %d", m.Base, st.segs[n-1].Base)
+		}
+		if m.MaxSeq > last {
+			return fmt.Errorf("segment %d holds seq %d past last_seq %d", m.Base, m.MaxSeq, last)
+		}
+		if events.Bucket(k) == nil {
+			return fmt.Errorf("segment %d has no events bucket", m.Base)
+		}
+		st.segs = append(st.segs, &m)
+		st.events += m.Count
+		st.bytes += m.Bytes
+		for p, n := range m.PrioBytes {
+			st.prioBytes[p] += n
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// reloadState replaces the in-memory state by what the file holds (after a failed commit).
+func (l *Log) reloadState() {
+	err := l.db.View(func(tx *bolt.Tx) error {
+		st, err := l.loadState(tx)
+		if err == nil {
+			l.state.Store(st)
+		}
+		return err
+	})
+	if err != nil {
+		l.logger.Error("reload state after a failed commit", "error", err)
+	}
+}
+
+// Append stores e and returns its sequence number once the batch holding it is durable: fsync'd in fsync
+// mode, written to the file in interval mode (see Config.Durability). When the queue is full it waits
+// (back-pressure). It returns ErrFull (wrapped) when the log has no room under the reject policy or the
+// filesystem is full, ErrClosed after the log stopped, and the write or fsync error of a failed commit (the
+// event is then not stored). When ctx ends first the event may still be stored.
+func (l *Log) Append(ctx context.Context, e Entry) (uint64, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("buffer: append: %w", err)
+	}
+	start := time.Now()
+	b, idx, err := l.enqueue(ctx, &e, true)
+	if err != nil {
+		return 0, fmt.Errorf("buffer: append: %w", err)
+	}
+	select {
+	case <-b.done:
+		b.waits.Add(-1)
+	case <-ctx.Done():
+		b.waits.Add(-1)
+		return 0, fmt.Errorf("buffer: append: %w", ctx.Err())
+	}
+	if b.err != nil {
+		return 0, fmt.Errorf("buffer: append: %w", b.err)
+	}
+	p := &b.recs[idx]
+	if p.full {
+		return 0, fmt.Errorf("buffer: append: %w", ErrFull)
+	}
+	l.m.appendDuration.Observe(time.Since(start).Seconds())
+	return p.seq, nil
+}
+
+// Enqueue queues e for the next commit without waiting (QoS 0): it returns ErrFull when the queue or the log
+// (reject policy) is full and ErrClosed after the log stopped. A queued event is lost if that commit fails or
+// finds no room (counted in edgegate_buffer_rejected_total or edgegate_buffer_commit_errors_total).
+func (l *Log) Enqueue(e Entry) error {
+	if _, _, err := l.enqueue(context.Background(), &e, false); err != nil {
+		return fmt.Errorf("buffer: enqueue: %w", err)
+	}
+	return nil
+}
+
+func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool) (*batch, int, error) {
+	if e.Priority > maxPriority {
+		return nil, 0, fmt.Errorf("priority %d is above %d", e.Priority, maxPriority)
+	}
+	if l.full.Load() && l.cfg.WhenFull == WhenFullReject {
+		l.m.rejected.Inc()
+		return nil, 0, ErrFull
+	}
+	t := e.Time
+	if t.IsZero() {
+		t = l.now()
+	}
+	p := pending{prio: e.Priority, time: t.UnixNano()}
+	p.val = encodeRecord(make([]byte, 0, encodedSize(e)), e, p.time)
+	size := int64(len(p.val) + keySize)
+
+	l.mu.Lock()
+	for {
+		if l.closed {
+			l.mu.Unlock()
+			return nil, 0, ErrClosed
+		}
+		if l.queued < l.cfg.QueueSize && (l.queued == 0 || l.queuedBytes+size <= maxQueueBytes) {
+			break
+		}
+		if !wait {
+			l.mu.Unlock()
+			l.m.rejected.Inc()
+			return nil, 0, fmt.Errorf("%w: append queue full", ErrFull)
+		}
+		sp := l.space
+		l.spaceWaiters++
+		l.mu.Unlock()
+		select {
+		case <-sp:
+		case <-ctx.Done():
+			l.mu.Lock()
+			l.spaceWaiters--
+			l.mu.Unlock()
+			return nil, 0, ctx.Err()
+		}
+		l.mu.Lock()
+		l.spaceWaiters--
+	}
+	var b *batch
+	if n := len(l.queue); n > 0 && len(l.queue[n-1].recs) < maxBatchEntries && l.queue[n-1].bytes < maxBatchBytes {
+		b = l.queue[n-1]
+	} else {
+		b = &batch{done: make(chan struct{})}
+		l.queue = append(l.queue, b)
+	}
+	idx := len(b.recs)
+	b.recs = append(b.recs, p)
+	if wait {
+		b.waits.Add(1)
+	}
+	b.bytes += size
+	l.queued++
+	l.queuedBytes += size
+	l.mu.Unlock()
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+	return b, idx, nil
+}
+
+// take removes the oldest queued batch.
+func (l *Log) take() *batch {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.queue) == 0 {
+		return nil
+	}
+	b := l.queue[0]
+	l.queue[0] = nil
+	l.queue = l.queue[1:]
+	l.queued -= len(b.recs)
+	l.queuedBytes -= b.bytes
+	if l.spaceWaiters > 0 {
+		close(l.space)
+		l.space = make(chan struct{})
+	}
+	return b
+}
+
+// Read returns up to max committed records with Seq > after, in order. Records removed by acknowledgement or
+// retention are skipped, so the returned seqs may have gaps; an empty result means nothing newer is stored.
+func (l *Log) Read(after uint64, max int) (out []Record, err error) {
+	if max <= 0 {
+		return nil, fmt.Errorf("buffer: read: max must be > 0, got %d", max)
+	}
+	l.dbMu.RLock()
+	defer l.dbMu.RUnlock()
+	defer func() {
+		// bbolt panics on a damaged page.
+		if r := recover(); r != nil {
+			err = fmt.Errorf("buffer: read: %w: %s: %v", ErrCorrupt, l.path, r)
+		}
+	}()
+	if l.db == nil {
+		return nil, fmt.Errorf("buffer: read: %w", ErrClosed)
+	}
+	limit := l.state.Load().lastSeq // published after the commit: records up to it are committed
+	err = l.db.View(func(tx *bolt.Tx) error {
+		return l.scan(tx, after, func(seq uint64, v []byte) (bool, error) {
+			if seq > limit {
+				return false, nil
+			}
+			r, err := toRecord(seq, v)
+			if err != nil {
+				return false, fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, err)
+			}
+			out = append(out, r)
+			return len(out) < max, nil
+		})
+	})
+	if err != nil {
+		return out, fmt.Errorf("buffer: read: %w", err)
+	}
+	return out, nil
+}
+
+// scan calls fn for each stored record with seq > after, in order, until fn returns false.
+func (l *Log) scan(tx *bolt.Tx, after uint64, fn func(seq uint64, v []byte) (bool, error)) error {
+	events := tx.Bucket(bucketEvents)
+	if events == nil {
+		return fmt.Errorf("%w: events bucket missing", ErrCorrupt)
+	}
+	start := after + 1
+	if start == 0 {
+		return nil
+	}
+	sc := events.Cursor()
+	for k, v := sc.Seek(seqKey(segBase(start, l.segSize))); k != nil; k, v = sc.Next() {
+		if v != nil {
+			return fmt.Errorf("%w: stray key in the events bucket", ErrCorrupt)
+		}
+		seg := events.Bucket(k)
+		c := seg.Cursor()
+		for rk, rv := c.Seek(seqKey(start)); rk != nil; rk, rv = c.Next() {
+			seq, err := decodeSeqKey(rk)
+			if err != nil {
+				return fmt.Errorf("%w: %w", ErrCorrupt, err)
+			}
+			more, err := fn(seq, rv)
+			if err != nil || !more {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// Wait blocks until a committed record with Seq > after exists, ctx ends (its error, wrapped) or the log
+// closes (ErrClosed). It costs one channel receive: every commit wakes all waiters.
+func (l *Log) Wait(ctx context.Context, after uint64) error {
+	for {
+		l.mu.Lock()
+		ch, closed := l.notify, l.closed
+		last := l.state.Load().lastSeq
+		l.mu.Unlock()
+		if last > after {
+			return nil
+		}
+		if closed {
+			return fmt.Errorf("buffer: wait: %w", ErrClosed)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("buffer: wait: %w", ctx.Err())
+		}
+	}
+}
+
+// LastSeq returns the highest sequence number committed (0 before the first append). It does not go down
+// when records are removed.
+func (l *Log) LastSeq() uint64 { return l.state.Load().lastSeq }
+
+// FirstSeq returns the sequence number of the oldest stored record, 0 when the log is empty.
+func (l *Log) FirstSeq() uint64 { return l.state.Load().firstSeq() }
+
+// Cursor returns the position of the named cursor: every record with Seq <= it is acknowledged. It is the
+// newest acknowledged position, persisted or not yet; 0 for a new cursor.
+func (l *Log) Cursor(name string) uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if c := l.cursors[name]; c != nil {
+		return c.pos
+	}
+	return 0
+}
+
+// Ack moves the named cursor to upTo; it never moves backwards (an older upTo is ignored). The position is
+// persisted by the next commit, or within about 100 ms, not by an fsync of its own: after a crash a cursor
+// may be a little behind, and the records after it are read again (at-least-once). A record is deleted once
+// every cursor in Config.Cursors has passed it; any other name is a reader's cursor that holds nothing (it is
+// persisted too, and removed by the next Open that does not list it).
+func (l *Log) Ack(name string, upTo uint64) error {
+	if name == "" {
+		return errors.New("buffer: ack: empty cursor name")
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return fmt.Errorf("buffer: ack %s: %w", name, ErrClosed)
+	}
+	if last := l.state.Load().lastSeq; upTo > last {
+		return fmt.Errorf("buffer: ack %s: seq %d is past the last seq %d", name, upTo, last)
+	}
+	c := l.cursors[name]
+	if c == nil {
+		c = &cursor{}
+		l.cursors[name] = c
+	}
+	c.pos = max(c.pos, upTo)
+	return nil
+}
+
+// Close stops the log: when Run is running it stops it and waits; otherwise it commits what is queued,
+// persists the cursors and closes the file. Close is for tools that never call Run; calling it again, or
+// after Run returned, does nothing.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	if l.running {
+		l.mu.Unlock()
+		l.stopOnce.Do(func() { close(l.stop) })
+		<-l.runDone
+		return nil
+	}
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.mu.Unlock()
+	return l.shutdown()
+}
+
+// shutdown refuses new appends, commits what is queued, persists the cursors and closes the file.
+func (l *Log) shutdown() error {
+	l.mu.Lock()
+	l.closed = true
+	queue := l.queue
+	l.queue, l.queued, l.queuedBytes = nil, 0, 0
+	close(l.space)
+	l.space = make(chan struct{})
+	close(l.notify)
+	l.notify = make(chan struct{})
+	l.mu.Unlock()
+	for _, b := range queue {
+		l.commit(b)
+	}
+	l.writeMu.Lock()
+	defer l.writeMu.Unlock()
+	var errs []error
+	if l.cursorsDirty() {
+		if _, err := l.update(nil); err != nil {
+			errs = append(errs, fmt.Errorf("buffer: close: save cursors: %w", err))
+		}
+	}
+	l.dbMu.Lock()
+	defer l.dbMu.Unlock()
+	if l.db == nil {
+		return errors.Join(errs...)
+	}
+	if l.unsynced {
+		if err := l.db.Sync(); err != nil {
+			errs = append(errs, fmt.Errorf("buffer: close: fsync: %w", err))
+		}
+	}
+	if err := l.db.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("buffer: close: %w", err))
+	}
+	l.db = nil
+	l.logger.Info("log closed", "last_seq", l.state.Load().lastSeq)
+	return errors.Join(errs...)
+}
+
+// cursorsDirty reports whether a cursor moved since it was saved.
+func (l *Log) cursorsDirty() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.cursors {
+		if c.pos != c.saved {
+			return true
+		}
+	}
+	return false
+}
+
+// isNoSpace reports whether err says the filesystem is full.
+func isNoSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), "no space left on device")
+}

@@ -1,0 +1,9 @@
+//go:build !unix
+
+package buffer
+
+import "errors"
+
+func diskFree(string) (int64, error) { return 0, errors.New("free space unknown on this system") }
+
+func lockFile(uintptr) error { return nil }

@@ -1,0 +1,370 @@
+package buffer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"runtime"
+	"slices"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Run is the log's single writer. It commits the queued appends in one transaction per batch (group
+// commit: what queues during a commit goes into the next one), persists cursor positions within about
+// 100 ms, deletes what every required cursor has passed, applies MaxAge, fsyncs in interval mode and compacts
+// the file when it is mostly free space. When ctx ends it commits what is queued, persists the cursors,
+// closes the file and returns nil. It returns an error only when the file cannot be reopened after a
+// compaction.
+func (l *Log) Run(ctx context.Context) error {
+	l.mu.Lock()
+	switch {
+	case l.running:
+		l.mu.Unlock()
+		return errors.New("buffer: run: already running")
+	case l.closed:
+		l.mu.Unlock()
+		return fmt.Errorf("buffer: run: %w", ErrClosed)
+	}
+	l.running = true
+	l.mu.Unlock()
+	defer close(l.runDone)
+	defer func() {
+		l.mu.Lock()
+		l.running = false
+		l.mu.Unlock()
+	}()
+
+	period := tickEvery
+	if l.cfg.Durability == DurabilityInterval && l.cfg.FsyncInterval < period {
+		period = l.cfg.FsyncInterval
+	}
+	tick := time.NewTicker(period)
+	defer tick.Stop()
+	now := time.Now()
+	l.lastSync, l.lastCompact = now, now
+	for {
+		select {
+		case <-ctx.Done():
+			return l.shutdown()
+		case <-l.stop:
+			return l.shutdown()
+		case <-l.wake:
+			for b := l.take(); b != nil; b = l.takeNext(b) {
+				l.commit(b)
+				select { // housekeeping is not starved by a steady stream of batches
+				case <-tick.C:
+					if err := l.housekeep(); err != nil {
+						return errors.Join(err, l.shutdown())
+					}
+				default:
+				}
+			}
+		case <-tick.C:
+			if err := l.housekeep(); err != nil {
+				return errors.Join(err, l.shutdown())
+			}
+		}
+	}
+}
+
+// takeNext takes the batch after prev once the appenders prev woke have run: closed-loop appenders (a
+// device waiting for its PUBACK before the next publish) then share the next commit instead of splitting
+// into two alternating halves, each with its own fsync. It yields the processor; it never sleeps.
+func (l *Log) takeNext(prev *batch) *batch {
+	for i := 0; i < 64 && prev.waits.Load() > 0; i++ {
+		runtime.Gosched()
+	}
+	runtime.Gosched()
+	return l.take()
+}
+
+// commit makes one batch durable and wakes its appenders.
+func (l *Log) commit(b *batch) {
+	defer close(b.done)
+	l.writeMu.Lock()
+	defer l.writeMu.Unlock()
+	start := time.Now()
+	t, err := l.update(func(t *txn) error {
+		for i := range b.recs {
+			p := &b.recs[i]
+			size := int64(len(p.val) + keySize)
+			ok, err := t.makeRoom(size, p.prio)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				p.full = true
+				t.rejected++
+				continue
+			}
+			if p.seq, err = t.put(p.val, p.prio, p.time, size); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	l.m.commitDuration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		if isNoSpace(err) {
+			err = fmt.Errorf("%w: %w", ErrFull, err)
+		}
+		b.err = err
+		l.m.commitErrors.Inc()
+		l.limiter.failed(err, len(b.recs))
+		return
+	}
+	l.m.batchSize.Observe(float64(len(b.recs)))
+	l.m.appended.Add(float64(len(b.recs) - t.rejected))
+	if t.rejected > 0 {
+		l.m.rejected.Add(float64(t.rejected))
+		l.limiter.rejected += int64(t.rejected)
+		if l.cfg.WhenFull == WhenFullReject && t.rejected > t.oversized {
+			for i := range b.recs {
+				if size := int64(len(b.recs[i].val) + keySize); b.recs[i].full && size <= l.cfg.MaxBytes &&
+					(l.fullProbe == 0 || size < l.fullProbe) {
+					l.fullProbe = size
+				}
+			}
+			l.full.Store(true)
+		}
+	}
+	if l.db.NoSync {
+		l.unsynced = true
+		if time.Since(l.lastSync) >= l.cfg.FsyncInterval {
+			l.sync()
+		}
+	}
+}
+
+// sync fsyncs the file in interval mode.
+func (l *Log) sync() {
+	start := time.Now()
+	err := l.db.Sync()
+	l.m.fsyncDuration.Observe(time.Since(start).Seconds())
+	l.lastSync = time.Now()
+	if err != nil {
+		l.m.commitErrors.Inc()
+		l.limiter.failed(fmt.Errorf("fsync: %w", err), 0)
+		return
+	}
+	l.unsynced = false
+}
+
+// housekeep runs on every tick: saves moved cursors, deletes what all required cursors passed, applies
+// MaxAge, fsyncs in interval mode, refreshes the full flag, logs drops and compacts.
+func (l *Log) housekeep() error {
+	l.writeMu.Lock()
+	defer l.writeMu.Unlock()
+	if l.db == nil {
+		return nil
+	}
+	now := time.Now()
+	var cutoff int64
+	if l.cfg.MaxAge > 0 && now.Sub(l.lastTTL) >= ttlEvery {
+		l.lastTTL = now
+		c := l.now().Add(-l.cfg.MaxAge).UnixNano()
+		if st := l.state.Load(); slices.ContainsFunc(st.segs, func(s *segMeta) bool { return s.MinTime < c }) {
+			cutoff = c
+		}
+	}
+	if cutoff != 0 || l.cursorsDirty() || l.deliveredSegments() {
+		_, err := l.update(func(t *txn) error {
+			if cutoff != 0 {
+				return t.expire(cutoff, reasonMaxAge)
+			}
+			return nil
+		})
+		if err != nil {
+			l.m.commitErrors.Inc()
+			l.limiter.failed(err, 0)
+		}
+	}
+	if l.unsynced && now.Sub(l.lastSync) >= l.cfg.FsyncInterval {
+		l.sync()
+	}
+	l.refreshFull()
+	l.limiter.flush(now, l.logger)
+	if now.Sub(l.lastCompact) >= l.compactEvery {
+		l.lastCompact = now
+		return l.maybeCompact()
+	}
+	return nil
+}
+
+// deliveredSegments reports whether a whole segment was passed by every required cursor.
+func (l *Log) deliveredSegments() bool {
+	st := l.state.Load()
+	if len(st.segs) == 0 {
+		return false
+	}
+	minPos, ok := l.minRequired()
+	return ok && st.segs[0].MaxSeq <= minPos
+}
+
+// minRequired returns the lowest position of the required cursors; ok is false when there are none.
+func (l *Log) minRequired() (pos uint64, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.minRequiredLocked()
+}
+
+func (l *Log) minRequiredLocked() (uint64, bool) {
+	if len(l.required) == 0 {
+		return 0, false
+	}
+	pos := uint64(math.MaxUint64)
+	for _, name := range l.required {
+		if c := l.cursors[name]; c == nil {
+			pos = 0
+		} else {
+			pos = min(pos, c.pos)
+		}
+	}
+	return pos, true
+}
+
+// refreshFull recomputes the reject fast path: full while the smallest event refused since the log became
+// full (or a typical event) would still not fit.
+func (l *Log) refreshFull() {
+	if l.cfg.WhenFull != WhenFullReject {
+		l.full.Store(false)
+		return
+	}
+	minPos, ok := l.minRequired()
+	if !ok {
+		l.full.Store(false) // nothing is owed to a cursor: the oldest events make room
+		return
+	}
+	probe := l.fullProbe
+	if probe == 0 {
+		probe = min(4096, l.cfg.MaxBytes/16+1)
+	}
+	st := l.state.Load()
+	kept := st.bytes
+	for _, s := range st.segs {
+		if s.MinSeq > minPos {
+			break
+		}
+		if s.MaxSeq <= minPos {
+			kept -= s.Bytes
+		} else {
+			kept -= s.Bytes * int64(minPos-s.MinSeq+1) / int64(s.MaxSeq-s.MinSeq+1)
+		}
+	}
+	full := kept+probe > l.cfg.MaxBytes
+	if room, guarded := l.freeRoom(); guarded && room+(st.bytes-kept) < probe+probe/4 {
+		full = true
+	}
+	if !full {
+		l.fullProbe = 0
+	}
+	if l.full.Swap(full) != full {
+		if full {
+			l.logger.Warn("log full: rejecting new events", "bytes", st.bytes, "max_bytes", l.cfg.MaxBytes)
+		} else {
+			l.logger.Info("log has room again", "bytes", st.bytes, "max_bytes", l.cfg.MaxBytes)
+		}
+	}
+}
+
+// freeRoom estimates how many bytes may still be written before the filesystem's free space drops under
+// MinFreeBytes: free space plus the free pages inside the file, minus the guard. guarded is false when the
+// guard is off or the free space is unknown.
+func (l *Log) freeRoom() (room int64, guarded bool) {
+	if l.cfg.MinFreeBytes <= 0 {
+		return 0, false
+	}
+	avail, err := l.statfs(l.path)
+	if err != nil {
+		return 0, false
+	}
+	s := l.db.Stats()
+	slack := int64(s.FreePageN) * int64(l.db.Info().PageSize)
+	return avail + slack - l.cfg.MinFreeBytes, true
+}
+
+// update runs one write transaction: fn, then the deletion of what every required cursor passed, the
+// moved cursors and the metadata. On success it publishes the new state; on failure the file's state is
+// reloaded. The caller holds writeMu.
+func (l *Log) update(fn func(*txn) error) (*txn, error) {
+	if l.db == nil {
+		return nil, ErrClosed
+	}
+	t := &txn{l: l, st: l.state.Load().clone(), owned: map[*segMeta]bool{}, dirty: map[uint64]bool{}}
+	t.lastSeq0 = t.st.lastSeq
+	l.mu.Lock()
+	for name, c := range l.cursors {
+		if c.pos != c.saved {
+			if t.saves == nil {
+				t.saves = map[string]uint64{}
+			}
+			t.saves[name] = c.pos
+		}
+	}
+	t.minCursor, t.hasRequired = l.minRequiredLocked()
+	l.mu.Unlock()
+	t.freeRoom, t.guard = l.freeRoom()
+	err := l.db.Update(func(tx *bolt.Tx) error {
+		t.tx = tx
+		t.events, t.segments = tx.Bucket(bucketEvents), tx.Bucket(bucketSegments)
+		if fn != nil {
+			if err := fn(t); err != nil {
+				return err
+			}
+		}
+		if err := t.removeDelivered(); err != nil {
+			return err
+		}
+		if err := t.finish(); err != nil {
+			return err
+		}
+		if l.beforeCommit != nil {
+			return l.beforeCommit()
+		}
+		return nil
+	})
+	if err != nil {
+		l.reloadState()
+		return t, err
+	}
+	prev := l.state.Swap(t.st)
+	l.mu.Lock()
+	for name, pos := range t.saves {
+		if c := l.cursors[name]; c != nil && c.saved < pos {
+			c.saved = pos
+		}
+	}
+	if t.st.lastSeq > prev.lastSeq {
+		close(l.notify)
+		l.notify = make(chan struct{})
+	}
+	l.mu.Unlock()
+	for r, n := range t.drops {
+		if n > 0 {
+			l.m.dropped[r].Add(float64(n))
+			l.limiter.drops[r] += n
+		}
+	}
+	if t.deleted > 0 {
+		l.m.deleted.Add(float64(t.deleted))
+	}
+	return t, nil
+}
+
+// Purge removes the events whose time is before `before`, whether the cursors passed them or not, and
+// returns how many it removed; each is counted in edgegate_buffer_dropped_total{reason="purge"}. It works
+// with or without Run (offline tools).
+func (l *Log) Purge(before time.Time) (int, error) {
+	l.writeMu.Lock()
+	defer l.writeMu.Unlock()
+	t, err := l.update(func(t *txn) error { return t.expire(before.UnixNano(), reasonPurge) })
+	if err != nil {
+		return 0, fmt.Errorf("buffer: purge: %w", err)
+	}
+	n := t.drops[reasonPurge]
+	l.logger.Info("events purged", "before", before, "count", n)
+	return int(n), nil
+}

@@ -1,0 +1,296 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/term"
+
+	"github.com/edgegate/edgegate/buffer"
+	"github.com/edgegate/edgegate/gateway"
+)
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// openLog opens the durable log of cfg for an offline tool. It fails fast, naming the file, when a running
+// gateway holds it.
+func openLog(cfg gateway.Config) (*buffer.Log, error) {
+	bcfg := cfg.Buffer
+	bcfg.Path = filepath.Join(cfg.DataDir, "events.db")
+	if _, err := os.Stat(bcfg.Path); err != nil {
+		return nil, fmt.Errorf("no event log at %s (data_dir %q): %w", bcfg.Path, cfg.DataDir, err)
+	}
+	return buffer.OpenTool(bcfg, discardLogger())
+}
+
+func cmdBacklog(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	sub := ""
+	if len(args) > 0 {
+		sub = args[0]
+	}
+	usageAll := func() {
+		fmt.Fprintln(stderr, `Usage:
+  edgegate backlog stats   [--config FILE]
+  edgegate backlog export  [--config FILE] [--since T] [--until T] [--out FILE]
+  edgegate backlog import  [--config FILE] [--in FILE]
+  edgegate backlog purge   [--config FILE] --before T --yes
+  edgegate backlog recover [--config FILE]
+T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be stopped for all but stats.`)
+	}
+	fs := newFlagSet("backlog "+sub, "", stderr)
+	path := fs.String("config", defaultConfig, "configuration file")
+	switch sub {
+	case "stats":
+		if err := parse(fs, args[1:]); err != nil {
+			return err
+		}
+		cfg, err := loadConfig(*path)
+		if err != nil {
+			return err
+		}
+		lg, err := openLog(cfg)
+		if err != nil {
+			// A running gateway holds the log: ask it.
+			var st map[string]any
+			if herr := getJSON(ctx, "http://"+adminAddr(*path)+"/api/status", &st); herr == nil {
+				return printJSON(stdout, st["backlog"])
+			}
+			return err
+		}
+		defer lg.Close()
+		return printJSON(stdout, lg.Stats())
+	case "export":
+		since := fs.String("since", "", "only events at or after T")
+		until := fs.String("until", "", "only events before T")
+		out := fs.String("out", "-", "output file (- for stdout)")
+		if err := parse(fs, args[1:]); err != nil {
+			return err
+		}
+		s, err := parseWhen(*since)
+		if err != nil {
+			return fmt.Errorf("--since: %w", err)
+		}
+		u, err := parseWhen(*until)
+		if err != nil {
+			return fmt.Errorf("--until: %w", err)
+		}
+		cfg, err := loadConfig(*path)
+		if err != nil {
+			return err
+		}
+		lg, err := openLog(cfg)
+		if err != nil {
+			return err
+		}
+		defer lg.Close()
+		w := stdout
+		if *out != "-" {
+			f, err := os.Create(*out)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			w = f
+		}
+		var prog io.Writer
+		if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+			prog = stderr
+		}
+		bw := bufio.NewWriterSize(w, 1<<16)
+		if err := exportLog(ctx, lg, s, u, bw, prog); err != nil {
+			return err
+		}
+		return bw.Flush()
+	case "import":
+		in := fs.String("in", "-", "input file of CloudEvents JSON lines (- for stdin)")
+		if err := parse(fs, args[1:]); err != nil {
+			return err
+		}
+		cfg, err := loadConfig(*path)
+		if err != nil {
+			return err
+		}
+		r := io.Reader(os.Stdin)
+		if *in != "-" {
+			f, err := os.Open(*in)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			r = f
+		}
+		return importLog(ctx, cfg, r, stdout)
+	case "purge":
+		before := fs.String("before", "", "remove events older than T (required)")
+		yes := fs.Bool("yes", false, "confirm: the events are removed for good")
+		if err := parse(fs, args[1:]); err != nil {
+			return err
+		}
+		t, err := parseWhen(*before)
+		if err != nil || t.IsZero() {
+			return fmt.Errorf("--before: a time is required (%v)", err)
+		}
+		if !*yes {
+			return errors.New("purge removes events for good: add --yes to confirm")
+		}
+		cfg, err := loadConfig(*path)
+		if err != nil {
+			return err
+		}
+		lg, err := openLog(cfg)
+		if err != nil {
+			return err
+		}
+		defer lg.Close()
+		n, err := lg.Purge(t)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "purged %d events older than %s\n", n, t.Format(time.RFC3339))
+		return nil
+	case "recover":
+		if err := parse(fs, args[1:]); err != nil {
+			return err
+		}
+		cfg, err := loadConfig(*path)
+		if err != nil {
+			return err
+		}
+		moved, err := buffer.Recover(filepath.Join(cfg.DataDir, "events.db"))
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "moved the damaged log aside to %s; a new, empty log will be created at start\n", moved)
+		return nil
+	case "-h", "--help":
+		usageAll()
+		return errHelp
+	default:
+		usageAll()
+		return errUsage
+	}
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// parseWhen parses RFC 3339 or a duration meaning "that long ago"; "" is the zero time.
+func parseWhen(s string) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil {
+		return time.Now().Add(-d), nil
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%q is neither RFC 3339 nor a duration", s)
+	}
+	return t, nil
+}
+
+// exportLog writes the log's events in [since, until) as CloudEvents JSON lines, in order.
+func exportLog(ctx context.Context, lg *buffer.Log, since, until time.Time, w io.Writer, progress io.Writer) error {
+	st := lg.Stats()
+	total := st.Events
+	var after uint64
+	var done int
+	var buf []byte
+	last := time.Now()
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		recs, err := lg.Read(after, 1024)
+		if err != nil {
+			return err
+		}
+		if len(recs) == 0 {
+			break
+		}
+		for _, r := range recs {
+			after = r.Seq
+			done++
+			if (!since.IsZero() && r.Time.Before(since)) || (!until.IsZero() && !r.Time.Before(until)) {
+				continue
+			}
+			buf = append(append(buf[:0], bytes.TrimSpace(r.Data)...), '\n')
+			if _, err := w.Write(buf); err != nil {
+				return err
+			}
+		}
+		if progress != nil && time.Since(last) > 100*time.Millisecond {
+			last = time.Now()
+			drawProgress(progress, done, int(total))
+		}
+	}
+	if progress != nil {
+		drawProgress(progress, done, int(total))
+		fmt.Fprintln(progress)
+	}
+	return nil
+}
+
+func drawProgress(w io.Writer, done, total int) {
+	if total <= 0 {
+		total = done
+	}
+	const width = 40
+	filled := width
+	if total > 0 {
+		filled = done * width / total
+	}
+	if filled > width {
+		filled = width
+	}
+	fmt.Fprintf(w, "\r[%s%s] %d/%d events", strings.Repeat("=", filled), strings.Repeat(" ", width-filled), done, total)
+}
+
+// importLog appends CloudEvents JSON lines to the log; every line is validated first, a bad line stops the import
+// with its line number (nothing after it is written).
+func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.Writer) error {
+	lg, err := openLog(cfg)
+	if err != nil {
+		return err
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- lg.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 1<<16), 16<<20)
+	n, line := 0, 0
+	for sc.Scan() {
+		line++
+		b := []byte(strings.TrimSpace(sc.Text()))
+		if len(b) == 0 {
+			continue
+		}
+		ev, err := validateEvent(b)
+		if err != nil {
+			return fmt.Errorf("line %d: %w (imported %d events before it)", line, err, n)
+		}
+		if _, err := lg.Append(ctx, buffer.Entry{Data: b, Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()}); err != nil {
+			return fmt.Errorf("line %d: %w (imported %d events before it)", line, err, n)
+		}
+		n++
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("line %d: %w", line+1, err)
+	}
+	fmt.Fprintf(stdout, "imported %d events\n", n)
+	return nil
+}

@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/edgegate/edgegate/gateway"
+)
+
+const defaultConfig = "configs/edgegate.yaml"
+
+func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("edgegate "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: edgegate %s %s\n", name, synopsis)
+		var has bool
+		fs.VisitAll(func(*flag.Flag) { has = true })
+		if has {
+			fmt.Fprintln(stderr, "\nFlags:")
+			fs.PrintDefaults()
+		}
+	}
+	return fs
+}
+
+// parse parses flags; --help is not an error (exit 0), a bad flag is a usage error (exit 2).
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return errHelp
+		}
+		return errUsage
+	}
+	return nil
+}
+
+// errHelp ends a command after printing its help (exit code 0).
+var errHelp = errUsageOK
+
+var errUsageOK = errors.New("help shown")
+
+func loadConfig(path string) (gateway.Config, error) {
+	cfg, err := gateway.LoadConfig(path)
+	if err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+func newLogger(cfg gateway.LogConfig, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
+	fs := newFlagSet("run", "[--config FILE]", stderr)
+	path := fs.String("config", defaultConfig, "configuration file (YAML)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("%s is not valid:\n%s", *path, indent(err.Error()))
+	}
+	logger := newLogger(cfg.Log, stderr)
+	slog.SetDefault(logger)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	gw, err := gateway.New(cfg, logger, reg)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	done := make(chan error, 1)
+	go func() { done <- gw.Run(ctx) }()
+
+	// READY only once every listener is bound and every part runs.
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	notified := false
+	for {
+		select {
+		case err := <-done:
+			_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+			return err
+		case <-hup:
+			if err := gw.Rules().Reload(); err != nil {
+				logger.Error("rules reload failed; the previous rules stay active", "error", err)
+			} else {
+				logger.Info("rules reloaded")
+			}
+		case <-ctx.Done():
+			if notified {
+				_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+				notified = false
+			}
+		case <-tick.C:
+			if !notified && gw.Ready() && ctx.Err() == nil {
+				if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+					logger.Warn("sd_notify failed", "error", err)
+				}
+				notified = true
+				logger.Info("ready", "mqtt", gw.MQTTAddr("tcp"), "http", gw.HTTPAddr())
+				tick.Reset(time.Hour)
+			}
+		}
+	}
+}
+
+func cmdCheckConfig(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("check-config", "[--config FILE]", stderr)
+	path := fs.String("config", defaultConfig, "configuration file (YAML)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("%s is not valid:\n%s", *path, indent(err.Error()))
+	}
+	fmt.Fprintf(stdout, "%s: ok\n", *path)
+	return nil
+}
+
+func indent(s string) string {
+	return "  " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n  ")
+}

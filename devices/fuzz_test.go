@@ -1,0 +1,129 @@
+package devices
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+// Seed corpora live in testdata/fuzz/<FuzzName>; run e.g. go test -fuzz FuzzTopicMatch ./devices/ to explore more.
+
+func FuzzParseRegistry(f *testing.F) {
+	f.Add([]byte("devices:\n  - id: a\n    cert_cn: \"\"\n"))
+	f.Add([]byte("devices:\n  - id: a\n    password_hash: \"$2a$04$" + strings.Repeat("A", 53) + "\"\n    publish: [\"x/#\"]\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := ParseRegistry("fuzz.yaml", data)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidRegistry) {
+				t.Fatalf("error does not wrap ErrInvalidRegistry: %v", err)
+			}
+			return
+		}
+		all := r.All()
+		if len(all) != r.Len() {
+			t.Fatalf("All has %d devices, Len %d", len(all), r.Len())
+		}
+		// Whatever parsed must pass NewRegistry's checks again.
+		if _, err := NewRegistry(all); err != nil {
+			t.Fatalf("parsed registry fails NewRegistry: %v", err)
+		}
+		for _, d := range all {
+			if got, ok := r.Get(d.ID); !ok || got.ID != d.ID {
+				t.Fatalf("Get(%q) = %v", d.ID, ok)
+			}
+			if !r.CanPublish(d.ID, "devices/"+d.ID+"/x") || !r.CanSubscribe(d.ID, "devices/"+d.ID+"/commands/#") {
+				t.Fatalf("device %q may not use its own topics", d.ID)
+			}
+		}
+	})
+}
+
+func FuzzTopicMatch(f *testing.F) {
+	f.Add("devices/a/#", "devices/a")
+	f.Add("+/#", "$SYS/x")
+	f.Add("a/+/c", "a//c")
+	f.Fuzz(func(t *testing.T, filter, topic string) {
+		got := TopicMatch(filter, topic)
+		if want := refMatch(filter, topic); got != want {
+			t.Fatalf("TopicMatch(%q, %q) = %v, reference says %v", filter, topic, got, want)
+		}
+		if got && (ValidFilter(filter) != nil || ValidTopic(topic) != nil) {
+			t.Fatalf("TopicMatch(%q, %q) matched invalid input", filter, topic)
+		}
+		if ValidTopic(topic) == nil {
+			if !TopicMatch(topic, topic) {
+				t.Fatalf("topic %q does not match itself", topic)
+			}
+			if TopicMatch("#", topic) == strings.HasPrefix(topic, "$") {
+				t.Fatalf(`TopicMatch("#", %q) wrong about $`, topic)
+			}
+		}
+		if (ValidFilter(filter) == nil) != FilterCovers(filter, filter) {
+			t.Fatalf("FilterCovers(%q, itself) disagrees with ValidFilter", filter)
+		}
+	})
+}
+
+// instances returns topics the filter matches: wildcards replaced by a few level choices.
+func instances(filter string) []string {
+	if ValidFilter(filter) != nil {
+		return nil
+	}
+	out := []string{""}
+	levels := strings.Split(filter, "/")
+	for i, l := range levels {
+		var choices []string
+		switch l {
+		case "+":
+			choices = []string{"/x", "/", "/$x"}
+		case "#":
+			choices = []string{"", "/x", "/x/y", "/"}
+		default:
+			choices = []string{"/" + l}
+		}
+		var next []string
+		for _, prefix := range out {
+			for _, c := range choices {
+				next = append(next, prefix+c)
+			}
+		}
+		out = next
+		if len(out) > 256 || i > 16 {
+			break
+		}
+	}
+	var topics []string
+	for _, tp := range out {
+		if tp == "" {
+			continue
+		}
+		tp = tp[1:] // drop the leading separator added above
+		if ValidTopic(tp) == nil && TopicMatch(filter, tp) {
+			topics = append(topics, tp)
+		}
+	}
+	return topics
+}
+
+func FuzzFilterCovers(f *testing.F) {
+	f.Add("devices/a/commands/#", "devices/+/commands/#")
+	f.Add("+/#", "#")
+	f.Add("$SYS/#", "$SYS/broker/+")
+	f.Add("/+/#", "/#")
+	f.Fuzz(func(t *testing.T, grant, filter string) {
+		if !FilterCovers(grant, filter) {
+			return
+		}
+		if ValidFilter(grant) != nil || ValidFilter(filter) != nil {
+			t.Fatalf("FilterCovers(%q, %q) with an invalid filter", grant, filter)
+		}
+		for _, tp := range instances(filter) {
+			if !TopicMatch(grant, tp) {
+				t.Fatalf("FilterCovers(%q, %q) but %q matches the filter and not the grant", grant, filter, tp)
+			}
+		}
+		if !FilterCovers("#", filter) && !strings.HasPrefix(filter, "$") {
+			t.Fatalf(`FilterCovers("#", %q) = false`, filter)
+		}
+	})
+}

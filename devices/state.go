@@ -1,0 +1,313 @@
+package devices
+
+import (
+	"bytes"
+	"container/list"
+	"encoding/json"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cloudevents/sdk-go/v2/event"
+)
+
+// Bounds of the StateView, so a flood of events cannot grow its memory without limit.
+const (
+	// MaxStateDevices is the number of devices tracked; when another one arrives, the one updated least recently is
+	// forgotten (counted in StateStats.EvictedDevices).
+	MaxStateDevices = 10000
+	// MaxStateKeys is the number of keys kept per device: the top-level keys (last_seen, last_event, online,
+	// reported and those set by Set) plus the fields under reported. New keys beyond it are dropped (counted in
+	// StateStats.DroppedKeys); existing keys still update.
+	MaxStateKeys = 256
+	// MaxReportedBytes bounds the JSON size (field names plus values) of a device's reported fields; a field that
+	// would exceed it is dropped (counted in StateStats.DroppedKeys).
+	MaxReportedBytes = 16 << 10
+)
+
+// Keys the StateView maintains in each device's state.
+const (
+	// KeyLastSeen holds the time (time.Time) of the newest event seen from the device.
+	KeyLastSeen = "last_seen"
+	// KeyLastEvent holds the type (string) of the event applied last.
+	KeyLastEvent = "last_event"
+	// KeyOnline holds whether the device is connected (bool), once a presence event was seen.
+	KeyOnline = "online"
+	// KeyReported holds the merged top-level fields of the device's JSON object payloads (map[string]any).
+	KeyReported = "reported"
+)
+
+// Event types that set KeyOnline. A type ending in "."+PresenceConnected (a configured type prefix) counts too.
+const (
+	PresenceConnected    = "device.connected"
+	PresenceDisconnected = "device.disconnected"
+)
+
+// StateView is the live, in-memory state of each device, built from its events and from explicit Set calls. It is
+// safe for concurrent use.
+//
+// A device's state is a map with the keys last_seen, last_event, online (once known), reported (the top-level
+// fields of its JSON object payloads, merged: a later value replaces an earlier one and null removes the field) and
+// any key given to Set. Set may overwrite the maintained keys; the next event updates them again.
+type StateView struct {
+	mu      sync.Mutex
+	devices map[string]*list.Element // of *deviceState
+	lru     list.List                // front: updated most recently
+	evicted uint64
+	dropped uint64
+}
+
+type deviceState struct {
+	id       string
+	fields   map[string]any
+	reported map[string]any
+	sizes    map[string]int // JSON size of each reported field, name included
+	repBytes int
+}
+
+// StateStats counts what the StateView had to drop to stay within its bounds.
+type StateStats struct {
+	Devices        int    // devices tracked now
+	EvictedDevices uint64 // devices forgotten to make room for others
+	DroppedKeys    uint64 // keys or fields not stored because a device was at MaxStateKeys or MaxReportedBytes
+}
+
+// NewStateView returns an empty state view.
+func NewStateView() *StateView {
+	return &StateView{devices: make(map[string]*list.Element)}
+}
+
+// Apply records the event for its subject (the device id): last_seen becomes the event time if it is newer
+// (receipt time when the event has none), last_event the event type; device.connected and device.disconnected set
+// online (their data, which describes the connection, is not merged); the top-level fields of other events' JSON
+// object data are merged into reported. Events without a subject are ignored.
+func (s *StateView) Apply(ev *event.Event) {
+	if ev == nil || ev.Subject() == "" {
+		return
+	}
+	at := ev.Time()
+	if at.IsZero() {
+		at = time.Now()
+	}
+	typ := ev.Type()
+	var fields map[string]any
+	var size int
+	if isJSON(ev.DataContentType()) {
+		if data := bytes.TrimSpace(ev.Data()); len(data) > 0 && data[0] == '{' {
+			if json.Unmarshal(data, &fields) != nil {
+				fields = nil
+			}
+			size = len(data)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := s.touch(ev.Subject())
+	if last, ok := d.fields[KeyLastSeen].(time.Time); !ok || at.After(last) {
+		s.setField(d, KeyLastSeen, at)
+	}
+	s.setField(d, KeyLastEvent, typ)
+	switch {
+	case isPresence(typ, PresenceConnected):
+		s.setField(d, KeyOnline, true)
+		return // its data describes the connection, not the device
+	case isPresence(typ, PresenceDisconnected):
+		s.setField(d, KeyOnline, false)
+		return
+	}
+	if len(fields) > 0 {
+		s.merge(d, fields, size)
+	}
+}
+
+func isPresence(typ, want string) bool {
+	return typ == want || (strings.HasSuffix(typ, want) && typ[len(typ)-len(want)-1] == '.')
+}
+
+// isJSON reports whether data of this content type is JSON; data without a content type is JSON in CloudEvents.
+func isJSON(ct string) bool {
+	if ct == "" {
+		return true
+	}
+	mt, _, _ := strings.Cut(ct, ";")
+	mt = strings.ToLower(strings.TrimSpace(mt))
+	return mt == "application/json" || mt == "text/json" || strings.HasSuffix(mt, "+json")
+}
+
+// Set sets key in the device's state (an explicit state action from a rule).
+func (s *StateView) Set(device, key string, value any) {
+	if device == "" || key == "" {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.setField(s.touch(device), key, deepCopy(value))
+}
+
+// Get returns a copy of the device's state; maps and slices inside it are copies too.
+func (s *StateView) Get(device string) (map[string]any, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	el, ok := s.devices[device]
+	if !ok {
+		return nil, false
+	}
+	return el.Value.(*deviceState).copy(), true
+}
+
+// Snapshot returns a copy of every device's state, by device id.
+func (s *StateView) Snapshot() map[string]map[string]any {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]map[string]any, len(s.devices))
+	for id, el := range s.devices {
+		out[id] = el.Value.(*deviceState).copy()
+	}
+	return out
+}
+
+// Stats returns the number of devices tracked and what was dropped to stay within bounds.
+func (s *StateView) Stats() StateStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return StateStats{Devices: len(s.devices), EvictedDevices: s.evicted, DroppedKeys: s.dropped}
+}
+
+// touch returns the device's state, creating it (and evicting the least recently updated device when full), and
+// marks it updated most recently. s.mu is held.
+func (s *StateView) touch(id string) *deviceState {
+	if el, ok := s.devices[id]; ok {
+		s.lru.MoveToFront(el)
+		return el.Value.(*deviceState)
+	}
+	if len(s.devices) >= MaxStateDevices {
+		oldest := s.lru.Back()
+		delete(s.devices, oldest.Value.(*deviceState).id)
+		s.lru.Remove(oldest)
+		s.evicted++
+	}
+	d := &deviceState{id: id, fields: make(map[string]any)}
+	s.devices[id] = s.lru.PushFront(d)
+	return d
+}
+
+func (d *deviceState) keys() int { return len(d.fields) + len(d.reported) }
+
+// setField sets a top-level key unless that would exceed MaxStateKeys. s.mu is held.
+func (s *StateView) setField(d *deviceState, key string, v any) {
+	if _, ok := d.fields[key]; !ok && d.keys() >= MaxStateKeys {
+		s.dropped++
+		return
+	}
+	if key == KeyReported {
+		// Set replaces the reported fields wholesale; keep the size accounting in step.
+		d.reported, d.sizes, d.repBytes = nil, nil, 0
+		delete(d.fields, KeyReported)
+		if rep, ok := v.(map[string]any); ok {
+			s.merge(d, deepCopy(rep).(map[string]any), jsonSize(rep))
+			return
+		}
+	}
+	d.fields[key] = v
+}
+
+// merge merges decoded JSON object fields into reported, taking ownership of the values. s.mu is held.
+// incoming is (an upper estimate of) the JSON size of fields.
+func (s *StateView) merge(d *deviceState, fields map[string]any, incoming int) {
+	keys := maps.Keys(fields)
+	if d.keys()+len(fields)+1 > MaxStateKeys || d.repBytes+incoming > MaxReportedBytes {
+		// Near a bound: go in name order, so which fields are dropped is predictable.
+		keys = slices.Values(slices.Sorted(keys))
+	}
+	for k := range keys {
+		v := fields[k]
+		old, exists := d.sizes[k]
+		if v == nil {
+			if exists {
+				delete(d.reported, k)
+				delete(d.sizes, k)
+				d.repBytes -= old
+			}
+			continue
+		}
+		size := len(k) + jsonSize(v)
+		need := 0
+		if !exists {
+			need++
+		}
+		if d.reported == nil {
+			need++ // the reported key itself
+		}
+		if d.keys()+need > MaxStateKeys || d.repBytes-old+size > MaxReportedBytes {
+			s.dropped++
+			continue
+		}
+		if d.reported == nil {
+			d.reported, d.sizes = make(map[string]any), make(map[string]int)
+			d.fields[KeyReported] = d.reported
+		}
+		d.reported[k] = v
+		d.sizes[k] = size
+		d.repBytes += size - old
+	}
+}
+
+// jsonSize estimates the size of v encoded as JSON (exact for ASCII strings without escapes, 8 bytes per number).
+func jsonSize(v any) int {
+	switch t := v.(type) {
+	case string:
+		return len(t) + 2
+	case map[string]any:
+		n := 2
+		for k, e := range t {
+			n += len(k) + 4 + jsonSize(e)
+		}
+		return n
+	case []any:
+		n := 2
+		for _, e := range t {
+			n += 1 + jsonSize(e)
+		}
+		return n
+	case bool:
+		return 5
+	case nil:
+		return 4
+	default:
+		return 8
+	}
+}
+
+func (d *deviceState) copy() map[string]any {
+	out := make(map[string]any, len(d.fields))
+	for k, v := range d.fields {
+		out[k] = deepCopy(v)
+	}
+	return out
+}
+
+// deepCopy copies the maps and slices JSON decoding produces (and those rules are likely to set).
+func deepCopy(v any) any {
+	switch t := v.(type) {
+	case map[string]any:
+		out := make(map[string]any, len(t))
+		for k, e := range t {
+			out[k] = deepCopy(e)
+		}
+		return out
+	case []any:
+		out := make([]any, len(t))
+		for i, e := range t {
+			out[i] = deepCopy(e)
+		}
+		return out
+	case map[string]string:
+		return maps.Clone(t)
+	case []string:
+		return append([]string(nil), t...)
+	default:
+		return v
+	}
+}

@@ -1,0 +1,429 @@
+package forward
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"regexp"
+	"strings"
+	"time"
+)
+
+// Sink types.
+const (
+	TypeMQTT = "mqtt"
+	TypeNATS = "nats"
+	TypeHTTP = "http"
+)
+
+// HTTP sink modes (the CloudEvents HTTP binding's content modes).
+const (
+	// ModeStructured sends one event per request, the stored CloudEvent JSON as the body
+	// (Content-Type: application/cloudevents+json).
+	ModeStructured = "structured"
+	// ModeBinary sends one event per request: attributes as ce-* headers, the event's data as the body.
+	ModeBinary = "binary"
+	// ModeBatch sends up to batch_size events per request as a JSON array
+	// (Content-Type: application/cloudevents-batch+json).
+	ModeBatch = "batch"
+)
+
+// Defaults applied to zero fields (see SinkConfig).
+const (
+	DefaultBatchSize     = 128
+	DefaultWindow        = 64
+	DefaultAckTimeout    = 10 * time.Second
+	DefaultBackoffMin    = 500 * time.Millisecond
+	DefaultBackoffMax    = 30 * time.Second
+	DefaultMQTTTopic     = "edgegate/{gateway}/events/{subject}/{type}"
+	DefaultCommandTopic  = "edgegate/{gateway}/commands/{device}/{command}"
+	DefaultNATSSubject   = "edgegate.{gateway}.events.{subject}.{type}"
+	DefaultKeepAlive     = 30 * time.Second
+	DefaultConnTimeout   = 10 * time.Second
+	DefaultMaxRetryAfter = 5 * time.Minute
+)
+
+// Config configures the forwarding sinks (yaml key "forward"). No sinks is valid: events then stay in the log
+// only until retention removes them.
+type Config struct {
+	// Sinks are the upstreams; each reads the log through its own cursor.
+	Sinks []SinkConfig `yaml:"sinks"`
+}
+
+// DefaultConfig returns the configuration a minimal YAML file gets: no sinks. Each sink's zero fields take the
+// defaults named on SinkConfig and its blocks.
+func DefaultConfig() Config { return Config{} }
+
+// SinkConfig configures one upstream. Zero numeric fields take the defaults named on them.
+type SinkConfig struct {
+	// Name identifies the sink (letters, digits, '.', '_', '-'); it must be unique. The sink's cursor in the
+	// log is "sink:<name>": renaming a sink starts it from the oldest stored event.
+	Name string `yaml:"name"`
+	// Type is mqtt, nats or http; the block of the same name configures it.
+	Type string `yaml:"type"`
+	// Types, when set, limits the sink to events whose CloudEvent type matches one of the patterns: "*" (any),
+	// "prefix.*" (every type starting "prefix.") or an exact type. Other events are passed over (the cursor
+	// moves past them).
+	Types []string `yaml:"types"`
+	// BatchSize is how many records are read from the log at once, and for http in batch mode the most events
+	// in one request (default 128).
+	BatchSize int `yaml:"batch_size"`
+	// Window is the most events sent and not yet acknowledged (default 64). After a reconnect at most this many
+	// events are sent again.
+	Window int `yaml:"window"`
+	// RateLimit caps the events sent per second (0, the default: no cap).
+	RateLimit float64 `yaml:"rate_limit"`
+	// AckTimeout is how long the sink waits for an acknowledgement while events are in flight before it
+	// declares the upstream stalled, drops the connection and reconnects (default 10s).
+	AckTimeout time.Duration `yaml:"ack_timeout"`
+	// BackoffMin and BackoffMax bound the wait between reconnect attempts (defaults 500ms and 30s): exponential
+	// with full jitter.
+	BackoffMin time.Duration `yaml:"backoff_min"`
+	BackoffMax time.Duration `yaml:"backoff_max"`
+
+	MQTT *MQTTConfig `yaml:"mqtt"`
+	NATS *NATSConfig `yaml:"nats"`
+	HTTP *HTTPConfig `yaml:"http"`
+}
+
+// TLSConfig configures TLS towards an upstream. Without any field set the system roots verify the server.
+type TLSConfig struct {
+	// CAFile is a PEM bundle of the authorities that verify the server (default: the system roots).
+	CAFile string `yaml:"ca_file"`
+	// CertFile and KeyFile are the client certificate and key (PEM) for mutual TLS; set both or neither.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// ServerName overrides the name checked in the server's certificate (default: the URL's host).
+	ServerName string `yaml:"server_name"`
+	// InsecureSkipVerify turns server verification off. Only for tests and labs; it is logged as a warning.
+	InsecureSkipVerify bool `yaml:"insecure_skip_verify"`
+}
+
+// MQTTConfig configures an MQTT 3.1.1 upstream (paho). Events are published with QoS 1 on a persistent session
+// (clean session off) whose client id is stable: edgegate-<gateway>-<sink> unless ClientID is set.
+type MQTTConfig struct {
+	// URL is the broker: tcp://, ssl:// (or tls://), ws:// or wss://, host and port.
+	URL      string `yaml:"url"`
+	Username string `yaml:"username"`
+	Password Secret `yaml:"password"`
+	// ClientID overrides the derived client id.
+	ClientID string `yaml:"client_id"`
+	// Topic is the topic template for events (default edgegate/{gateway}/events/{subject}/{type}); it may use
+	// {gateway}, {sink}, {subject} and {type}. Characters MQTT forbids in a topic level (+ # / NUL) are
+	// replaced by '_' in the values; an empty value becomes "_".
+	Topic string `yaml:"topic"`
+	// CommandTopic is the template of cloud-to-device commands (default
+	// edgegate/{gateway}/commands/{device}/{command}); {device} and {command} must each fill a whole level. The
+	// sink subscribes with + in their place.
+	CommandTopic string `yaml:"command_topic"`
+	// DisableCommands turns the command subscription off.
+	DisableCommands bool `yaml:"disable_commands"`
+	// KeepAlive is the MQTT keep-alive (default 30s); ConnectTimeout bounds a connection attempt (default 10s).
+	KeepAlive      time.Duration `yaml:"keep_alive"`
+	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	TLS            TLSConfig     `yaml:"tls"`
+}
+
+// NATSConfig configures a NATS JetStream upstream. A stream must capture the subjects; each message carries the
+// CloudEvent id as Nats-Msg-Id, so the stream's duplicate window removes the copies a reconnect sends again.
+type NATSConfig struct {
+	// URL is the server (nats:// or tls://, host and port); several may be given separated by commas.
+	URL      string `yaml:"url"`
+	Username string `yaml:"username"`
+	Password Secret `yaml:"password"`
+	Token    Secret `yaml:"token"`
+	// CredsFile is a NATS credentials file (JWT and NKey seed).
+	CredsFile string `yaml:"creds_file"`
+	// Subject is the subject template (default edgegate.{gateway}.events.{subject}.{type}); it may use
+	// {gateway}, {sink}, {subject} and {type}. Space, tab, '*' and '>' in the values become '_'; dots are kept
+	// (types are dotted); an empty value becomes "_".
+	Subject string `yaml:"subject"`
+	// Stream, when set, is the stream the server must store the messages in (expected-stream header).
+	Stream         string        `yaml:"stream"`
+	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	TLS            TLSConfig     `yaml:"tls"`
+}
+
+// HTTPConfig configures an HTTP upstream using the CloudEvents HTTP binding. A 2xx response acknowledges the
+// request's events; 408, 429, 5xx, timeouts and network errors are retried (honouring Retry-After); any other
+// 4xx rejects them for good: they are dead-lettered (reason upstream_rejected) and the sink moves on.
+type HTTPConfig struct {
+	// URL is the endpoint (http:// or https://); events are POSTed to it.
+	URL string `yaml:"url"`
+	// Mode is structured (default), binary or batch.
+	Mode string `yaml:"mode"`
+	// Headers are added to every request (values are treated as secrets in logs).
+	Headers map[string]Secret `yaml:"headers"`
+	// BearerToken, when set, is sent as "Authorization: Bearer <token>".
+	BearerToken Secret `yaml:"bearer_token"`
+	// Username and Password, when set, are sent as HTTP basic authentication.
+	Username string `yaml:"username"`
+	Password Secret `yaml:"password"`
+	// MaxRetryAfter caps the wait a Retry-After header asks for (default 5m).
+	MaxRetryAfter time.Duration `yaml:"max_retry_after"`
+	TLS           TLSConfig     `yaml:"tls"`
+}
+
+// Secret is a configuration value that must not be shown: it formats and logs as "REDACTED" (empty stays empty).
+type Secret string
+
+// String returns "REDACTED" for a set secret and "" for an empty one.
+func (s Secret) String() string {
+	if s == "" {
+		return ""
+	}
+	return "REDACTED"
+}
+
+// GoString is String, so %#v does not show the value either.
+func (s Secret) GoString() string { return s.String() }
+
+// LogValue shows the secret to slog as String does.
+func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
+
+// MarshalText writes "REDACTED" (for a set secret) wherever a configuration is encoded for display.
+func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText takes the value as is.
+func (s *Secret) UnmarshalText(b []byte) error { *s = Secret(b); return nil }
+
+// CursorName is the name of the log cursor a sink reads with.
+func CursorName(sink string) string { return "sink:" + sink }
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// withDefaults fills the zero fields of a sink's configuration.
+func (c SinkConfig) withDefaults() SinkConfig {
+	if c.BatchSize == 0 {
+		c.BatchSize = DefaultBatchSize
+	}
+	if c.Window == 0 {
+		c.Window = DefaultWindow
+	}
+	if c.AckTimeout == 0 {
+		c.AckTimeout = DefaultAckTimeout
+	}
+	if c.BackoffMin == 0 {
+		c.BackoffMin = DefaultBackoffMin
+	}
+	if c.BackoffMax == 0 {
+		c.BackoffMax = max(DefaultBackoffMax, c.BackoffMin)
+	}
+	switch {
+	case c.MQTT != nil:
+		m := *c.MQTT
+		if m.Topic == "" {
+			m.Topic = DefaultMQTTTopic
+		}
+		if m.CommandTopic == "" {
+			m.CommandTopic = DefaultCommandTopic
+		}
+		if m.KeepAlive == 0 {
+			m.KeepAlive = DefaultKeepAlive
+		}
+		if m.ConnectTimeout == 0 {
+			m.ConnectTimeout = DefaultConnTimeout
+		}
+		c.MQTT = &m
+	case c.NATS != nil:
+		n := *c.NATS
+		if n.Subject == "" {
+			n.Subject = DefaultNATSSubject
+		}
+		if n.ConnectTimeout == 0 {
+			n.ConnectTimeout = DefaultConnTimeout
+		}
+		c.NATS = &n
+	case c.HTTP != nil:
+		h := *c.HTTP
+		if h.Mode == "" {
+			h.Mode = ModeStructured
+		}
+		if h.MaxRetryAfter == 0 {
+			h.MaxRetryAfter = DefaultMaxRetryAfter
+		}
+		c.HTTP = &h
+	}
+	return c
+}
+
+// Validate reports every problem of the configuration, each naming its key (forward.sinks[i].…). Zero fields
+// are valid: they take the defaults.
+func (c Config) Validate() error {
+	var errs []error
+	seen := map[string]int{}
+	for i, s := range c.Sinks {
+		key := fmt.Sprintf("forward.sinks[%d]", i)
+		if j, dup := seen[s.Name]; dup && s.Name != "" {
+			errs = append(errs, fmt.Errorf("%s.name: %q is also the name of forward.sinks[%d]", key, s.Name, j))
+		} else {
+			seen[s.Name] = i
+		}
+		errs = append(errs, s.validate(key))
+	}
+	return errors.Join(errs...)
+}
+
+func (c SinkConfig) validate(key string) error {
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if !nameRE.MatchString(c.Name) {
+		add("%s.name: %q must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", key, c.Name)
+	}
+	blocks := map[string]bool{TypeMQTT: c.MQTT != nil, TypeNATS: c.NATS != nil, TypeHTTP: c.HTTP != nil}
+	switch c.Type {
+	case TypeMQTT, TypeNATS, TypeHTTP:
+		if !blocks[c.Type] {
+			add("%s.%s: missing (type is %s)", key, c.Type, c.Type)
+		}
+	default:
+		add("%s.type: %q is not mqtt, nats or http", key, c.Type)
+	}
+	for _, b := range []string{TypeMQTT, TypeNATS, TypeHTTP} {
+		if blocks[b] && b != c.Type {
+			add("%s.%s: set, but type is %q", key, b, c.Type)
+		}
+	}
+	for i, p := range c.Types {
+		if err := validPattern(p); err != nil {
+			add("%s.types[%d]: %w", key, i, err)
+		}
+	}
+	if c.BatchSize < 0 {
+		add("%s.batch_size: must be >= 0, got %d", key, c.BatchSize)
+	}
+	if c.Window < 0 {
+		add("%s.window: must be >= 0, got %d", key, c.Window)
+	}
+	if c.RateLimit < 0 {
+		add("%s.rate_limit: must be >= 0, got %g", key, c.RateLimit)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"ack_timeout", c.AckTimeout}, {"backoff_min", c.BackoffMin}, {"backoff_max", c.BackoffMax}} {
+		if d.v < 0 {
+			add("%s.%s: must be >= 0, got %s", key, d.name, d.v)
+		}
+	}
+	if d := c.withDefaults(); d.BackoffMin > d.BackoffMax {
+		add("%s.backoff_min: %s is more than backoff_max %s", key, d.BackoffMin, d.BackoffMax)
+	}
+	if c.Type == TypeMQTT && c.MQTT != nil {
+		errs = append(errs, c.MQTT.validate(key+".mqtt"))
+	}
+	if c.Type == TypeNATS && c.NATS != nil {
+		errs = append(errs, c.NATS.validate(key+".nats"))
+	}
+	if c.Type == TypeHTTP && c.HTTP != nil {
+		errs = append(errs, c.HTTP.validate(key+".http"))
+	}
+	return errors.Join(errs...)
+}
+
+func (m MQTTConfig) validate(key string) error {
+	var errs []error
+	if err := validURL(m.URL, "tcp", "ssl", "tls", "mqtt", "mqtts", "ws", "wss"); err != nil {
+		errs = append(errs, fmt.Errorf("%s.url: %w", key, err))
+	}
+	if m.Topic != "" {
+		if _, err := parseTemplate(m.Topic, eventFields, mqttTopicCheck); err != nil {
+			errs = append(errs, fmt.Errorf("%s.topic: %w", key, err))
+		}
+	}
+	if m.CommandTopic != "" {
+		if _, err := parseCommandTopic(m.CommandTopic); err != nil {
+			errs = append(errs, fmt.Errorf("%s.command_topic: %w", key, err))
+		}
+	}
+	if m.KeepAlive < 0 {
+		errs = append(errs, fmt.Errorf("%s.keep_alive: must be >= 0, got %s", key, m.KeepAlive))
+	}
+	if m.ConnectTimeout < 0 {
+		errs = append(errs, fmt.Errorf("%s.connect_timeout: must be >= 0, got %s", key, m.ConnectTimeout))
+	}
+	errs = append(errs, m.TLS.validate(key+".tls"))
+	return errors.Join(errs...)
+}
+
+func (n NATSConfig) validate(key string) error {
+	var errs []error
+	if n.URL == "" {
+		errs = append(errs, fmt.Errorf("%s.url: missing", key))
+	}
+	for u := range strings.SplitSeq(n.URL, ",") {
+		if n.URL == "" {
+			break
+		}
+		if err := validURL(strings.TrimSpace(u), "nats", "tls", "ws", "wss"); err != nil {
+			errs = append(errs, fmt.Errorf("%s.url: %w", key, err))
+		}
+	}
+	if n.Subject != "" {
+		if _, err := parseTemplate(n.Subject, eventFields, natsSubjectCheck); err != nil {
+			errs = append(errs, fmt.Errorf("%s.subject: %w", key, err))
+		}
+	}
+	if n.Token != "" && (n.Username != "" || n.CredsFile != "") {
+		errs = append(errs, fmt.Errorf("%s.token: set together with username or creds_file; use one", key))
+	}
+	if n.ConnectTimeout < 0 {
+		errs = append(errs, fmt.Errorf("%s.connect_timeout: must be >= 0, got %s", key, n.ConnectTimeout))
+	}
+	errs = append(errs, n.TLS.validate(key+".tls"))
+	return errors.Join(errs...)
+}
+
+func (h HTTPConfig) validate(key string) error {
+	var errs []error
+	if err := validURL(h.URL, "http", "https"); err != nil {
+		errs = append(errs, fmt.Errorf("%s.url: %w", key, err))
+	}
+	switch h.Mode {
+	case "", ModeStructured, ModeBinary, ModeBatch:
+	default:
+		errs = append(errs, fmt.Errorf("%s.mode: %q is not structured, binary or batch", key, h.Mode))
+	}
+	if h.BearerToken != "" && (h.Username != "" || h.Password != "") {
+		errs = append(errs, fmt.Errorf("%s.bearer_token: set together with username/password; use one", key))
+	}
+	if h.MaxRetryAfter < 0 {
+		errs = append(errs, fmt.Errorf("%s.max_retry_after: must be >= 0, got %s", key, h.MaxRetryAfter))
+	}
+	for name := range h.Headers {
+		if name == "" || strings.ContainsAny(name, " \t\r\n:") {
+			errs = append(errs, fmt.Errorf("%s.headers: %q is not a valid header name", key, name))
+		}
+	}
+	errs = append(errs, h.TLS.validate(key+".tls"))
+	return errors.Join(errs...)
+}
+
+func (t TLSConfig) validate(key string) error {
+	if (t.CertFile == "") != (t.KeyFile == "") {
+		return fmt.Errorf("%s: cert_file and key_file go together (mutual TLS); got only one", key)
+	}
+	return nil
+}
+
+func validURL(raw string, schemes ...string) error {
+	if raw == "" {
+		return errors.New("missing")
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("%q: %w", raw, err)
+	}
+	ok := false
+	for _, s := range schemes {
+		ok = ok || u.Scheme == s
+	}
+	if !ok {
+		return fmt.Errorf("%q: scheme %q is not one of %s", raw, u.Scheme, strings.Join(schemes, ", "))
+	}
+	if u.Host == "" {
+		return fmt.Errorf("%q: no host", raw)
+	}
+	return nil
+}

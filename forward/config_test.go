@@ -1,0 +1,171 @@
+package forward
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/goccy/go-yaml"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
+
+// TestConfigGolden decodes every testdata/config/*.yaml strictly (as the gateway does) and compares the
+// outcome — the decoding error, or Validate's report, or the configuration with defaults — with its golden file.
+func TestConfigGolden(t *testing.T) {
+	files, err := filepath.Glob("testdata/config/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no test configurations: %v", err)
+	}
+	for _, path := range files {
+		t.Run(filepath.Base(path), func(t *testing.T) {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			var cfg Config
+			if err := yaml.NewDecoder(bytes.NewReader(data), yaml.Strict()).Decode(&cfg); err != nil {
+				fmt.Fprintf(&out, "decode error:\n%s\n", yaml.FormatError(err, false, true))
+			} else if err := cfg.Validate(); err != nil {
+				fmt.Fprintf(&out, "invalid:\n%s\n", err)
+			} else {
+				fmt.Fprintln(&out, "valid; with defaults:")
+				for _, s := range cfg.Sinks {
+					fmt.Fprintf(&out, "%s\n", describe(s.withDefaults()))
+				}
+			}
+			golden := strings.TrimSuffix(path, ".yaml") + ".golden"
+			if *update {
+				if err := os.WriteFile(golden, out.Bytes(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test -run TestConfigGolden -update ./forward/)", err)
+			}
+			if out.String() != string(want) {
+				t.Errorf("%s differs from %s:\n--- got\n%s--- want\n%s", path, golden, out.String(), want)
+			}
+		})
+	}
+}
+
+// describe prints a sink's configuration the way a reader checks it; secrets print as REDACTED.
+func describe(s SinkConfig) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "- %s (%s) types=%v batch=%d window=%d rate=%g ack_timeout=%s backoff=%s..%s cursor=%s\n",
+		s.Name, s.Type, s.Types, s.BatchSize, s.Window, s.RateLimit, s.AckTimeout, s.BackoffMin, s.BackoffMax, CursorName(s.Name))
+	switch {
+	case s.MQTT != nil:
+		fmt.Fprintf(&b, "  mqtt %+v", *s.MQTT)
+	case s.NATS != nil:
+		fmt.Fprintf(&b, "  nats %+v", *s.NATS)
+	case s.HTTP != nil:
+		fmt.Fprintf(&b, "  http %+v", *s.HTTP)
+	}
+	return b.String()
+}
+
+func TestSecretNeverShown(t *testing.T) {
+	s := Secret("hunter2")
+	var logged bytes.Buffer
+	slog.New(slog.NewJSONHandler(&logged, nil)).Info("x", "password", s, "cfg", MQTTConfig{Password: s})
+	for _, shown := range []string{fmt.Sprint(s), fmt.Sprintf("%v %+v %#v %s", s, s, s, s),
+		fmt.Sprintf("%+v", MQTTConfig{Password: s}), logged.String()} {
+		if strings.Contains(shown, "hunter2") {
+			t.Errorf("secret shown: %s", shown)
+		}
+	}
+	if Secret("").String() != "" {
+		t.Error("an empty secret should print empty")
+	}
+	// Decoding keeps the value itself.
+	var cfg Config
+	if err := yaml.Unmarshal([]byte("sinks: [{name: a, type: mqtt, mqtt: {url: 'tcp://h:1883', password: hunter2}}]"), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := string(cfg.Sinks[0].MQTT.Password); got != "hunter2" {
+		t.Errorf("decoded password = %q", got)
+	}
+}
+
+func TestNew(t *testing.T) {
+	log := newMemLog(t)
+	dl := &deadLetters{}
+	logger := slog.New(slog.DiscardHandler)
+	cfg := Config{Sinks: []SinkConfig{
+		mqttSink("a", "tcp://127.0.0.1:1"),
+		{Name: "b", Type: TypeHTTP, HTTP: &HTTPConfig{URL: "http://127.0.0.1:1/x"}},
+	}}
+	f, err := New(cfg, "gw1", log, nil, dl, logger, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.CursorNames(); len(got) != 2 || got[0] != "sink:a" || got[1] != "sink:b" {
+		t.Errorf("CursorNames = %v", got)
+	}
+	if f.Healthy() {
+		t.Error("Healthy before Run")
+	}
+	if h := f.Health(); len(h) != 2 || h[0].Target != "tcp://127.0.0.1:1" || h[1].Type != TypeHTTP {
+		t.Errorf("Health = %+v", h)
+	}
+	empty, err := New(Config{}, "gw1", log, nil, dl, logger, nil)
+	if err != nil || !empty.Healthy() || len(empty.CursorNames()) != 0 {
+		t.Errorf("no sinks: %v, healthy %v", err, empty.Healthy())
+	}
+
+	bad := []struct {
+		name string
+		cfg  Config
+		gw   string
+		want string
+	}{
+		{"invalid", Config{Sinks: []SinkConfig{{Name: "x", Type: "mqtt"}}}, "gw1", "forward.sinks[0].mqtt: missing"},
+		{"no gateway", cfg, "", "empty gateway id"},
+		{"missing ca", Config{Sinks: []SinkConfig{{Name: "x", Type: TypeMQTT,
+			MQTT: &MQTTConfig{URL: "ssl://h:8883", TLS: TLSConfig{CAFile: filepath.Join(t.TempDir(), "none.pem")}}}}},
+			"gw1", "tls.ca_file"},
+	}
+	for _, tc := range bad {
+		_, err := New(tc.cfg, tc.gw, log, nil, dl, logger, prometheus.NewRegistry())
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	// Metrics are registered once per registry.
+	reg := prometheus.NewRegistry()
+	if _, err := New(cfg, "gw1", log, nil, dl, logger, reg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(cfg, "gw1", log, nil, dl, logger, reg); err == nil {
+		t.Error("a second forwarder on the same registry registered its metrics")
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	s := &sink{cfg: SinkConfig{BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second}}
+	for attempt := 1; attempt < 80; attempt++ {
+		ceil := min(s.cfg.BackoffMin<<min(attempt, 20), s.cfg.BackoffMax)
+		for range 50 {
+			d := s.backoff(attempt)
+			if d < s.cfg.BackoffMin || d > ceil {
+				t.Fatalf("attempt %d: %s outside [%s, %s]", attempt, d, s.cfg.BackoffMin, ceil)
+			}
+		}
+	}
+	same := &sink{cfg: SinkConfig{BackoffMin: time.Second, BackoffMax: time.Second}}
+	if d := same.backoff(3); d != time.Second {
+		t.Errorf("min = max: %s", d)
+	}
+}

@@ -1,0 +1,58 @@
+// Package forward carries the events of the durable log to upstream sinks — an MQTT broker, NATS JetStream or
+// an HTTP endpoint — each reading the log through its own named cursor and advancing it only on a real
+// acknowledgement.
+//
+// # Promise
+//
+// At least once, never lost: a sink's cursor ("sink:<name>") moves only over events the upstream acknowledged
+// (an MQTT PUBACK, a JetStream PubAck, an HTTP 2xx) on the connection that sent them, and over events the sink
+// does not carry (its types filter) or that an HTTP upstream refused for good (dead-lettered). Up to window
+// events are in flight; acknowledgements that arrive out of order are held until the gap before them fills.
+// After any failure the sink reconnects (exponential backoff with full jitter) and sends again from its
+// cursor, so an upstream may see an event twice — at most a window of events per reconnect. The CloudEvent id
+// never changes and is the key to drop duplicates with (JetStream does so by Nats-Msg-Id).
+//
+// Order: a sink sends in log order on one connection, so the events of one device (subject) arrive in order; a
+// reconnect may repeat events already sent, never bring a newer one before an older one. Priority affects
+// retention in the log only, not the order of sending.
+//
+// A connection that has events in flight and receives no acknowledgement within ack_timeout is declared
+// stalled (health, edgegate_forward_stalled, a log line), dropped and replaced.
+//
+// # Cloud-to-device commands
+//
+// An MQTT sink subscribes (QoS 1, persistent session) to its command topic, by default
+// edgegate/{gateway}/commands/{device}/{command}, and hands each command to the CommandSink. A command for an
+// unknown device is dead-lettered (reason unknown_device). Commands are delivered locally only: they never
+// enter the log and are never forwarded upstream. A command is acknowledged to the broker once delivered or
+// dead-lettered; one cut short by a lost connection is delivered again (at least once).
+//
+// # Configuration
+//
+// Under the key "forward"; every sink needs name, type and the block of its type, the rest has defaults
+// (SinkConfig):
+//
+//	forward:
+//	  sinks:
+//	    - name: cloud                 # cursor "sink:cloud"
+//	      type: mqtt
+//	      types: ["sensor.*", door.opened]   # optional filter
+//	      window: 64                  # events in flight
+//	      ack_timeout: 10s            # stall detection
+//	      mqtt:
+//	        url: ssl://broker.example.com:8883
+//	        username: gw-17
+//	        password: s3cret          # logged as REDACTED
+//	        tls: {ca_file: /etc/edgegate/ca.pem}
+//	    - name: stream
+//	      type: nats
+//	      nats: {url: "nats://10.0.0.5:4222", stream: EVENTS}
+//	    - name: hook
+//	      type: http
+//	      http: {url: "https://ingest.example.com/events", mode: batch, bearer_token: abc}
+//
+// # Metrics
+//
+// All labelled by sink: edgegate_forward_sent_total, _acked_total, _resent_total, _reconnects_total,
+// _errors_total, _connected, _stalled, _in_flight, _last_ack_age_seconds and _drain_rate_events_per_second.
+package forward

@@ -1,0 +1,258 @@
+package forward
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// request is what the test server saw of one request.
+type request struct {
+	header http.Header
+	body   string
+	at     time.Time
+}
+
+// upstream is an httptest server on loopback answering with reply.
+type upstream struct {
+	mu    sync.Mutex
+	reqs  []request
+	reply func(n int, r request) (code int, header map[string]string)
+	srv   *httptest.Server
+}
+
+func newUpstream(t *testing.T, reply func(n int, r request) (int, map[string]string)) *upstream {
+	u := &upstream{reply: reply}
+	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		req := request{header: r.Header.Clone(), body: string(body), at: time.Now()}
+		u.mu.Lock()
+		n := len(u.reqs)
+		u.reqs = append(u.reqs, req)
+		u.mu.Unlock()
+		code, hdr := http.StatusNoContent, map[string]string(nil)
+		if u.reply != nil {
+			code, hdr = u.reply(n, req)
+		}
+		for k, v := range hdr {
+			w.Header().Set(k, v)
+		}
+		w.WriteHeader(code)
+	}))
+	t.Cleanup(u.srv.Close)
+	return u
+}
+
+func (u *upstream) requests() []request {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]request(nil), u.reqs...)
+}
+
+func httpSink(url, mode string) SinkConfig {
+	s := fastSink("web", TypeHTTP)
+	s.HTTP = &HTTPConfig{URL: url, Mode: mode, Headers: map[string]Secret{"X-Api-Key": "k1"}, BearerToken: "tok"}
+	return s
+}
+
+func TestHTTPModes(t *testing.T) {
+	tests := []struct {
+		mode  string
+		check func(t *testing.T, reqs []request, log *memLog)
+	}{
+		{ModeStructured, func(t *testing.T, reqs []request, log *memLog) {
+			recs, _ := log.Read(0, 10)
+			if len(reqs) != 3 {
+				t.Fatalf("%d requests, want 3", len(reqs))
+			}
+			for i, r := range reqs {
+				if ct := r.header.Get("Content-Type"); ct != contentTypeStructured {
+					t.Errorf("Content-Type = %q", ct)
+				}
+				if r.body != string(recs[i].Data) {
+					t.Errorf("body %d = %s, want %s", i, r.body, recs[i].Data)
+				}
+			}
+		}},
+		{ModeBinary, func(t *testing.T, reqs []request, _ *memLog) {
+			if len(reqs) != 3 {
+				t.Fatalf("%d requests, want 3", len(reqs))
+			}
+			r := reqs[1]
+			want := map[string]string{"Ce-Id": "ev-000002", "Ce-Type": "sensor.reading", "Ce-Subject": "kitchen",
+				"Ce-Specversion": "1.0", "Ce-Source": "edgegate/gw1/kitchen", "Content-Type": "application/json"}
+			for k, v := range want {
+				if got := r.header.Get(k); got != v {
+					t.Errorf("%s = %q, want %q", k, got, v)
+				}
+			}
+			if r.body != `{"n":2}` {
+				t.Errorf("body = %s, want the event's data", r.body)
+			}
+		}},
+		{ModeBatch, func(t *testing.T, reqs []request, log *memLog) {
+			if len(reqs) != 1 {
+				t.Fatalf("%d requests, want 1", len(reqs))
+			}
+			if ct := reqs[0].header.Get("Content-Type"); ct != contentTypeBatch {
+				t.Errorf("Content-Type = %q", ct)
+			}
+			var evs []map[string]any
+			if err := json.Unmarshal([]byte(reqs[0].body), &evs); err != nil || len(evs) != 3 {
+				t.Fatalf("batch body %s: %v (%d events)", reqs[0].body, err, len(evs))
+			}
+			if evs[2]["id"] != "ev-000003" {
+				t.Errorf("third event = %v", evs[2])
+			}
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.mode, func(t *testing.T) {
+			up := newUpstream(t, nil)
+			log := newMemLog(t)
+			for i, s := range []string{"hall", "kitchen", "porch"} {
+				log.add("sensor.reading", s, i+1)
+			}
+			r := startForwarder(t, Config{Sinks: []SinkConfig{httpSink(up.srv.URL, tc.mode)}}, log, nil)
+			waitFor(t, 10*time.Second, "the cursor at the end", func() bool { return log.Cursor("sink:web") == 3 })
+			reqs := up.requests()
+			tc.check(t, reqs, log)
+			for _, rq := range reqs {
+				if rq.header.Get("X-Api-Key") != "k1" || rq.header.Get("Authorization") != "Bearer tok" {
+					t.Errorf("headers = %v", rq.header)
+				}
+			}
+			if h := sinkHealth(r, "web"); !h.Healthy || h.Cursor != 3 {
+				t.Errorf("health = %+v", h)
+			}
+		})
+	}
+}
+
+// TestHTTPRetryAfter: 503 and 429 are retried no sooner than Retry-After asks, although the backoff is short.
+func TestHTTPRetryAfter(t *testing.T) {
+	tests := []struct {
+		name string
+		code int
+	}{{"503", http.StatusServiceUnavailable}, {"429", http.StatusTooManyRequests}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t, func(n int, _ request) (int, map[string]string) {
+				if n == 0 {
+					return tc.code, map[string]string{"Retry-After": "1"}
+				}
+				return http.StatusOK, nil
+			})
+			log := newMemLog(t)
+			log.add("sensor.reading", "hall", 1)
+			sc := httpSink(up.srv.URL, ModeStructured)
+			sc.BackoffMin, sc.BackoffMax = time.Millisecond, 5*time.Millisecond
+			r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+			waitFor(t, 10*time.Second, "the cursor at the end", func() bool { return log.Cursor("sink:web") == 1 })
+			reqs := up.requests()
+			if len(reqs) != 2 {
+				t.Fatalf("%d requests, want 2", len(reqs))
+			}
+			if gap := reqs[1].at.Sub(reqs[0].at); gap < 900*time.Millisecond {
+				t.Errorf("retried after %s, Retry-After asked for 1s", gap)
+			}
+			if reqs[0].body != reqs[1].body {
+				t.Error("the retry carried a different body")
+			}
+			if v := testutil.ToFloat64(r.f.metrics.resent.WithLabelValues("web")); v != 1 {
+				t.Errorf("resent_total = %v, want 1", v)
+			}
+			if len(r.dl.all()) != 0 {
+				t.Errorf("dead letters: %+v", r.dl.all())
+			}
+		})
+	}
+}
+
+// TestHTTPRejected: a 4xx (other than 408/429) dead-letters the event and the sink moves on.
+func TestHTTPRejected(t *testing.T) {
+	up := newUpstream(t, func(_ int, r request) (int, map[string]string) {
+		if strings.Contains(r.body, `"type":"bad"`) {
+			return http.StatusBadRequest, nil
+		}
+		return http.StatusAccepted, nil
+	})
+	log := newMemLog(t)
+	log.add("sensor.reading", "hall", 1)
+	bad := log.add("bad", "porch", 2)
+	log.add("sensor.reading", "hall", 3)
+	r := startForwarder(t, Config{Sinks: []SinkConfig{httpSink(up.srv.URL, ModeStructured)}}, log, nil)
+	waitFor(t, 10*time.Second, "the cursor at the end", func() bool { return log.Cursor("sink:web") == 3 })
+	dls := r.dl.all()
+	if len(dls) != 1 {
+		t.Fatalf("dead letters = %+v, want 1", dls)
+	}
+	recs, _ := log.Read(bad-1, 1)
+	if d := dls[0]; d.reason != ReasonUpstreamRejected || d.device != "porch" || string(d.payload) != string(recs[0].Data) ||
+		!strings.Contains(d.detail, "400") || d.topic != up.srv.URL {
+		t.Errorf("dead letter = %+v", d)
+	}
+	if len(up.requests()) != 3 {
+		t.Errorf("%d requests, want 3 (no retry of the rejected event)", len(up.requests()))
+	}
+	if v := testutil.ToFloat64(r.f.metrics.acked.WithLabelValues("web")); v != 2 {
+		t.Errorf("acked_total = %v, want 2", v)
+	}
+}
+
+// TestHTTPStall: a request without an answer within ack_timeout is a stall; the event is sent again.
+func TestHTTPStall(t *testing.T) {
+	release := make(chan struct{})
+	var once sync.Once
+	up := newUpstream(t, func(n int, _ request) (int, map[string]string) {
+		if n == 0 {
+			<-release
+		}
+		return http.StatusOK, nil
+	})
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	log := newMemLog(t)
+	log.add("sensor.reading", "hall", 1)
+	sc := httpSink(up.srv.URL, ModeStructured)
+	sc.AckTimeout = 200 * time.Millisecond
+	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+	waitFor(t, 10*time.Second, "the cursor at the end", func() bool { return log.Cursor("sink:web") == 1 })
+	once.Do(func() { close(release) })
+	if v := testutil.ToFloat64(r.f.metrics.errors.WithLabelValues("web")); v < 1 {
+		t.Errorf("errors_total = %v after a stall", v)
+	}
+	if h := sinkHealth(r, "web"); h.Stalled || !strings.Contains(h.LastError, "stalled") {
+		t.Errorf("health after recovery = %+v", h)
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
+	tests := []struct {
+		in   string
+		want time.Duration
+	}{
+		{"", 0},
+		{"0", 0},
+		{"-3", 0},
+		{"2", 2 * time.Second},
+		{" 7 ", 7 * time.Second},
+		{"99999999999999", time.Minute},
+		{"Wed, 01 May 2024 12:00:30 GMT", 30 * time.Second},
+		{"Wed, 01 May 2024 13:00:00 GMT", time.Minute},
+		{"Wed, 01 May 2024 11:00:00 GMT", 0},
+		{"soon", 0},
+	}
+	for _, tc := range tests {
+		if got := parseRetryAfter(tc.in, now, time.Minute); got != tc.want {
+			t.Errorf("parseRetryAfter(%q) = %s, want %s", tc.in, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,326 @@
+package forward
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"sync"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+)
+
+// commandQueue bounds the cloud-to-device commands received and not yet delivered on one connection. When it
+// is full the MQTT client stops reading (acknowledgements of our publishes wait too), so delivery must be quick.
+const commandQueue = 64
+
+// disconnectQuiesce is how long a DISCONNECT may take when a connection is dropped on purpose.
+const disconnectQuiesce = 100 // milliseconds
+
+// mqttTransport publishes events to an MQTT broker with QoS 1 and takes cloud-to-device commands from it.
+//
+// Every connection is a new paho client with an in-memory store, no automatic reconnect and no resume: paho
+// never resends on its own, and a publish token can only complete without error by a PUBACK received on the
+// connection that sent it. The session is persistent (clean session off) so commands published while the
+// gateway is away wait at the broker.
+type mqttTransport struct {
+	cfg        MQTTConfig
+	window     int
+	ackTimeout time.Duration
+	clientID   string
+	topic      *template
+	cmd        *commandTopic // nil: no command subscription
+	cmds       CommandSink
+	dl         DeadLetterer
+	tls        *tls.Config
+	log        *slog.Logger
+	where      string
+	sinkName   string
+
+	bg sync.WaitGroup // publishers of closed connections that are still inside paho's Publish
+}
+
+func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl DeadLetterer, log *slog.Logger) (*mqttTransport, error) {
+	mc := *cfg.MQTT
+	t := &mqttTransport{
+		cfg:        mc,
+		window:     cfg.Window,
+		ackTimeout: cfg.AckTimeout,
+		clientID:   mc.ClientID,
+		cmds:       cmds,
+		dl:         dl,
+		log:        log,
+		where:      redactURL(mc.URL),
+		sinkName:   cfg.Name,
+	}
+	if t.clientID == "" {
+		t.clientID = "edgegate-" + gatewayID + "-" + cfg.Name
+	}
+	topic, err := parseTemplate(mc.Topic, eventFields, mqttTopicCheck)
+	if err != nil {
+		return nil, fmt.Errorf("mqtt.topic: %w", err)
+	}
+	t.topic = topic.bind(map[string]string{fieldGateway: mqttLevel(gatewayID), fieldSink: mqttLevel(cfg.Name)})
+	if cmds != nil && !mc.DisableCommands {
+		if t.cmd, err = parseCommandTopic(mc.CommandTopic); err != nil {
+			return nil, fmt.Errorf("mqtt.command_topic: %w", err)
+		}
+		t.cmd.bind(gatewayID, cfg.Name)
+	}
+	if t.tls, err = tlsConfig(mc.TLS, log); err != nil {
+		return nil, fmt.Errorf("mqtt.%w", err)
+	}
+	return t, nil
+}
+
+func (t *mqttTransport) unitSize() int  { return 1 }
+func (t *mqttTransport) target() string { return t.where }
+func (t *mqttTransport) wait()          { t.bg.Wait() }
+
+func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
+	c := &mqttConn{
+		t:      t,
+		gen:    gen,
+		out:    make(chan outcome, t.window),
+		sendq:  make(chan Record, t.window),
+		pend:   make(chan mqttPending, t.window),
+		cmdq:   make(chan paho.Message, commandQueue),
+		lostCh: make(chan struct{}),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	opts := paho.NewClientOptions().
+		AddBroker(t.cfg.URL).
+		SetClientID(t.clientID).
+		SetUsername(t.cfg.Username).
+		SetPassword(string(t.cfg.Password)).
+		SetProtocolVersion(4).
+		SetCleanSession(false).
+		SetAutoReconnect(false).
+		SetConnectRetry(false).
+		SetResumeSubs(false).
+		SetStore(paho.NewMemoryStore()).
+		SetOrderMatters(true).
+		SetAutoAckDisabled(true).
+		SetKeepAlive(t.cfg.KeepAlive).
+		SetPingTimeout(min(t.cfg.KeepAlive, 10*time.Second)).
+		SetConnectTimeout(t.cfg.ConnectTimeout).
+		SetWriteTimeout(t.ackTimeout).
+		SetDefaultPublishHandler(c.onMessage).
+		SetConnectionLostHandler(func(_ paho.Client, err error) {
+			c.markLost(fmt.Errorf("forward: mqtt connection to %s lost: %w", t.where, err))
+		})
+	if t.tls != nil {
+		opts.SetTLSConfig(t.tls)
+	}
+	cl := paho.NewClient(opts)
+	tok := cl.Connect()
+	select {
+	case <-tok.Done():
+	case <-ctx.Done():
+		<-tok.Done() // bounded by connect_timeout
+		cl.Disconnect(0)
+		c.cancel()
+		return nil, ctx.Err()
+	}
+	if err := tok.Error(); err != nil {
+		c.cancel()
+		return nil, fmt.Errorf("forward: mqtt connect to %s: %w", t.where, err)
+	}
+	c.cl = cl
+	c.wg.Add(2)
+	go c.waitAcks()
+	go c.deliverCommands()
+	// The publisher is waited for by the transport, not by close: a Publish that began just before the
+	// connection broke blocks in paho until the write timeout, and the next connection should not wait for it.
+	t.bg.Add(1)
+	go c.publish()
+	if ct, ok := tok.(*paho.ConnectToken); ok {
+		t.log.Debug("mqtt session", "client_id", t.clientID, "session_present", ct.SessionPresent())
+	}
+	if t.cmd != nil {
+		st := cl.Subscribe(t.cmd.filter, 1, c.onMessage)
+		timer := time.NewTimer(t.ackTimeout)
+		select {
+		case <-st.Done():
+			timer.Stop()
+		case <-ctx.Done():
+			timer.Stop()
+			c.close()
+			return nil, ctx.Err()
+		case <-timer.C:
+			c.close()
+			return nil, fmt.Errorf("forward: mqtt subscribe %s: no SUBACK within %s", t.cmd.filter, t.ackTimeout)
+		}
+		if err := st.Error(); err != nil {
+			c.close()
+			return nil, fmt.Errorf("forward: mqtt subscribe %s: %w", t.cmd.filter, err)
+		}
+		if sub, ok := st.(*paho.SubscribeToken); ok && sub.Result()[t.cmd.filter] == 0x80 {
+			// Events still go up; only commands are missing. Refusing to forward over it would be worse.
+			t.log.Warn("the broker refused the command subscription; cloud-to-device commands are not received",
+				"filter", t.cmd.filter)
+		}
+	}
+	return c, nil
+}
+
+// mqttConn is one paho client, used for one connection only.
+type mqttConn struct {
+	t      *mqttTransport
+	gen    uint64
+	cl     paho.Client
+	ctx    context.Context // ends when the connection is closed
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	out   chan outcome
+	sendq chan Record
+	pend  chan mqttPending
+	cmdq  chan paho.Message
+
+	lostOnce  sync.Once
+	lostCh    chan struct{}
+	lostErr   error
+	closeOnce sync.Once
+}
+
+type mqttPending struct {
+	tok  paho.Token
+	last uint64
+}
+
+func (c *mqttConn) send(recs []Record) error {
+	select {
+	case c.sendq <- recs[0]:
+		return nil
+	default:
+		return errors.New("forward: mqtt: more events in flight than the window")
+	}
+}
+
+// publish hands the queued events to paho in order. paho's Publish can block (until the write timeout) when
+// the connection breaks under it, so it runs here and not on the sink's goroutine.
+func (c *mqttConn) publish() {
+	defer c.t.bg.Done()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case r := <-c.sendq:
+			tok := c.cl.Publish(c.t.topic.event(r.Subject, r.Type, mqttLevel), 1, false, r.Data)
+			select {
+			case c.pend <- mqttPending{tok: tok, last: r.Seq}:
+			default: // cannot happen: no more than a window is sent
+			}
+		}
+	}
+}
+
+func (c *mqttConn) outcomes() <-chan outcome { return c.out }
+func (c *mqttConn) lost() <-chan struct{}    { return c.lostCh }
+func (c *mqttConn) cause() error             { return c.lostErr }
+
+func (c *mqttConn) markLost(err error) {
+	c.lostOnce.Do(func() {
+		c.lostErr = err
+		close(c.lostCh)
+	})
+}
+
+func (c *mqttConn) close() {
+	c.closeOnce.Do(func() {
+		c.cancel()
+		c.markLost(errors.New("forward: mqtt connection closed"))
+		c.cl.Disconnect(disconnectQuiesce)
+		c.wg.Wait()
+	})
+}
+
+// waitAcks turns completed publish tokens into outcomes, in publish order. Tokens that never complete (paho
+// leaves them open when a persistent-session connection is lost) are abandoned when the connection closes.
+func (c *mqttConn) waitAcks() {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case p := <-c.pend:
+			select {
+			case <-c.ctx.Done():
+				return
+			case <-p.tok.Done():
+				o := outcome{gen: c.gen, last: p.last}
+				if err := p.tok.Error(); err != nil {
+					o.err = fmt.Errorf("forward: mqtt publish to %s: %w", c.t.where, err)
+				}
+				c.out <- o // room for a window of outcomes
+			}
+		}
+	}
+}
+
+// onMessage runs on paho's router goroutine: it only queues the command.
+func (c *mqttConn) onMessage(_ paho.Client, m paho.Message) {
+	select {
+	case c.cmdq <- m:
+	case <-c.ctx.Done(): // not acknowledged: the broker sends it again on the next connection
+	}
+}
+
+func (c *mqttConn) deliverCommands() {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case m := <-c.cmdq:
+			c.deliver(m)
+		}
+	}
+}
+
+// deliver hands one command to the CommandSink and acknowledges it to the broker once it is delivered or
+// dead-lettered; a command cut short by the connection's end is not acknowledged, so the broker resends it.
+func (c *mqttConn) deliver(m paho.Message) {
+	topic, payload := m.Topic(), m.Payload()
+	var device, command string
+	ok := false
+	if c.t.cmd != nil {
+		device, command, ok = c.t.cmd.match(topic)
+	}
+	if !ok {
+		c.t.log.Warn("message on the command subscription does not fit command_topic; dead-lettered", "topic", topic)
+		c.t.dl.DeadLetter(ReasonBadCommandTopic, fmt.Sprintf("sink %s: topic does not fit the command topic", c.t.sinkName), "", topic, payload)
+		m.Ack()
+		return
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.t.ackTimeout)
+	err := c.t.cmds.DeliverCommand(ctx, device, command, payload)
+	cancel()
+	switch {
+	case err == nil:
+		c.t.log.Debug("command delivered", "device_id", device, "command", command, "topic", topic)
+	case errors.Is(err, ErrUnknownDevice):
+		c.t.log.Warn("command for an unknown device; dead-lettered", "device_id", device, "command", command, "topic", topic)
+		c.t.dl.DeadLetter(ReasonUnknownDevice, err.Error(), device, topic, payload)
+	case c.ctx.Err() != nil:
+		return
+	default:
+		c.t.log.Warn("command could not be delivered; dead-lettered", "device_id", device, "command", command,
+			"topic", topic, "error", err)
+		c.t.dl.DeadLetter(ReasonCommandFailed, err.Error(), device, topic, payload)
+	}
+	m.Ack()
+}
+
+// redactURL drops the password from a URL for logs and health.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable url)"
+	}
+	return u.Redacted()
+}

@@ -1,0 +1,530 @@
+package forward
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// outcome is a connection's verdict on one sent unit.
+type outcome struct {
+	gen  uint64 // the connection that sent the unit
+	last uint64 // Seq of the unit's last event
+	// err is nil when the upstream acknowledged the unit.
+	err error
+	// reject: err is a permanent refusal; the unit is dead-lettered and the sink moves on.
+	reject bool
+	// retryAfter is how long the upstream asked to wait before trying again (0: the usual backoff).
+	retryAfter time.Duration
+}
+
+// conn is one connection to an upstream. A sink dials a new one after any failure and never reuses one, so an
+// acknowledgement counts only on the connection that sent the event.
+type conn interface {
+	// send starts delivering one unit (one event, or several for a batching transport); its outcome arrives
+	// on outcomes. The sink never has more than its window in flight, so send does not wait for room.
+	send(recs []Record) error
+	// outcomes delivers an outcome per unit sent (buffered: window outcomes fit).
+	outcomes() <-chan outcome
+	// lost is closed when the connection fails; cause says why.
+	lost() <-chan struct{}
+	cause() error
+	// close drops the connection and waits for its goroutines.
+	close()
+}
+
+// transport dials connections to one upstream.
+type transport interface {
+	// dial connects; gen numbers the connection (the outcomes carry it).
+	dial(ctx context.Context, gen uint64) (conn, error)
+	// unitSize is the most events one send may carry (1 unless the transport batches).
+	unitSize() int
+	// target names the upstream for logs and health, without credentials.
+	target() string
+	// wait waits for what closed connections left running (bounded by the transport's timeouts).
+	wait()
+}
+
+// errStalled ends a connection that stopped acknowledging.
+var errStalled = errors.New("forward: upstream stalled: no acknowledgement within ack_timeout")
+
+// retryError carries how long an upstream asked to wait (Retry-After).
+type retryError struct {
+	err   error
+	after time.Duration
+}
+
+func (e *retryError) Error() string { return e.err.Error() }
+func (e *retryError) Unwrap() error { return e.err }
+
+// stopGrace bounds the wait for acknowledgements of events in flight when the sink stops.
+const stopGrace = time.Second
+
+// sink drains the log into one upstream.
+type sink struct {
+	name, typ, cursor string
+	cfg               SinkConfig
+	tr                transport
+	src               Source
+	dl                DeadLetterer
+	log               *slog.Logger
+	m                 sinkMetrics
+	filter            typeFilter
+	lim               *rate.Limiter // nil: no rate cap
+
+	ackedCount atomic.Uint64 // events acknowledged, for the drain rate
+
+	// Owned by the run goroutine.
+	gen       uint64
+	done      uint64 // the cursor: everything up to it is carried
+	persisted uint64 // the cursor as last stored in the log
+	maxSent   uint64 // the highest Seq ever sent (for resent_total)
+	ackFail   bool   // the last Ack to the log failed (logged once)
+
+	mu      sync.Mutex
+	started time.Time
+	st      sinkState
+}
+
+type sinkState struct {
+	connected, stalled bool
+	lastErr            string
+	lastErrAt, lastAck time.Time
+	cursor             uint64
+	inFlight           int
+}
+
+func newSink(cfg SinkConfig, gatewayID string, src Source, cmds CommandSink, dl DeadLetterer, log *slog.Logger, m *metrics) (*sink, error) {
+	s := &sink{
+		name:   cfg.Name,
+		typ:    cfg.Type,
+		cursor: CursorName(cfg.Name),
+		cfg:    cfg,
+		src:    src,
+		dl:     dl,
+		log:    log,
+		m:      m.forSink(cfg.Name),
+		filter: newTypeFilter(cfg.Types),
+	}
+	var err error
+	switch cfg.Type {
+	case TypeMQTT:
+		s.tr, err = newMQTTTransport(cfg, gatewayID, cmds, dl, log)
+	case TypeNATS:
+		s.tr, err = newNATSTransport(cfg, gatewayID, log)
+	case TypeHTTP:
+		s.tr, err = newHTTPTransport(cfg, log)
+	default:
+		err = fmt.Errorf("type %q is not mqtt, nats or http", cfg.Type)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if cfg.RateLimit > 0 {
+		s.lim = rate.NewLimiter(rate.Limit(cfg.RateLimit), max(1, s.tr.unitSize()))
+	}
+	return s, nil
+}
+
+// run connects, drains and reconnects with backoff until ctx ends.
+func (s *sink) run(ctx context.Context) error {
+	s.done = s.src.Cursor(s.cursor)
+	s.persisted = s.done
+	s.mu.Lock()
+	s.started = time.Now()
+	s.st.cursor = s.done
+	s.mu.Unlock()
+	s.log.Info("sink starting", "type", s.typ, "target", s.tr.target(), "cursor", s.done)
+
+	defer s.tr.wait()
+	attempt := 0
+	for {
+		res := s.session(ctx)
+		if ctx.Err() != nil {
+			s.log.Info("sink stopped", "cursor", s.done)
+			return nil
+		}
+		if res.progressed {
+			attempt = 0
+		}
+		attempt++
+		delay := s.backoff(attempt)
+		var re *retryError
+		if errors.As(res.err, &re) && re.after > 0 {
+			delay = re.after
+		}
+		s.failed(res.err)
+		s.log.Warn("upstream connection failed; retrying", "target", s.tr.target(), "error", res.err,
+			"attempt", attempt, "retry_in", delay.Round(time.Millisecond))
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			s.log.Info("sink stopped", "cursor", s.done)
+			return nil
+		case <-t.C:
+		}
+		s.m.reconnects.Inc()
+	}
+}
+
+// backoff is exponential with full jitter: a random wait in [backoff_min, min(backoff_max, backoff_min·2^attempt)).
+func (s *sink) backoff(attempt int) time.Duration {
+	lo, hi := s.cfg.BackoffMin, s.cfg.BackoffMax
+	ceil := hi
+	if attempt < 30 && lo<<attempt > 0 && lo<<attempt < hi {
+		ceil = lo << attempt
+	}
+	if ceil <= lo {
+		return lo
+	}
+	return lo + rand.N(ceil-lo)
+}
+
+type sessionResult struct {
+	err        error
+	progressed bool // an acknowledgement arrived on this connection
+}
+
+// session runs one connection: it sends from the cursor, advances the cursor on acknowledgements and ends on the
+// first failure, a stall or ctx's end.
+func (s *sink) session(ctx context.Context) (res sessionResult) {
+	s.gen++
+	gen := s.gen
+	c, err := s.tr.dial(ctx, gen)
+	if err != nil {
+		return sessionResult{err: err}
+	}
+	s.setConnected(true)
+	s.log.Info("upstream connected", "target", s.tr.target(), "cursor", s.done)
+	defer s.setConnected(false)
+	defer c.close()
+
+	tr := newTracker(s.done)
+	defer s.setInFlight(0)
+	next := s.done // the last Seq read (sent or passed over)
+	var pending []Record
+
+	// One goroutine at a time waits for the log to grow.
+	wctx, wcancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() { wcancel(); wg.Wait() }()
+	wake := make(chan error, 1)
+	waiting, woke, spurious := false, false, 0
+
+	stall := time.NewTicker(stallCheckEvery(s.cfg.AckTimeout))
+	defer stall.Stop()
+	lastProgress := time.Now()
+
+	// The rate cap holds the next unit until its tokens are due.
+	var hold *time.Timer
+	var holdC <-chan time.Time
+	var holdUntil time.Time
+	holdN := 0
+	defer func() {
+		if hold != nil {
+			hold.Stop()
+		}
+	}()
+
+	for {
+		if len(pending) == 0 && !waiting {
+			recs, err := s.src.Read(next, s.cfg.BatchSize)
+			if err != nil {
+				res.err = fmt.Errorf("forward: read the log after %d: %w", next, err)
+				return res
+			}
+			for len(recs) > 0 && recs[0].Seq <= next {
+				recs = recs[1:]
+			}
+			if len(recs) > 0 {
+				pending, spurious = recs, 0
+			} else {
+				if woke {
+					spurious++ // the log said there is more, but nothing is readable yet
+				}
+				waiting = true
+				delay := min(time.Duration(spurious)*10*time.Millisecond, 200*time.Millisecond)
+				wg.Add(1)
+				go func(after uint64) {
+					defer wg.Done()
+					if delay > 0 {
+						t := time.NewTimer(delay)
+						select {
+						case <-wctx.Done():
+							t.Stop()
+						case <-t.C:
+						}
+					}
+					wake <- s.src.Wait(wctx, after)
+				}(next)
+			}
+			woke = false
+		}
+
+		for len(pending) > 0 && tr.records < s.cfg.Window {
+			if !s.filter.match(pending[0].Type) {
+				tr.skip(pending[0].Seq)
+				next, pending = pending[0].Seq, pending[1:]
+				continue
+			}
+			n, limit := 1, min(s.tr.unitSize(), s.cfg.Window-tr.records)
+			for n < len(pending) && n < limit && s.filter.match(pending[n].Type) {
+				n++
+			}
+			if s.lim != nil {
+				now := time.Now()
+				if holdUntil.IsZero() {
+					r := s.lim.ReserveN(now, n)
+					if d := r.DelayFrom(now); r.OK() && d > 0 {
+						holdUntil, holdN = now.Add(d), n
+						if hold == nil {
+							hold = time.NewTimer(d)
+						} else {
+							hold.Reset(d)
+						}
+						holdC = hold.C
+						break
+					}
+				} else if now.Before(holdUntil) {
+					break
+				} else {
+					n = min(n, holdN)
+					holdUntil = time.Time{}
+				}
+			}
+			u := pending[:n:n]
+			if err := c.send(u); err != nil {
+				res.err = err
+				return res
+			}
+			s.m.sent.Add(float64(n))
+			for _, r := range u {
+				if r.Seq <= s.maxSent {
+					s.m.resent.Inc()
+				}
+			}
+			s.maxSent = max(s.maxSent, u[n-1].Seq)
+			if tr.unacked == 0 {
+				lastProgress = time.Now()
+			}
+			tr.push(u)
+			next, pending = u[n-1].Seq, pending[n:]
+			s.log.Debug("sent", "seq", u[n-1].Seq, "events", n)
+		}
+		s.advance(&tr)
+
+		select {
+		case o := <-c.outcomes():
+			if err := s.settle(&tr, o, gen); err != nil {
+				res.err = err
+				return res
+			}
+		drain:
+			for {
+				select {
+				case o := <-c.outcomes():
+					if err := s.settle(&tr, o, gen); err != nil {
+						res.err = err
+						s.advance(&tr)
+						return res
+					}
+				default:
+					break drain
+				}
+			}
+			lastProgress = time.Now()
+			res.progressed = true
+			s.advance(&tr)
+		case <-c.lost():
+			res.err = c.cause()
+			return res
+		case err := <-wake:
+			waiting, woke = false, true
+			if err != nil {
+				if ctx.Err() != nil {
+					s.finish(c, &tr, gen)
+					return res
+				}
+				res.err = fmt.Errorf("forward: wait for the log: %w", err)
+				return res
+			}
+		case <-stall.C:
+			s.advance(&tr) // retries storing the cursor should the log have refused it
+			if tr.unacked > 0 && time.Since(lastProgress) > s.cfg.AckTimeout {
+				s.setStalled(true)
+				s.log.Warn("upstream stalled: events in flight and no acknowledgement; reconnecting",
+					"target", s.tr.target(), "in_flight", tr.unacked, "ack_timeout", s.cfg.AckTimeout)
+				res.err = errStalled
+				return res
+			}
+		case <-holdC:
+			holdC = nil
+		case <-ctx.Done():
+			s.finish(c, &tr, gen)
+			return res
+		}
+	}
+}
+
+// finish waits a moment for the acknowledgements of events in flight when the sink stops, so fewer are sent
+// again at the next start.
+func (s *sink) finish(c conn, tr *tracker, gen uint64) {
+	if tr.unacked > 0 {
+		t := time.NewTimer(min(stopGrace, s.cfg.AckTimeout))
+		defer t.Stop()
+	wait:
+		for tr.unacked > 0 {
+			select {
+			case o := <-c.outcomes():
+				if s.settle(tr, o, gen) != nil {
+					break wait
+				}
+			case <-c.lost():
+				break wait
+			case <-t.C:
+				break wait
+			}
+		}
+	}
+	s.advance(tr)
+}
+
+// settle applies one outcome; it returns the error that ends the connection, if any.
+func (s *sink) settle(tr *tracker, o outcome, gen uint64) error {
+	if o.gen != gen {
+		return nil // an acknowledgement counts only on the connection that sent the event
+	}
+	if o.err != nil && !o.reject {
+		if o.retryAfter > 0 {
+			return &retryError{err: o.err, after: o.retryAfter}
+		}
+		return o.err
+	}
+	u, passed := tr.ack(o.last, o.reject)
+	if u == nil {
+		return nil
+	}
+	if o.reject {
+		s.m.errors.Add(float64(u.n))
+		s.log.Warn("upstream rejected events; dead-lettered", "target", s.tr.target(), "events", u.n,
+			"last_seq", u.last, "error", o.err)
+		for _, r := range u.recs {
+			s.dl.DeadLetter(ReasonUpstreamRejected, fmt.Sprintf("sink %s: %v", s.name, o.err), r.Subject, s.tr.target(), r.Data)
+		}
+	} else {
+		now := time.Now()
+		s.mu.Lock()
+		s.st.lastAck = now
+		if s.st.stalled {
+			s.st.stalled = false
+			s.m.stalled.Set(0)
+			s.log.Info("upstream recovered from a stall", "target", s.tr.target())
+		}
+		s.mu.Unlock()
+	}
+	if passed > 0 {
+		s.m.acked.Add(float64(passed))
+		s.ackedCount.Add(uint64(passed))
+	}
+	return nil
+}
+
+// advance moves the cursor to the tracker's acknowledged prefix and stores it in the log.
+func (s *sink) advance(tr *tracker) {
+	if tr.done > s.done {
+		s.done = tr.done
+	}
+	s.mu.Lock()
+	s.st.cursor = s.done
+	s.st.inFlight = tr.unacked
+	s.mu.Unlock()
+	s.m.inFlight.Set(float64(tr.unacked))
+	if s.done <= s.persisted {
+		return
+	}
+	if err := s.src.Ack(s.cursor, s.done); err != nil {
+		s.m.errors.Inc()
+		if !s.ackFail {
+			s.log.Error("cannot store the sink's cursor; events may be sent again after a restart",
+				"cursor", s.done, "error", err)
+			s.ackFail = true
+		}
+		return
+	}
+	if s.ackFail {
+		s.log.Info("sink's cursor stored again", "cursor", s.done)
+		s.ackFail = false
+	}
+	s.persisted = s.done
+}
+
+func stallCheckEvery(ackTimeout time.Duration) time.Duration {
+	return min(max(ackTimeout/4, 10*time.Millisecond), time.Second)
+}
+
+func (s *sink) setConnected(on bool) {
+	s.mu.Lock()
+	s.st.connected = on
+	s.mu.Unlock()
+	if on {
+		s.m.connected.Set(1)
+	} else {
+		s.m.connected.Set(0)
+	}
+}
+
+func (s *sink) setInFlight(n int) {
+	s.mu.Lock()
+	s.st.inFlight = n
+	s.mu.Unlock()
+	s.m.inFlight.Set(float64(n))
+}
+
+// setStalled shows a stall (or its end) in health and the metric; a stall is also the last error.
+func (s *sink) setStalled(on bool) {
+	s.mu.Lock()
+	s.st.stalled = on
+	if on {
+		s.st.lastErr, s.st.lastErrAt = errStalled.Error(), time.Now()
+	}
+	s.mu.Unlock()
+	if on {
+		s.m.stalled.Set(1)
+	} else {
+		s.m.stalled.Set(0)
+	}
+}
+
+func (s *sink) failed(err error) {
+	s.m.errors.Inc()
+	s.mu.Lock()
+	s.st.lastErr = err.Error()
+	s.st.lastErrAt = time.Now()
+	s.mu.Unlock()
+}
+
+func (s *sink) health() SinkHealth {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return SinkHealth{
+		Name:          s.name,
+		Type:          s.typ,
+		Target:        s.tr.target(),
+		Connected:     s.st.connected,
+		Healthy:       s.st.connected && !s.st.stalled,
+		Stalled:       s.st.stalled,
+		LastError:     s.st.lastErr,
+		LastErrorTime: s.st.lastErrAt,
+		LastAck:       s.st.lastAck,
+		Cursor:        s.st.cursor,
+		InFlight:      s.st.inFlight,
+	}
+}

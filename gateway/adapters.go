@@ -1,0 +1,131 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/cloudevents/sdk-go/v2/event"
+
+	"github.com/edgegate/edgegate/buffer"
+	"github.com/edgegate/edgegate/deadletter"
+	"github.com/edgegate/edgegate/devices"
+	"github.com/edgegate/edgegate/forward"
+	"github.com/edgegate/edgegate/ingest"
+	"github.com/edgegate/edgegate/rules"
+)
+
+// consumer takes each event from ingest: the state view and the rules see it as it enters the log's commit
+// queue; the log makes it durable (QoS 1) or queues it (QoS 0).
+type consumer struct{ g *Gateway }
+
+func (c consumer) Consume(ctx context.Context, r ingest.Result, durable bool) error {
+	c.g.state.Apply(r.Event)
+	c.g.rules.Submit(r.Event)
+	e := buffer.Entry{Data: r.JSON, Type: r.Event.Type(), Subject: r.Event.Subject(), Time: r.Event.Time(), Priority: r.Priority}
+	var err error
+	if durable {
+		_, err = c.g.events.Append(ctx, e)
+	} else {
+		err = c.g.events.Enqueue(e)
+	}
+	if errors.Is(err, buffer.ErrFull) {
+		return fmt.Errorf("%w: %w", ingest.ErrFull, err)
+	}
+	return err
+}
+
+// emitter appends events derived by rules to the log; they go upstream and back into the rules like any event.
+type emitter struct{ g *Gateway }
+
+func (e *emitter) Emit(_ context.Context, ev *event.Event) error {
+	data, err := ev.MarshalJSON()
+	if err != nil {
+		return fmt.Errorf("gateway: emit: encode: %w", err)
+	}
+	if err := e.g.events.Enqueue(buffer.Entry{Data: data, Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()}); err != nil {
+		return fmt.Errorf("gateway: emit: %w", err)
+	}
+	e.g.state.Apply(ev)
+	e.g.rules.Submit(ev)
+	return nil
+}
+
+// commander sends rule commands through the embedded broker.
+type commander struct{ g *Gateway }
+
+func (c commander) Command(ctx context.Context, device, command string, payload []byte) error {
+	return c.g.broker.Command(ctx, device, command, payload)
+}
+
+// commandSink delivers cloud-to-device commands to registered devices only.
+type commandSink struct{ g *Gateway }
+
+func (c commandSink) DeliverCommand(ctx context.Context, device, command string, payload []byte) error {
+	if _, ok := c.g.registry.Get(device); !ok {
+		return fmt.Errorf("gateway: command %s to %q: %w", command, device, forward.ErrUnknownDevice)
+	}
+	return c.g.broker.Command(ctx, device, command, payload)
+}
+
+// directory shows the device registry to the rules.
+type directory struct{ reg *devices.Registry }
+
+func toRuleDevice(d devices.Device) rules.Device {
+	return rules.Device{ID: d.ID, Name: d.Name, Room: d.Room, Kind: d.Kind, Labels: d.Labels}
+}
+
+func (d directory) Device(id string) (rules.Device, bool) {
+	dev, ok := d.reg.Get(id)
+	if !ok {
+		return rules.Device{}, false
+	}
+	return toRuleDevice(dev), true
+}
+
+func (d directory) Select(sel map[string]string) []rules.Device {
+	devs := d.reg.Select(sel)
+	out := make([]rules.Device, len(devs))
+	for i, dev := range devs {
+		out[i] = toRuleDevice(dev)
+	}
+	return out
+}
+
+// logSource shows the durable log to the forwarding sinks.
+type logSource struct{ log *buffer.Log }
+
+func (s *logSource) Read(after uint64, max int) ([]forward.Record, error) {
+	recs, err := s.log.Read(after, max)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]forward.Record, len(recs))
+	for i, r := range recs {
+		out[i] = forward.Record{Seq: r.Seq, Type: r.Type, Subject: r.Subject, Priority: r.Priority, Data: r.Data}
+	}
+	return out, nil
+}
+
+func (s *logSource) Wait(ctx context.Context, after uint64) error { return s.log.Wait(ctx, after) }
+func (s *logSource) Cursor(name string) uint64                   { return s.log.Cursor(name) }
+func (s *logSource) Ack(name string, upTo uint64) error           { return s.log.Ack(name, upTo) }
+
+// deadLetters keeps dead letters in the store; a failure to store one is logged loudly, never silent.
+type deadLetters struct {
+	store *deadletter.Store
+	log   *slog.Logger
+}
+
+func (d deadLetters) DeadLetter(reason, detail, device, topic string, payload []byte) {
+	err := d.store.Add(deadletter.Record{Reason: reason, Detail: detail, DeviceID: device, Topic: topic,
+		Payload: append([]byte(nil), payload...)})
+	if err != nil {
+		d.log.Error("dead letter could not be stored", "reason", reason, "device_id", device, "topic", topic,
+			"payload_bytes", len(payload), "error", err)
+	}
+}
+
+// Directory shows a device registry to rules (used by the dry-run tools as well as the gateway).
+func Directory(reg *devices.Registry) rules.Directory { return directory{reg: reg} }

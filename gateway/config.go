@@ -1,0 +1,134 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"regexp"
+	"time"
+
+	"github.com/goccy/go-yaml"
+
+	"github.com/edgegate/edgegate/buffer"
+	"github.com/edgegate/edgegate/deadletter"
+	"github.com/edgegate/edgegate/forward"
+	"github.com/edgegate/edgegate/ingest"
+	"github.com/edgegate/edgegate/rules"
+)
+
+// Config is the whole gateway configuration, as read from YAML.
+type Config struct {
+	// ID names this gateway in event sources and upstream topics. Default "edgegate".
+	ID string `yaml:"id"`
+	// DataDir holds the durable log, dead letters and rule state. Default "data".
+	DataDir string `yaml:"data_dir"`
+	// ShutdownTimeout bounds a graceful stop. Default 15s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+
+	Log        LogConfig               `yaml:"log"`
+	HTTP       HTTPConfig              `yaml:"http"`
+	MQTT       ingest.BrokerConfig     `yaml:"mqtt"`
+	Ingest     ingest.NormalizeConfig  `yaml:"ingest"`
+	Devices    DevicesConfig           `yaml:"devices"`
+	Buffer     buffer.Config           `yaml:"buffer"`
+	Forward    forward.Config          `yaml:"forward"`
+	Rules      rules.Config            `yaml:"rules"`
+	DeadLetter deadletter.Config       `yaml:"deadletter"`
+}
+
+// LogConfig selects the log level and format.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug, info (default), warn, error
+	Format string `yaml:"format"` // text (default) or json
+}
+
+// HTTPConfig configures the admin HTTP API (metrics, health, status).
+type HTTPConfig struct {
+	// Listen is the admin API address. Default "127.0.0.1:8080" (loopback only); "off" disables it.
+	Listen string `yaml:"listen"`
+}
+
+// DevicesConfig points at the device registry.
+type DevicesConfig struct {
+	// Registry is the YAML file listing devices, credentials and metadata. Default "configs/devices.yaml".
+	Registry string `yaml:"registry"`
+}
+
+// DefaultConfig returns the configuration used for every key the YAML leaves out.
+func DefaultConfig() Config {
+	return Config{
+		ID:              "edgegate",
+		DataDir:         "data",
+		ShutdownTimeout: 15 * time.Second,
+		Log:             LogConfig{Level: "info", Format: "text"},
+		HTTP:            HTTPConfig{Listen: "127.0.0.1:8080"},
+		MQTT:            ingest.DefaultBrokerConfig(),
+		Ingest:          ingest.DefaultNormalizeConfig(),
+		Devices:         DevicesConfig{Registry: "configs/devices.yaml"},
+		Buffer:          buffer.DefaultConfig(),
+		Forward:         forward.Config{},
+		Rules:           rules.DefaultConfig(),
+		DeadLetter:      deadletter.DefaultConfig(),
+	}
+}
+
+// LoadConfig reads a YAML file strictly (an unknown key is an error, with its line) over the defaults.
+func LoadConfig(path string) (Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	return ParseConfig(path, data)
+}
+
+// ParseConfig decodes YAML (named name in errors) over the defaults. It does not validate.
+func ParseConfig(name string, data []byte) (Config, error) {
+	cfg := DefaultConfig()
+	if len(bytes.TrimSpace(data)) == 0 {
+		return cfg, nil
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data), yaml.Strict())
+	if err := dec.Decode(&cfg); err != nil {
+		return Config{}, fmt.Errorf("config: %s:\n%s", name, yaml.FormatError(err, false, true))
+	}
+	return cfg, nil
+}
+
+var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// Validate reports every problem of the configuration, each naming its key.
+func (c Config) Validate() error {
+	var errs []error
+	if !idRE.MatchString(c.ID) {
+		errs = append(errs, fmt.Errorf("id: %q must be 1-64 letters, digits, '.', '_' or '-'", c.ID))
+	}
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("data_dir: must be set"))
+	}
+	if c.ShutdownTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("shutdown_timeout: must be > 0, got %s", c.ShutdownTimeout))
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log.level: %q is not debug, info, warn or error", c.Log.Level))
+	}
+	if c.Log.Format != "text" && c.Log.Format != "json" {
+		errs = append(errs, fmt.Errorf("log.format: %q is not text or json", c.Log.Format))
+	}
+	if c.HTTP.Listen != "off" {
+		if _, _, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
+			errs = append(errs, fmt.Errorf("http.listen: %q is not host:port or off", c.HTTP.Listen))
+		}
+	}
+	if c.Devices.Registry == "" {
+		errs = append(errs, errors.New("devices.registry: must name the device registry file"))
+	} else if _, err := os.Stat(c.Devices.Registry); err != nil {
+		errs = append(errs, fmt.Errorf("devices.registry: %w", err))
+	}
+	errs = append(errs, c.MQTT.Validate(), c.Ingest.Validate(), c.Buffer.Validate(), c.Forward.Validate(),
+		c.Rules.Validate(), c.DeadLetter.Validate())
+	return errors.Join(errs...)
+}

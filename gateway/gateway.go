@@ -1,0 +1,247 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/edgegate/edgegate/buffer"
+	"github.com/edgegate/edgegate/deadletter"
+	"github.com/edgegate/edgegate/devices"
+	"github.com/edgegate/edgegate/forward"
+	"github.com/edgegate/edgegate/ingest"
+	"github.com/edgegate/edgegate/rules"
+)
+
+// Gateway is one running edgegate: every part, wired.
+type Gateway struct {
+	cfg      Config
+	log      *slog.Logger
+	reg      *prometheus.Registry
+	registry *devices.Registry
+	state    *devices.StateView
+	dead     *deadletter.Store
+	events   *buffer.Log
+	norm     *ingest.Normalizer
+	broker   *ingest.Broker
+	rules    *rules.Engine
+	fwd      *forward.Forwarder
+	httpLn   net.Listener
+	ready    atomic.Bool
+	started  time.Time
+}
+
+// New validates the configuration, opens the data directory, loads the registry and the rules, and binds the
+// listeners. It starts nothing: Run does. On error everything opened so far is closed again.
+func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	g := &Gateway{cfg: cfg, log: logger.With("component", "gateway"), reg: reg}
+	var closers []func()
+	defer func() {
+		if err != nil {
+			for i := len(closers) - 1; i >= 0; i-- {
+				closers[i]()
+			}
+		}
+	}()
+
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return nil, fmt.Errorf("gateway: data_dir: %w", err)
+	}
+	if g.registry, err = devices.LoadRegistry(cfg.Devices.Registry); err != nil {
+		return nil, fmt.Errorf("gateway: devices.registry: %w", err)
+	}
+	g.state = devices.NewStateView()
+
+	if g.dead, err = deadletter.Open(filepath.Join(cfg.DataDir, "deadletter.db"), cfg.DeadLetter, logger, reg); err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+	closers = append(closers, func() { _ = g.dead.Close() })
+	dl := deadLetters{store: g.dead, log: g.log}
+
+	src := &logSource{}
+	if g.fwd, err = forward.New(cfg.Forward, cfg.ID, src, commandSink{g: g}, dl, logger, reg); err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+
+	bcfg := cfg.Buffer
+	bcfg.Path = filepath.Join(cfg.DataDir, "events.db")
+	bcfg.Cursors = g.fwd.CursorNames()
+	if g.events, err = buffer.Open(bcfg, logger, reg); err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+	closers = append(closers, func() { _ = g.events.Close() })
+	src.log = g.events
+
+	if g.norm, err = ingest.NewNormalizer(cfg.ID, cfg.Ingest); err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+
+	rcfg := cfg.Rules
+	rcfg.StateFile = filepath.Join(cfg.DataDir, "rules-state.json")
+	em := &emitter{g: g}
+	g.rules, err = rules.New(rcfg, rules.Deps{
+		Directory:   directory{reg: g.registry},
+		Commander:   commander{g: g},
+		Emitter:     em,
+		State:       g.state,
+		DeadLetters: dl,
+	}, logger, reg)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: rules: %w", err)
+	}
+
+	g.broker, err = ingest.NewBroker(cfg.MQTT, ingest.Deps{
+		Normalizer:  g.norm,
+		Auth:        g.registry,
+		ACL:         g.registry,
+		Consumer:    consumer{g: g},
+		DeadLetters: dl,
+	}, logger, reg)
+	if err != nil {
+		return nil, err
+	}
+
+	if cfg.HTTP.Listen != "off" {
+		ln, err := net.Listen("tcp", cfg.HTTP.Listen)
+		if err != nil {
+			if isAddrInUse(err) {
+				return nil, fmt.Errorf("gateway: listen http.listen: port %s is already in use: change http.listen in the config: %w", portOf(cfg.HTTP.Listen), err)
+			}
+			return nil, fmt.Errorf("gateway: listen http.listen: %w", err)
+		}
+		g.httpLn = ln
+		closers = append(closers, func() { _ = ln.Close() })
+	}
+	g.registerMetrics()
+	return g, nil
+}
+
+// Run runs every part until ctx ends or one of them fails. Downstream parts start first; on stop the broker stops
+// first (no new events), then rules and sinks, then the log (which commits what is queued).
+func (g *Gateway) Run(ctx context.Context) error {
+	g.started = time.Now()
+	// Three stop stages, in order: ingest, then rules/forward/http, then the log.
+	ingestCtx, stopIngest := context.WithCancel(context.Background())
+	midCtx, stopMid := context.WithCancel(context.Background())
+	logCtx, stopLog := context.WithCancel(context.Background())
+	defer stopIngest()
+	defer stopMid()
+	defer stopLog()
+
+	failed := make(chan struct{})
+	var failOnce atomic.Bool
+	fail := func() {
+		if failOnce.CompareAndSwap(false, true) {
+			close(failed)
+		}
+	}
+	wrap := func(name string, f func() error) func() error {
+		return func() error {
+			err := f()
+			if err != nil {
+				g.log.Error("part failed", "part", name, "error", err)
+				fail()
+			}
+			return err
+		}
+	}
+
+	var logG, midG, ingestG errgroup.Group
+	logG.Go(wrap("buffer", func() error { return g.events.Run(logCtx) }))
+	midG.Go(wrap("forward", func() error { return g.fwd.Run(midCtx) }))
+	midG.Go(wrap("rules", func() error { return g.rules.Run(midCtx) }))
+	var srv *http.Server
+	if g.httpLn != nil {
+		srv = &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		midG.Go(wrap("http", func() error {
+			if err := srv.Serve(g.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("gateway: http: %w", err)
+			}
+			return nil
+		}))
+		g.log.Info("admin http ready", "addr", g.httpLn.Addr().String())
+	}
+	ingestG.Go(wrap("ingest", func() error { return g.broker.Run(ingestCtx) }))
+	g.ready.Store(true)
+	g.log.Info("gateway running", "id", g.cfg.ID, "data_dir", g.cfg.DataDir, "devices", g.registry.Len())
+
+	select {
+	case <-ctx.Done():
+		g.log.Info("stopping")
+	case <-failed:
+	}
+	g.ready.Store(false)
+	deadline := time.AfterFunc(g.cfg.ShutdownTimeout, func() {
+		g.log.Error("graceful stop took too long; stopping everything now", "timeout", g.cfg.ShutdownTimeout)
+		stopMid()
+		stopLog()
+	})
+	defer deadline.Stop()
+
+	stopIngest()
+	errIngest := ingestG.Wait()
+	stopMid()
+	if srv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = srv.Shutdown(sctx)
+		cancel()
+	}
+	errMid := midG.Wait()
+	stopLog()
+	errLog := logG.Wait()
+	if err := g.dead.Close(); err != nil {
+		g.log.Warn("close dead letters", "error", err)
+	}
+	g.log.Info("stopped")
+	return errors.Join(errIngest, errMid, errLog)
+}
+
+// Ready reports whether every listener is bound and every part is running.
+func (g *Gateway) Ready() bool { return g.ready.Load() }
+
+// MQTTAddr returns the bound address of an MQTT listener ("tcp", "tls" or "ws").
+func (g *Gateway) MQTTAddr(listener string) string { return g.broker.Addr(listener) }
+
+// HTTPAddr returns the bound admin API address, or "" when it is off.
+func (g *Gateway) HTTPAddr() string {
+	if g.httpLn == nil {
+		return ""
+	}
+	return g.httpLn.Addr().String()
+}
+
+// Log returns the durable event log (for tests and tools running in the same process).
+func (g *Gateway) Log() *buffer.Log { return g.events }
+
+// State returns the live device state view.
+func (g *Gateway) State() *devices.StateView { return g.state }
+
+// Rules returns the rule engine (for SIGHUP reloads).
+func (g *Gateway) Rules() *rules.Engine { return g.rules }
+
+// DeadLetters returns the dead-letter store.
+func (g *Gateway) DeadLetters() *deadletter.Store { return g.dead }
+
+func (g *Gateway) registerMetrics() {
+	g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "edgegate_gateway_ready", Help: "1 when every part is running.",
+	}, func() float64 {
+		if g.ready.Load() {
+			return 1
+		}
+		return 0
+	}))
+}

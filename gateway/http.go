@@ -1,0 +1,120 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/edgegate/edgegate/deadletter"
+)
+
+// Status is what `edgegate status` and GET /api/status show.
+type Status struct {
+	ID       string    `json:"id"`
+	Ready    bool      `json:"ready"`
+	Started  time.Time `json:"started"`
+	Uptime   string    `json:"uptime"`
+	Clients  int       `json:"clients"`
+	Devices  int       `json:"devices"`
+	Backlog  any       `json:"backlog"`
+	Sinks    any       `json:"sinks"`
+	Rules    any       `json:"rules"`
+	Healthy  bool      `json:"healthy"`
+	Problems []string  `json:"problems,omitempty"`
+}
+
+// Handler serves the admin API: /metrics, /healthz, /readyz, /api/status, /api/devices, /api/deadletters.
+func (g *Gateway) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(g.reg, promhttp.HandlerOpts{Registry: g.reg}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		st := g.Status()
+		code := http.StatusOK
+		if !st.Ready || !st.Healthy {
+			code = http.StatusServiceUnavailable
+		}
+		writeJSON(w, code, map[string]any{"ready": st.Ready, "healthy": st.Healthy, "problems": st.Problems, "sinks": st.Sinks})
+	})
+	mux.HandleFunc("GET /api/status", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, g.Status())
+	})
+	mux.HandleFunc("GET /api/devices", func(w http.ResponseWriter, _ *http.Request) {
+		type dev struct {
+			ID        string            `json:"id"`
+			Name      string            `json:"name,omitempty"`
+			Room      string            `json:"room,omitempty"`
+			Kind      string            `json:"kind,omitempty"`
+			Labels    map[string]string `json:"labels,omitempty"`
+			Connected bool              `json:"connected"`
+			State     map[string]any    `json:"state,omitempty"`
+		}
+		var out []dev
+		for _, d := range g.registry.All() {
+			st, _ := g.state.Get(d.ID)
+			out = append(out, dev{ID: d.ID, Name: d.Name, Room: d.Room, Kind: d.Kind, Labels: d.Labels,
+				Connected: g.broker.Connected(d.ID), State: st})
+		}
+		writeJSON(w, http.StatusOK, out)
+	})
+	mux.HandleFunc("GET /api/deadletters", func(w http.ResponseWriter, r *http.Request) {
+		after, _ := strconv.ParseUint(r.URL.Query().Get("after"), 10, 64)
+		limit, err := strconv.Atoi(r.URL.Query().Get("limit"))
+		if err != nil || limit <= 0 || limit > 10000 {
+			limit = 100
+		}
+		recs, err := g.dead.List(after, limit)
+		if err != nil {
+			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+			return
+		}
+		if recs == nil {
+			recs = []deadletter.Record{}
+		}
+		writeJSON(w, http.StatusOK, recs)
+	})
+	return mux
+}
+
+// Status gathers the gateway's state for the status API and /readyz.
+func (g *Gateway) Status() Status {
+	st := Status{
+		ID:      g.cfg.ID,
+		Ready:   g.ready.Load(),
+		Started: g.started,
+		Clients: g.broker.Clients(),
+		Devices: g.registry.Len(),
+		Backlog: g.events.Stats(),
+		Rules:   g.rules.Rules(),
+		Healthy: true,
+	}
+	if !g.started.IsZero() {
+		st.Uptime = time.Since(g.started).Round(time.Second).String()
+	}
+	sinks := g.fwd.Health()
+	st.Sinks = sinks
+	for _, s := range sinks {
+		if !s.Healthy {
+			st.Healthy = false
+			st.Problems = append(st.Problems, "sink "+s.Name+" unhealthy: "+s.LastError)
+		}
+	}
+	if !st.Ready {
+		st.Problems = append(st.Problems, "not ready")
+	}
+	return st
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

@@ -1,0 +1,334 @@
+package ingest
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// ErrFull is returned by a Consumer that cannot take an event now (back-pressure). The device gets no PUBACK
+// on MQTT 3.1.1 and PUBACK reason 0x97 (quota exceeded) on MQTT 5, and retries later.
+var ErrFull = errors.New("ingest: consumer full")
+
+// ErrNotConnected is returned by Command when the device has no live connection.
+var ErrNotConnected = errors.New("ingest: device not connected")
+
+// ErrNotAcknowledged is returned by Command when the device did not acknowledge the command in time.
+var ErrNotAcknowledged = errors.New("ingest: command not acknowledged")
+
+// Consumer takes each normalized event. With durable set (QoS 1 and 2) it returns only once the event is durably
+// stored, and the device's acknowledgement waits for it; without, it returns once the event is queued.
+type Consumer interface {
+	Consume(ctx context.Context, r Result, durable bool) error
+}
+
+// Authenticator checks device credentials.
+type Authenticator interface {
+	Authenticate(id string, password []byte) bool
+	DeviceForCN(cn string) (string, bool)
+}
+
+// Authorizer decides what a device may publish and subscribe to.
+type Authorizer interface {
+	CanPublish(id, topic string) bool
+	CanSubscribe(id, filter string) bool
+}
+
+// DeadLetterer keeps what could not become an event, with its original bytes.
+type DeadLetterer interface {
+	DeadLetter(reason, detail, device, topic string, payload []byte)
+}
+
+// Deps are the parts the broker works with.
+type Deps struct {
+	Normalizer  *Normalizer
+	Auth        Authenticator
+	ACL         Authorizer
+	Consumer    Consumer
+	DeadLetters DeadLetterer
+}
+
+// Broker is the embedded MQTT broker.
+type Broker struct {
+	cfg    BrokerConfig
+	deps   Deps
+	log    *slog.Logger
+	m      *metrics
+	srv    *mqtt.Server
+	guard  *guard
+	hook   *hook
+	addrs  map[string]string
+	ctx    atomic.Pointer[context.Context]
+	closed atomic.Bool
+}
+
+// NewBroker validates the configuration and binds every listener; it starts nothing. A port that is already in
+// use is reported with the config key to change.
+func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.Registerer) (*Broker, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if deps.Normalizer == nil || deps.Auth == nil || deps.ACL == nil || deps.Consumer == nil || deps.DeadLetters == nil {
+		return nil, errors.New("ingest: new broker: every dependency is required")
+	}
+	log := logger.With("component", "ingest")
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, fmt.Errorf("ingest: metrics: %w", err)
+	}
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = uint32(cfg.MaxPacketBytes)
+	caps.MaximumClients = math.MaxInt64 // enforced by the listeners, before CONNECT is read
+	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry / time.Second)
+	caps.MaximumMessageExpiryInterval = int64(cfg.SessionExpiry / time.Second)
+	caps.MaximumInflight = 1024
+	caps.MaximumClientWritesPending = 1024
+	caps.Compatibilities.ObscureNotAuthorized = false
+	srv := mqtt.New(&mqtt.Options{
+		Capabilities:           caps,
+		InlineClient:           true,
+		Logger:                 slog.New(filterHandler{log.With("subcomponent", "mochi").Handler()}),
+		SysTopicResendInterval: 10,
+	})
+	b := &Broker{cfg: cfg, deps: deps, log: log, m: m, srv: srv, addrs: map[string]string{}}
+	bg := context.Background()
+	b.ctx.Store(&bg)
+	b.guard = newGuard(cfg, log, m)
+	b.hook = newHook(b)
+	if err := srv.AddHook(b.hook, nil); err != nil {
+		return nil, fmt.Errorf("ingest: add hook: %w", err)
+	}
+
+	var bound []listeners.Listener
+	fail := func(err error) (*Broker, error) {
+		for _, l := range bound {
+			l.Close(func(string) {})
+		}
+		return nil, err
+	}
+	if cfg.Listen != "" && cfg.Listen != "off" {
+		ln, err := bind("mqtt.listen", cfg.Listen)
+		if err != nil {
+			return fail(err)
+		}
+		bound = append(bound, &tcpListener{id: "tcp", proto: "tcp", ln: ln, g: b.guard})
+	}
+	if cfg.TLS.Listen != "" {
+		tc, err := serverTLS(cfg.TLS)
+		if err != nil {
+			return fail(err)
+		}
+		ln, err := bind("mqtt.tls.listen", cfg.TLS.Listen)
+		if err != nil {
+			return fail(err)
+		}
+		bound = append(bound, &tcpListener{id: "tls", proto: "tls", ln: tls.NewListener(ln, tc), g: b.guard})
+	}
+	if cfg.WebSocket != "" {
+		ln, err := bind("mqtt.websocket", cfg.WebSocket)
+		if err != nil {
+			return fail(err)
+		}
+		bound = append(bound, &wsListener{id: "ws", ln: ln, g: b.guard, maxBytes: int64(cfg.MaxPacketBytes) + 16})
+	}
+	for _, l := range bound {
+		if err := srv.AddListener(l); err != nil {
+			return fail(fmt.Errorf("ingest: add listener %s: %w", l.ID(), err))
+		}
+		b.addrs[l.ID()] = l.Address()
+	}
+	return b, nil
+}
+
+func serverTLS(c TLSConfig) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("ingest: mqtt.tls: load certificate: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if c.ClientCAFile != "" {
+		pem, err := os.ReadFile(c.ClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("ingest: mqtt.tls.client_ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ingest: mqtt.tls.client_ca_file: %s holds no PEM certificate", c.ClientCAFile)
+		}
+		tc.ClientCAs = pool
+		tc.ClientAuth = tls.VerifyClientCertIfGiven
+		if c.RequireClientCert {
+			tc.ClientAuth = tls.RequireAndVerifyClientCert
+		}
+	}
+	return tc, nil
+}
+
+// Addr returns the bound address of a listener ("tcp", "tls" or "ws"), or "" if it is not enabled.
+func (b *Broker) Addr(listener string) string { return b.addrs[listener] }
+
+// Run serves devices until ctx ends, then disconnects every client and waits (bounded) for their connections to
+// finish.
+func (b *Broker) Run(ctx context.Context) error {
+	b.ctx.Store(&ctx)
+	if b.cfg.AllowAnonymous {
+		b.log.Warn("anonymous clients are allowed (mqtt.allow_anonymous: true): for development only")
+	}
+	if err := b.srv.Serve(); err != nil {
+		return fmt.Errorf("ingest: serve: %w", err)
+	}
+	for id, a := range b.addrs {
+		b.log.Info("mqtt listener ready", "listener", id, "addr", a)
+	}
+	<-ctx.Done()
+	b.closed.Store(true)
+	_ = b.srv.Close()
+	done := make(chan struct{})
+	go func() { b.guard.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		b.log.Warn("some connections did not close within 10s")
+	}
+	b.log.Info("mqtt broker stopped")
+	return nil
+}
+
+// Command publishes a command to a device's command topic with QoS 1 and returns once one of the device's
+// connections acknowledged it. It returns ErrNotConnected when the device has no connection and
+// ErrNotAcknowledged when no acknowledgement arrives within the configured command timeout.
+func (b *Broker) Command(ctx context.Context, device, command string, payload []byte) error {
+	if strings.ContainsAny(device, "+#/") || device == "" || strings.ContainsAny(command, "+#") || command == "" {
+		return fmt.Errorf("ingest: command %q to %q: invalid device or command name", command, device)
+	}
+	topic := strings.NewReplacer("{device}", device, "{command}", command).Replace(b.cfg.CommandTopic)
+	w, err := b.hook.expectAck(device, topic)
+	if err != nil {
+		return fmt.Errorf("ingest: command %s to %s: %w", command, device, err)
+	}
+	defer b.hook.dropWaiter(device, w)
+	if err := b.srv.Publish(topic, payload, false, 1); err != nil {
+		return fmt.Errorf("ingest: command %s to %s: publish: %w", command, device, err)
+	}
+	t := time.NewTimer(b.cfg.CommandTimeout)
+	defer t.Stop()
+	select {
+	case <-w.done:
+		b.m.commands.WithLabelValues("acked").Inc()
+		return nil
+	case <-t.C:
+		b.m.commands.WithLabelValues("timeout").Inc()
+		return fmt.Errorf("ingest: command %s to %s: %w within %s", command, device, ErrNotAcknowledged, b.cfg.CommandTimeout)
+	case <-ctx.Done():
+		return fmt.Errorf("ingest: command %s to %s: %w", command, device, ctx.Err())
+	}
+}
+
+// Publish sends a message to local subscribers as the gateway itself (not normalized, not ACL-checked).
+func (b *Broker) Publish(topic string, payload []byte, retain bool, qos byte) error {
+	if err := b.srv.Publish(topic, payload, retain, qos); err != nil {
+		return fmt.Errorf("ingest: publish %s: %w", topic, err)
+	}
+	return nil
+}
+
+// Connected reports whether the device has at least one live connection.
+func (b *Broker) Connected(device string) bool { return b.hook.connected(device) }
+
+// Clients returns the number of connected clients.
+func (b *Broker) Clients() int { return int(b.guard.open.Load()) }
+
+// filterHandler demotes mochi's per-packet warnings to debug: a misbehaving device must not flood the log.
+type filterHandler struct{ slog.Handler }
+
+func (h filterHandler) Enabled(ctx context.Context, l slog.Level) bool {
+	if l < slog.LevelError {
+		l = slog.LevelDebug
+	}
+	return h.Handler.Enabled(ctx, l)
+}
+
+func (h filterHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Level < slog.LevelError {
+		r.Level = slog.LevelDebug
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h filterHandler) WithAttrs(a []slog.Attr) slog.Handler {
+	return filterHandler{h.Handler.WithAttrs(a)}
+}
+
+func (h filterHandler) WithGroup(n string) slog.Handler { return filterHandler{h.Handler.WithGroup(n)} }
+
+type metrics struct {
+	connections prometheus.Gauge
+	refused     *prometheus.CounterVec
+	panics      prometheus.Counter
+	authFail    *prometheus.CounterVec
+	aclDenied   *prometheus.CounterVec
+	messagesIn  *prometheus.CounterVec
+	events      prometheus.Counter
+	deadLetters *prometheus.CounterVec
+	rateLimited *prometheus.CounterVec
+	rejected    *prometheus.CounterVec
+	normalize   prometheus.Histogram
+	commands    *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		connections: prometheus.NewGauge(prometheus.GaugeOpts{Name: "edgegate_ingest_connections", Help: "Open MQTT connections."}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_connections_refused_total",
+			Help: "Connections refused before CONNECT, by reason."}, []string{"reason"}),
+		panics: prometheus.NewCounter(prometheus.CounterOpts{Name: "edgegate_ingest_panics_recovered_total",
+			Help: "Panics contained to a single connection."}),
+		authFail: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_auth_failures_total",
+			Help: "Refused CONNECTs, by reason."}, []string{"reason"}),
+		aclDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_acl_denied_total",
+			Help: "Publishes, subscriptions and wills refused by the ACL."}, []string{"action"}),
+		messagesIn: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_messages_total",
+			Help: "PUBLISH packets accepted from devices, by QoS."}, []string{"qos"}),
+		events: prometheus.NewCounter(prometheus.CounterOpts{Name: "edgegate_ingest_events_total",
+			Help: "CloudEvents produced from device messages."}),
+		deadLetters: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_dead_letters_total",
+			Help: "Messages that could not become events, by reason."}, []string{"reason"}),
+		rateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_rate_limited_total",
+			Help: "Publishes that hit the per-device rate limit: delayed or refused."}, []string{"outcome"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_rejected_total",
+			Help: "Events the log could not take (no acknowledgement to the device), by reason."}, []string{"reason"}),
+		normalize: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "edgegate_ingest_normalize_duration_seconds",
+			Help: "Time to turn one message into a CloudEvent.", Buckets: prometheus.ExponentialBuckets(250e-9, 2, 14)}),
+		commands: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_commands_total",
+			Help: "Commands sent to devices, by outcome."}, []string{"outcome"}),
+	}
+	for _, c := range []prometheus.Collector{m.connections, m.refused, m.panics, m.authFail, m.aclDenied, m.messagesIn,
+		m.events, m.deadLetters, m.rateLimited, m.rejected, m.normalize, m.commands} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// waiter is one command waiting for the device's PUBACK.
+type waiter struct {
+	topic    string
+	client   *mqtt.Client
+	packetID uint16
+	done     chan struct{}
+	once     sync.Once
+}

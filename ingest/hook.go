@@ -1,0 +1,390 @@
+package ingest
+
+import (
+	"bytes"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/time/rate"
+)
+
+// maxRateDelay is how long a publish over the rate limit may be held back (the device is slowed down, nothing is
+// lost). Beyond it the publish is refused: no PUBACK on MQTT 3.1.1, reason 0x96 on MQTT 5.
+const maxRateDelay = time.Second
+
+// clientState is what the hook knows about one connection.
+type clientState struct {
+	device  *deviceState
+	will    atomic.Bool // the will was published
+	version byte
+}
+
+// deviceState is shared by every connection of one device.
+type deviceState struct {
+	id      string
+	limiter *rate.Limiter
+	clients map[*mqtt.Client]struct{}
+	waiters []*waiter
+}
+
+type hook struct {
+	mqtt.HookBase
+	b *Broker
+
+	clients sync.Map // *mqtt.Client → *clientState
+
+	mu      sync.Mutex
+	devices map[string]*deviceState
+	pending atomic.Int64 // commands waiting for an acknowledgement
+}
+
+func newHook(b *Broker) *hook {
+	return &hook{b: b, devices: map[string]*deviceState{}}
+}
+
+func (h *hook) ID() string { return "edgegate-ingest" }
+
+func (h *hook) Provides(b byte) bool {
+	return bytes.Contains([]byte{
+		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
+		mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnQosPublish, mqtt.OnQosComplete, mqtt.OnSubscribe,
+	}, []byte{b})
+}
+
+func (h *hook) state(cl *mqtt.Client) *clientState {
+	if v, ok := h.clients.Load(cl); ok {
+		return v.(*clientState)
+	}
+	return nil
+}
+
+// OnConnectAuthenticate decides who the client is: a certificate CN, a username and password, or (only in the
+// explicitly opened development mode) its client id.
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	id, reason := h.identify(cl, pk)
+	if reason != "" {
+		h.b.m.authFail.WithLabelValues(reason).Inc()
+		h.b.log.Info("connection refused", "reason", reason, "device_id", id, "client_id", cl.ID,
+			"remote", cl.Net.Remote)
+		return false
+	}
+	// A client id names a session; only the device itself may use its own (exactly, or as "{device}:{suffix}"),
+	// so no device can take over another's session and subscriptions.
+	if cl.ID != id && !hasPrefixSep(cl.ID, id, ':') && len(cl.Properties.Props.AssignedClientID) == 0 {
+		h.b.m.authFail.WithLabelValues("client_id_mismatch").Inc()
+		h.b.log.Info("connection refused", "reason", "client_id_mismatch", "device_id", id, "client_id", cl.ID,
+			"hint", "use the device id as client id, or \"<device id>:<suffix>\"")
+		return false
+	}
+	// A will aimed at a topic the device may not publish to is never published.
+	if atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 && !h.b.deps.ACL.CanPublish(id, cl.Properties.Will.TopicName) {
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		cl.Properties.Will = mqtt.Will{}
+		h.b.m.aclDenied.WithLabelValues("will").Inc()
+		h.b.log.Warn("will refused by the ACL: it will not be published", "device_id", id, "topic", pk.Connect.WillTopic)
+	}
+	cl.Properties.Username = []byte(id)
+
+	st := &clientState{version: cl.Properties.ProtocolVersion}
+	h.mu.Lock()
+	ds := h.devices[id]
+	if ds == nil {
+		ds = &deviceState{id: id, limiter: rate.NewLimiter(rate.Limit(h.b.cfg.PublishRate), h.b.cfg.PublishBurst),
+			clients: map[*mqtt.Client]struct{}{}}
+		h.devices[id] = ds
+	}
+	ds.clients[cl] = struct{}{}
+	st.device = ds
+	h.mu.Unlock()
+	h.clients.Store(cl, st)
+	return true
+}
+
+func hasPrefixSep(s, prefix string, sep byte) bool {
+	return len(s) > len(prefix) && s[:len(prefix)] == prefix && s[len(prefix)] == sep
+}
+
+func (h *hook) identify(cl *mqtt.Client, pk packets.Packet) (id, reason string) {
+	user := string(pk.Connect.Username)
+	if cs, ok := tlsState(cl.Net.Conn); ok && len(cs.PeerCertificates) > 0 {
+		cn := cs.PeerCertificates[0].Subject.CommonName
+		dev, ok := h.b.deps.Auth.DeviceForCN(cn)
+		if !ok {
+			return cn, "unknown_certificate"
+		}
+		if user != "" && user != dev {
+			return dev, "certificate_username_mismatch"
+		}
+		return dev, ""
+	}
+	if user != "" || pk.Connect.PasswordFlag {
+		if h.b.deps.Auth.Authenticate(user, pk.Connect.Password) {
+			return user, ""
+		}
+		return user, "bad_credentials"
+	}
+	if h.b.cfg.AllowAnonymous {
+		return cl.ID, ""
+	}
+	return "", "anonymous"
+}
+
+// OnACLCheck applies the deny-by-default ACL: write for publishes, read for subscriptions and deliveries.
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	st := h.state(cl)
+	if st == nil {
+		return false
+	}
+	if write {
+		if h.b.deps.ACL.CanPublish(st.device.id, topic) {
+			return true
+		}
+		h.b.m.aclDenied.WithLabelValues("publish").Inc()
+		h.b.log.Info("publish denied", "device_id", st.device.id, "topic", topic)
+		return false
+	}
+	return h.b.deps.ACL.CanSubscribe(st.device.id, topic)
+}
+
+// OnSubscribe logs and counts filters the ACL will refuse (mochi answers them with "not authorized").
+func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	st := h.state(cl)
+	if st == nil {
+		return pk
+	}
+	for _, f := range pk.Filters {
+		if !h.b.deps.ACL.CanSubscribe(st.device.id, f.Filter) {
+			h.b.m.aclDenied.WithLabelValues("subscribe").Inc()
+			h.b.log.Info("subscription denied", "device_id", st.device.id, "topic", f.Filter)
+		}
+	}
+	return pk
+}
+
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	st := h.state(cl)
+	if st == nil {
+		return
+	}
+	h.b.log.Debug("device connected", "device_id", st.device.id, "client_id", cl.ID, "remote", cl.Net.Remote)
+	h.consume(h.b.deps.Normalizer.Presence(st.device.id, true, "", time.Now()), false)
+}
+
+func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
+	v, ok := h.clients.LoadAndDelete(cl)
+	if !ok {
+		return
+	}
+	st := v.(*clientState)
+	reason := "connection_lost"
+	switch {
+	case st.will.Load():
+		reason = "will_published"
+	case cl.IsTakenOver():
+		reason = "taken_over"
+	case h.b.closed.Load():
+		reason = "server_shutdown"
+	case err == nil || errors.Is(err, packets.CodeDisconnect):
+		reason = "clean_disconnect"
+	}
+	h.mu.Lock()
+	ds := st.device
+	delete(ds.clients, cl)
+	if len(ds.clients) == 0 && len(ds.waiters) == 0 {
+		delete(h.devices, ds.id)
+	}
+	h.mu.Unlock()
+	h.b.log.Debug("device disconnected", "device_id", ds.id, "client_id", cl.ID, "reason", reason, "error", err)
+	h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
+}
+
+// OnPublish turns a device's PUBLISH into an event. It returns only after the consumer accepted the event, so
+// mochi writes the PUBACK (QoS 1) only then.
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil // the gateway's own messages (commands) are not device events
+	}
+	st := h.state(cl)
+	if st == nil {
+		return pk, packets.ErrRejectPacket
+	}
+	qos := pk.FixedHeader.Qos
+	h.b.m.messagesIn.WithLabelValues(qosLabel(qos)).Inc()
+
+	if r := st.device.limiter.Reserve(); r.Delay() > 0 {
+		if d := r.Delay(); d <= maxRateDelay {
+			h.b.m.rateLimited.WithLabelValues("delayed").Inc()
+			time.Sleep(d)
+		} else {
+			r.Cancel()
+			h.b.m.rateLimited.WithLabelValues("refused").Inc()
+			h.b.log.Debug("publish refused: rate limit", "device_id", st.device.id, "topic", pk.TopicName)
+			return pk, refuse(st.version, qos, packets.ErrMessageRateTooHigh)
+		}
+	}
+
+	start := time.Now()
+	res, err := h.b.deps.Normalizer.Normalize(Message{
+		DeviceID:    st.device.id,
+		Topic:       pk.TopicName,
+		Payload:     pk.Payload,
+		QoS:         qos,
+		Retain:      pk.FixedHeader.Retain,
+		ContentType: pk.Properties.ContentType,
+		Received:    start,
+	})
+	h.b.m.normalize.Observe(time.Since(start).Seconds())
+	if err != nil {
+		var dl *DeadLetterError
+		reason, detail := "normalize_failed", err.Error()
+		if errors.As(err, &dl) {
+			reason, detail = dl.Reason, dl.Detail
+		}
+		h.b.m.deadLetters.WithLabelValues(reason).Inc()
+		h.b.log.Debug("dead letter", "device_id", st.device.id, "topic", pk.TopicName, "reason", reason)
+		h.b.deps.DeadLetters.DeadLetter(reason, detail, st.device.id, pk.TopicName, pk.Payload)
+		return pk, nil // kept as a dead letter: acknowledged, and routed to local subscribers as any MQTT message
+	}
+	if err := h.b.deps.Consumer.Consume(*h.b.ctx.Load(), res, qos > 0); err != nil {
+		reason := "error"
+		code := packets.ErrUnspecifiedError
+		if errors.Is(err, ErrFull) {
+			reason, code = "full", packets.ErrQuotaExceeded
+		}
+		h.b.m.rejected.WithLabelValues(reason).Inc()
+		h.b.log.Debug("event not accepted: no acknowledgement", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
+		return pk, refuse(st.version, qos, code)
+	}
+	h.b.m.events.Inc()
+	return pk, nil
+}
+
+// refuse makes mochi withhold the PUBACK (MQTT 3.1.1, QoS 0) or answer with a reason code (MQTT 5, QoS > 0).
+func refuse(version, qos byte, code packets.Code) error {
+	if version == 5 && qos > 0 {
+		return code
+	}
+	return packets.ErrRejectPacket
+}
+
+func qosLabel(q byte) string {
+	return strconv.Itoa(int(q))
+}
+
+// OnWillSent records that the will went out and turns it into an event like any message from the device.
+func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	st := h.state(cl)
+	if st == nil {
+		return
+	}
+	st.will.Store(true)
+	res, err := h.b.deps.Normalizer.Normalize(Message{DeviceID: st.device.id, Topic: pk.TopicName, Payload: pk.Payload,
+		QoS: pk.FixedHeader.Qos, Retain: pk.FixedHeader.Retain, ContentType: pk.Properties.ContentType, Received: time.Now()})
+	if err != nil {
+		var dl *DeadLetterError
+		reason := "normalize_failed"
+		if errors.As(err, &dl) {
+			reason = dl.Reason
+		}
+		h.b.m.deadLetters.WithLabelValues(reason).Inc()
+		h.b.deps.DeadLetters.DeadLetter(reason, err.Error(), st.device.id, pk.TopicName, pk.Payload)
+		return
+	}
+	h.consume(res, false)
+}
+
+func (h *hook) consume(r Result, durable bool) {
+	if err := h.b.deps.Consumer.Consume(*h.b.ctx.Load(), r, durable); err != nil {
+		reason := "error"
+		if errors.Is(err, ErrFull) {
+			reason = "full"
+		}
+		h.b.m.rejected.WithLabelValues(reason).Inc()
+		h.b.log.Warn("event not accepted", "type", r.Event.Type(), "device_id", r.Event.Subject(), "error", err)
+		return
+	}
+	h.b.m.events.Inc()
+}
+
+// expectAck registers a command waiter for device on topic.
+func (h *hook) expectAck(device, topic string) (*waiter, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ds := h.devices[device]
+	if ds == nil || len(ds.clients) == 0 {
+		return nil, ErrNotConnected
+	}
+	w := &waiter{topic: topic, done: make(chan struct{})}
+	ds.waiters = append(ds.waiters, w)
+	h.pending.Add(1)
+	return w, nil
+}
+
+func (h *hook) dropWaiter(device string, w *waiter) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ds := h.devices[device]
+	if ds == nil {
+		return
+	}
+	for i, x := range ds.waiters {
+		if x == w {
+			ds.waiters = append(ds.waiters[:i], ds.waiters[i+1:]...)
+			h.pending.Add(-1)
+			break
+		}
+	}
+	if len(ds.clients) == 0 && len(ds.waiters) == 0 {
+		delete(h.devices, device)
+	}
+}
+
+func (h *hook) connected(device string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ds := h.devices[device]
+	return ds != nil && len(ds.clients) > 0
+}
+
+// OnQosPublish binds a waiting command to the packet id mochi gave it on one of the device's connections.
+func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, resends int) {
+	if h.pending.Load() == 0 || resends > 0 {
+		return
+	}
+	st := h.state(cl)
+	if st == nil {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, w := range st.device.waiters {
+		if w.client == nil && w.topic == pk.TopicName {
+			w.client, w.packetID = cl, pk.PacketID
+			return
+		}
+	}
+}
+
+// OnQosComplete resolves the command waiting for this PUBACK.
+func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	if h.pending.Load() == 0 {
+		return
+	}
+	st := h.state(cl)
+	if st == nil {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, w := range st.device.waiters {
+		if w.client == cl && w.packetID == pk.PacketID {
+			w.once.Do(func() { close(w.done) })
+			return
+		}
+	}
+}

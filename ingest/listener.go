@@ -1,0 +1,294 @@
+package ingest
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/mochi-mqtt/server/v2/listeners"
+)
+
+// ErrAddrInUse is returned (wrapped) when a listener's port is already taken.
+var ErrAddrInUse = errors.New("address already in use")
+
+// bind opens a TCP listener and turns "address in use" into an error that says what to do.
+func bind(key, addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, fmt.Errorf("ingest: listen %s: port %s is already in use (another MQTT broker such as a system Mosquitto?): stop it or change %s in the config: %w",
+				key, portOf(addr), key, ErrAddrInUse)
+		}
+		return nil, fmt.Errorf("ingest: listen %s on %s: %w", key, addr, err)
+	}
+	return ln, nil
+}
+
+func portOf(addr string) string {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return p
+}
+
+// guard holds what every listener shares: connection caps, the CONNECT deadline and panic containment.
+type guard struct {
+	log            *slog.Logger
+	m              *metrics
+	connectTimeout time.Duration
+	maxConns       int64
+	maxPerIP       int
+
+	open  atomic.Int64
+	mu    sync.Mutex
+	perIP map[string]int
+	wg    sync.WaitGroup // every connection goroutine
+}
+
+func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
+	return &guard{
+		log:            log,
+		m:              m,
+		connectTimeout: cfg.ConnectTimeout,
+		maxConns:       int64(cfg.MaxConnections),
+		maxPerIP:       cfg.MaxConnectionsPerIP,
+		perIP:          make(map[string]int),
+	}
+}
+
+// admit counts a new connection against the caps; it returns a release func, or "" and a refusal reason.
+func (g *guard) admit(remote net.Addr) (release func(), reason string) {
+	ip := hostOf(remote)
+	if g.open.Add(1) > g.maxConns {
+		g.open.Add(-1)
+		return nil, "max_connections"
+	}
+	g.mu.Lock()
+	if g.perIP[ip] >= g.maxPerIP {
+		g.mu.Unlock()
+		g.open.Add(-1)
+		return nil, "max_connections_per_ip"
+	}
+	g.perIP[ip]++
+	g.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			g.open.Add(-1)
+			g.mu.Lock()
+			if g.perIP[ip]--; g.perIP[ip] <= 0 {
+				delete(g.perIP, ip)
+			}
+			g.mu.Unlock()
+		})
+	}, ""
+}
+
+func hostOf(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	if t, ok := a.(*net.TCPAddr); ok {
+		return t.IP.String()
+	}
+	h, _, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	return h
+}
+
+// serve runs one admitted connection through mochi, containing any panic to this connection.
+func (g *guard) serve(listener string, conn net.Conn, release func(), establish listeners.EstablishFn) {
+	defer g.wg.Done()
+	defer release()
+	defer conn.Close()
+	defer func() {
+		if r := recover(); r != nil {
+			g.m.panics.Inc()
+			g.log.Error("panic while serving a connection; connection closed", "listener", listener,
+				"remote", conn.RemoteAddr().String(), "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+		}
+	}()
+	// CONNECT (and the TLS handshake) must complete before this deadline; mochi replaces it with the
+	// keep-alive deadline once the client is connected.
+	_ = conn.SetDeadline(time.Now().Add(g.connectTimeout))
+	g.m.connections.Inc()
+	defer g.m.connections.Dec()
+	if err := establish(listener, conn); err != nil && !isClosing(err) {
+		g.log.Debug("connection ended", "listener", listener, "remote", conn.RemoteAddr().String(), "error", err)
+	}
+}
+
+func isClosing(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)
+}
+
+// tcpListener is a mochi listener over an already bound net.Listener (plain or TLS).
+type tcpListener struct {
+	id    string
+	proto string
+	ln    net.Listener
+	g     *guard
+	done  atomic.Bool
+}
+
+var _ listeners.Listener = (*tcpListener)(nil)
+
+func (l *tcpListener) ID() string                { return l.id }
+func (l *tcpListener) Address() string           { return l.ln.Addr().String() }
+func (l *tcpListener) Protocol() string          { return l.proto }
+func (l *tcpListener) Init(_ *slog.Logger) error { return nil }
+
+func (l *tcpListener) Serve(establish listeners.EstablishFn) {
+	var tempDelay time.Duration
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			if l.done.Load() || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Accept errors such as EMFILE are temporary: back off instead of spinning.
+			if tempDelay == 0 {
+				tempDelay = 5 * time.Millisecond
+			} else if tempDelay *= 2; tempDelay > time.Second {
+				tempDelay = time.Second
+			}
+			l.g.log.Warn("accept failed", "listener", l.id, "error", err, "retry_in", tempDelay)
+			time.Sleep(tempDelay)
+			continue
+		}
+		tempDelay = 0
+		release, reason := l.g.admit(conn.RemoteAddr())
+		if reason != "" {
+			l.g.m.refused.WithLabelValues(reason).Inc()
+			l.g.log.Debug("connection refused", "listener", l.id, "remote", conn.RemoteAddr().String(), "reason", reason)
+			_ = conn.Close()
+			continue
+		}
+		l.g.wg.Add(1)
+		go l.g.serve(l.id, conn, release, establish)
+	}
+}
+
+func (l *tcpListener) Close(closeClients listeners.CloseFn) {
+	if l.done.CompareAndSwap(false, true) {
+		_ = l.ln.Close()
+	}
+	closeClients(l.id)
+}
+
+// wsListener serves MQTT over WebSocket (subprotocol "mqtt") on an already bound net.Listener.
+type wsListener struct {
+	id       string
+	ln       net.Listener
+	g        *guard
+	maxBytes int64
+	srv      *http.Server
+	done     atomic.Bool
+}
+
+var _ listeners.Listener = (*wsListener)(nil)
+
+func (l *wsListener) ID() string                { return l.id }
+func (l *wsListener) Address() string           { return l.ln.Addr().String() }
+func (l *wsListener) Protocol() string          { return "ws" }
+func (l *wsListener) Init(_ *slog.Logger) error { return nil }
+
+func (l *wsListener) Serve(establish listeners.EstablishFn) {
+	up := websocket.Upgrader{
+		Subprotocols: []string{"mqtt"},
+		CheckOrigin:  func(*http.Request) bool { return true },
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		raw := c.UnderlyingConn()
+		release, reason := l.g.admit(raw.RemoteAddr())
+		if reason != "" {
+			l.g.m.refused.WithLabelValues(reason).Inc()
+			_ = c.Close()
+			return
+		}
+		c.SetReadLimit(l.maxBytes)
+		l.g.wg.Add(1)
+		l.g.serve(l.id, &wsConn{Conn: raw, c: c}, release, establish)
+	})
+	l.srv = &http.Server{Handler: mux, ReadHeaderTimeout: l.g.connectTimeout, ErrorLog: slog.NewLogLogger(l.g.log.Handler(), slog.LevelDebug)}
+	if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !l.done.Load() {
+		l.g.log.Error("websocket listener stopped", "listener", l.id, "error", err)
+	}
+}
+
+func (l *wsListener) Close(closeClients listeners.CloseFn) {
+	if l.done.CompareAndSwap(false, true) {
+		if l.srv != nil {
+			_ = l.srv.Close()
+		}
+		_ = l.ln.Close()
+	}
+	closeClients(l.id)
+}
+
+// wsConn presents a WebSocket as a byte stream: binary messages in, one binary message per write out.
+type wsConn struct {
+	net.Conn
+	c  *websocket.Conn
+	r  io.Reader
+	wm sync.Mutex
+}
+
+func (w *wsConn) Read(p []byte) (int, error) {
+	for {
+		if w.r == nil {
+			op, r, err := w.c.NextReader()
+			if err != nil {
+				return 0, err
+			}
+			if op != websocket.BinaryMessage {
+				return 0, errors.New("websocket: MQTT needs binary messages")
+			}
+			w.r = r
+		}
+		n, err := w.r.Read(p)
+		if errors.Is(err, io.EOF) {
+			w.r = nil
+			if n == 0 {
+				continue
+			}
+			err = nil
+		}
+		return n, err
+	}
+}
+
+func (w *wsConn) Write(p []byte) (int, error) {
+	w.wm.Lock()
+	defer w.wm.Unlock()
+	if err := w.c.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// tlsState returns the TLS connection state of conn, if it is a TLS connection.
+func tlsState(conn net.Conn) (tls.ConnectionState, bool) {
+	if tc, ok := conn.(*tls.Conn); ok {
+		return tc.ConnectionState(), true
+	}
+	return tls.ConnectionState{}, false
+}

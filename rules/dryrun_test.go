@@ -1,0 +1,79 @@
+package rules
+
+import (
+	"bytes"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
+
+// TestDryRunGolden runs testdata/dryrun/NAME.jsonl through DryRun and compares the explanation with NAME.golden
+// (go test -run TestDryRunGolden -update rewrites them).
+func TestDryRunGolden(t *testing.T) {
+	tests := []struct {
+		name  string
+		rules string
+		dir   Directory
+		opts  DryRunOptions
+		err   string
+	}{
+		{name: "lights", rules: "../configs/rules.d"},
+		{name: "lights_noflush", rules: "../configs/rules.d", opts: DryRunOptions{NoFlush: true, OnlyMatched: true}},
+		{name: "lights_nodirectory", rules: "../configs/rules.d", dir: Directory(nil)},
+		{name: "features", rules: "testdata/dryrun/features", err: "1 of 9 line(s) are not valid CloudEvents"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			events := strings.TrimSuffix(strings.TrimSuffix(tt.name, "_noflush"), "_nodirectory")
+			in, err := os.Open(filepath.Join("testdata/dryrun", events+".jsonl"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Close()
+			cfg := DefaultConfig()
+			cfg.Dir = tt.rules
+			dir := tt.dir
+			if dir == nil && !strings.HasSuffix(tt.name, "_nodirectory") {
+				dir = shippedDevices(t)
+				dir = withDoor(dir.(testDirectory))
+			}
+			var out bytes.Buffer
+			err = DryRun(cfg, dir, in, &out, tt.opts)
+			if tt.err == "" && err != nil || tt.err != "" && (err == nil || !strings.Contains(err.Error(), tt.err)) {
+				t.Fatalf("DryRun error = %v, want %q", err, tt.err)
+			}
+			golden := filepath.Join("testdata/dryrun", tt.name+".golden")
+			if *update {
+				if err := os.WriteFile(golden, out.Bytes(), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run with -update to create it)", err)
+			}
+			if !bytes.Equal(out.Bytes(), want) {
+				t.Errorf("output differs from %s (run with -update to accept):\n%s", golden, out.String())
+			}
+		})
+	}
+}
+
+// withDoor adds a door sensor to the shipped devices.
+func withDoor(d testDirectory) testDirectory {
+	d.devs = append(append([]Device(nil), d.devs...), Device{ID: "door-1", Name: "Front door", Room: "hall", Kind: "door"})
+	return d
+}
+
+func TestDryRunRuleErrors(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"x.yaml": "rules:\n  - name: x\n    on: x\n    actions: [{command: {device: nobody, command: a}}]\n"})
+	err := DryRun(cfg, homeDevices, strings.NewReader(""), &bytes.Buffer{}, DryRunOptions{})
+	if err == nil || !strings.Contains(err.Error(), `x.yaml:4: rules[0].actions[0].command.device: unknown device "nobody"`) {
+		t.Fatalf("DryRun = %v", err)
+	}
+}

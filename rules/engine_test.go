@@ -1,0 +1,501 @@
+package rules
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cloudevents/sdk-go/v2/event"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// startEngine runs e until the test ends.
+func startEngine(t *testing.T, e *Engine) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+type engineFixture struct {
+	e     *Engine
+	clock *SimClock
+	cmd   *fakeCommander
+	dl    *fakeDeadLetters
+	store *memStore
+	emit  *loopEmitter
+	reg   *prometheus.Registry
+}
+
+func newEngine(t *testing.T, cfg Config, dir Directory) *engineFixture {
+	t.Helper()
+	f := &engineFixture{clock: NewSimClock(t0), cmd: &fakeCommander{}, dl: &fakeDeadLetters{}, store: &memStore{},
+		emit: &loopEmitter{}, reg: prometheus.NewRegistry()}
+	if cfg.Watch == nil {
+		no := false
+		cfg.Watch = &no
+	}
+	e, err := New(cfg, Deps{Directory: dir, Commander: f.cmd, Emitter: f.emit, State: f.store, DeadLetters: f.dl,
+		Clock: f.clock}, slog.New(slog.DiscardHandler), f.reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.emit.mu.Lock()
+	f.emit.e = e
+	f.emit.mu.Unlock()
+	f.e = e
+	return f
+}
+
+// evaluated is how many events the rule has evaluated.
+func (f *engineFixture) evaluated(rule string) int {
+	return int(testutil.ToFloat64(f.e.met.evaluated.WithLabelValues(rule)))
+}
+
+func (f *engineFixture) waitEvaluated(t *testing.T, rule string, n int) {
+	t.Helper()
+	waitFor(t, 5*time.Second, fmt.Sprintf("%d evaluations by %s", n, rule), func() bool { return f.evaluated(rule) >= n })
+}
+
+func TestEngineReferenceScenario(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = "../configs/rules.d"
+	f := newEngine(t, cfg, shippedDevices(t))
+	startEngine(t, f.e)
+
+	e1 := newEvent("room.entered", "kitchen-motion", t0, map[string]any{"room": "kitchen"})
+	if !f.e.Submit(e1) {
+		t.Fatal("Submit refused")
+	}
+	waitFor(t, 5*time.Second, "lights.on to both kitchen lights", func() bool { return len(f.cmd.list()) == 2 })
+	want := []string{
+		`kitchen-light-1 lights.on {"cause":"` + e1.ID() + `","on":true}`,
+		`kitchen-light-2 lights.on {"cause":"` + e1.ID() + `","on":true}`,
+	}
+	assertSet(t, f.cmd.list(), want)
+
+	// A repeat inside the debounce window sends nothing new.
+	f.clock.Set(t0.Add(20 * time.Second))
+	f.e.Submit(newEvent("room.entered", "kitchen-motion", t0.Add(20*time.Second), map[string]any{"room": "kitchen"}))
+	f.waitEvaluated(t, "lights-on-motion", 2)
+	f.waitEvaluated(t, "lights-off-when-empty", 2)
+	if n := len(f.cmd.list()); n != 2 {
+		t.Fatalf("%d commands after a debounced repeat, want 2", n)
+	}
+
+	// Five minutes without motion in the kitchen: lights.off to the same lights.
+	f.clock.Set(t0.Add(5*time.Minute + 19*time.Second))
+	f.clock.Set(t0.Add(5*time.Minute + 20*time.Second))
+	waitFor(t, 5*time.Second, "lights.off", func() bool { return len(f.cmd.list()) == 4 })
+	off := f.cmd.list()[2:]
+	for _, c := range off {
+		if !strings.Contains(c, "lights.off") {
+			t.Fatalf("commands %q", f.cmd.list())
+		}
+	}
+
+	if got := testutil.ToFloat64(f.e.met.matched.WithLabelValues("lights-on-motion")); got != 2 {
+		t.Errorf("matched{lights-on-motion} = %v, want 2", got)
+	}
+	waitFor(t, 5*time.Second, "actions counted", func() bool {
+		return testutil.ToFloat64(f.e.met.actions.WithLabelValues("lights-off-when-empty", "command", "ok")) == 2
+	})
+	if got := testutil.ToFloat64(f.e.met.actions.WithLabelValues("lights-on-motion", "command", "ok")); got != 2 {
+		t.Errorf("actions{lights-on-motion,command,ok} = %v, want 2", got)
+	}
+	if n := testutil.CollectAndCount(f.reg, "edgegate_rules_evaluation_duration_seconds"); n != 1 {
+		t.Errorf("duration histogram series = %d", n)
+	}
+	if len(f.dl.all()) != 0 {
+		t.Errorf("dead letters: %v", f.dl.all())
+	}
+}
+
+func assertSet(t *testing.T, got, want []string) {
+	t.Helper()
+	g := map[string]int{}
+	for _, x := range got {
+		g[x]++
+	}
+	for _, w := range want {
+		if g[w] == 0 {
+			t.Fatalf("missing %q in %q", w, got)
+		}
+		g[w]--
+	}
+}
+
+const hallLightRule = `
+rules:
+  - name: hall
+    on: button.pressed
+    actions:
+      - command: {device: hall-light, command: lights.on, payload: '{"on":true}'}
+      - state: {key: '{{ event.id }}', value: 1}
+`
+
+func TestEngineCommandRetriesThenDeadLetter(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg.CommandRetries = 2
+	cfg.CommandBackoff = time.Millisecond
+	f := newEngine(t, cfg, homeDevices)
+	f.cmd.fail = map[string]bool{"hall-light": true}
+	startEngine(t, f.e)
+
+	ev := newEvent("button.pressed", "b1", t0, nil)
+	f.e.Submit(ev)
+	waitFor(t, 5*time.Second, "a dead letter", func() bool { return len(f.dl.all()) == 1 })
+	if n := f.cmd.count("hall-light"); n != 3 {
+		t.Errorf("%d attempts, want 3 (1 + 2 retries)", n)
+	}
+	d := f.dl.all()[0]
+	if d.reason != "command_undelivered" || d.device != "hall-light" || d.topic != "devices/hall-light/commands/lights.on" ||
+		d.payload != `{"on":true}` || !strings.Contains(d.detail, "3 attempt(s)") || !strings.Contains(d.detail, ev.ID()) {
+		t.Errorf("dead letter %+v", d)
+	}
+	if got := testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "failed")); got != 1 {
+		t.Errorf("actions{failed} = %v", got)
+	}
+}
+
+func TestEngineSlowDeviceDoesNotBlockEvaluation(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg.CommandWorkers = 1
+	cfg.CommandQueueSize = 2
+	f := newEngine(t, cfg, homeDevices)
+	f.cmd.block = make(chan struct{}) // the device never answers
+	stop := startEngine(t, f.e)
+
+	const n = 10
+	f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": 0}))
+	waitFor(t, 5*time.Second, "the worker to be stuck", func() bool { return f.cmd.waiting.Load() == 1 })
+	for i := 1; i < n; i++ {
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": i}))
+	}
+	// Every event is evaluated (its state action runs) although no command completes.
+	waitFor(t, 5*time.Second, "every event evaluated", func() bool { return f.store.sets() == n })
+	// 1 in the worker, 2 queued, the rest are dead letters at once.
+	waitFor(t, 5*time.Second, "overflow dead letters", func() bool { return len(f.dl.all()) == n-3 })
+	for _, d := range f.dl.all() {
+		if d.reason != "command_undelivered" || !strings.Contains(d.detail, "queue full") {
+			t.Fatalf("dead letter %+v", d)
+		}
+	}
+	// Stopping turns what is in flight and queued into dead letters too: nothing is lost silently.
+	stop()
+	if got := len(f.dl.all()); got != n {
+		t.Fatalf("%d dead letters after stop, want %d", got, n)
+	}
+	if got := testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "dropped")); got != n-3 {
+		t.Errorf("actions{dropped} = %v", got)
+	}
+}
+
+func TestEngineSubmitQueueFull(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg.QueueSize = 2
+	f := newEngine(t, cfg, homeDevices) // not running: nothing drains the queue
+	for i, want := range []bool{true, true, false, false} {
+		if got := f.e.Submit(newEvent("button.pressed", "b1", t0, nil)); got != want {
+			t.Fatalf("Submit %d = %v, want %v", i, got, want)
+		}
+	}
+	if got := testutil.ToFloat64(f.e.met.dropped); got != 2 {
+		t.Fatalf("queue_dropped_total = %v, want 2", got)
+	}
+}
+
+func TestEngineNoRulesAcceptsEverything(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.QueueSize = 1
+	f := newEngine(t, cfg, nil)
+	for range 5 {
+		if !f.e.Submit(newEvent("x", "d", t0, nil)) {
+			t.Fatal("Submit refused with no rules")
+		}
+	}
+	if len(f.e.Rules()) != 0 {
+		t.Fatal("rules loaded from no directory")
+	}
+}
+
+// countingStore counts Sets per key.
+type countingStore struct {
+	mu     sync.Mutex
+	counts map[string]int
+	rules  map[string]int
+}
+
+func (s *countingStore) Set(device, key string, value any) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.counts[key]++
+	s.rules[fmt.Sprint(value)]++
+}
+func (s *countingStore) Get(string) (map[string]any, bool) { return nil, false }
+func (s *countingStore) size() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.counts)
+}
+
+func TestEngineReloadAtomicity(t *testing.T) {
+	version := func(v string) string {
+		return fmt.Sprintf(`
+rules:
+  - name: count-%s
+    on: tick
+    actions: [{state: {device: counter, key: '{{ event.id }}', value: %s}}]
+`, v, v)
+	}
+	dir := writeRules(t, map[string]string{"count.yaml": version("a")})
+	cfg := DefaultConfig()
+	cfg.Dir = dir
+	cfg.QueueSize = 100000
+	no := false
+	cfg.Watch = &no
+	store := &countingStore{counts: map[string]int{}, rules: map[string]int{}}
+	e, err := New(cfg, Deps{State: store, Clock: NewSimClock(t0)}, nil, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	startEngine(t, e)
+
+	const events = 20000
+	submitted := make(chan struct{})
+	go func() {
+		defer close(submitted)
+		for i := range events {
+			ev := newEventN("tick", i)
+			for !e.Submit(ev) {
+				time.Sleep(time.Millisecond)
+			}
+		}
+	}()
+	for i := range 50 {
+		v := []string{"a", "b"}[(i+1)%2]
+		if err := os.WriteFile(filepath.Join(dir, "count.yaml"), []byte(version(v)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Reload(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-submitted
+	waitFor(t, 10*time.Second, "every event evaluated", func() bool { return store.size() == events })
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	for k, n := range store.counts {
+		if n != 1 {
+			t.Fatalf("event %s evaluated %d times", k, n)
+		}
+	}
+	if store.rules["a"]+store.rules["b"] != events {
+		t.Fatalf("per rule %v, want %d in all", store.rules, events)
+	}
+	t.Logf("evaluated by version: %v", store.rules)
+}
+
+func newEventN(typ string, i int) *event.Event {
+	ev := event.New()
+	ev.SetID(fmt.Sprintf("n-%d", i))
+	ev.SetSource("/test")
+	ev.SetType(typ)
+	ev.SetSubject("d")
+	ev.SetTime(t0)
+	return &ev
+}
+
+func TestEngineReloadKeepsOldRulesOnError(t *testing.T) {
+	dir := writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg := DefaultConfig()
+	cfg.Dir = dir
+	f := newEngine(t, cfg, homeDevices)
+	if err := os.WriteFile(filepath.Join(dir, "bad.yaml"), []byte("rules:\n  - name: broken\n    on: {typo: x}\n    actions: [{emit: {type: y}}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err := f.e.Reload()
+	if !errors.Is(err, ErrInvalidRules) {
+		t.Fatalf("Reload = %v, want ErrInvalidRules", err)
+	}
+	if want := filepath.Join(dir, "bad.yaml") + ":3: rules[0].on.typo: unknown key"; !strings.Contains(err.Error(), want) {
+		t.Fatalf("Reload error %q does not contain %q", err, want)
+	}
+	if r := f.e.Rules(); len(r) != 1 || r[0].Name != "hall" {
+		t.Fatalf("Rules() = %+v after a bad reload", r)
+	}
+	if got := testutil.ToFloat64(f.e.met.reloads.WithLabelValues("error")); got != 1 {
+		t.Fatalf("reloads{error} = %v", got)
+	}
+	os.Remove(filepath.Join(dir, "bad.yaml"))
+	if err := f.e.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(f.e.met.reloads.WithLabelValues("ok")); got != 1 {
+		t.Fatalf("reloads{ok} = %v", got)
+	}
+}
+
+func TestEngineWatchReloads(t *testing.T) {
+	dir := writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg := DefaultConfig()
+	cfg.Dir = dir
+	yes := true
+	cfg.Watch = &yes
+	f := newEngine(t, cfg, homeDevices)
+	startEngine(t, f.e)
+	body := "rules:\n  - name: added\n    on: x\n    actions: [{emit: {type: y}}]\n"
+	if err := os.WriteFile(filepath.Join(dir, "added.yaml"), []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the new file loaded", func() bool { return len(f.e.Rules()) == 2 })
+	if err := os.Remove(filepath.Join(dir, "added.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the removed file unloaded", func() bool { return len(f.e.Rules()) == 1 })
+}
+
+func TestEngineLoopGuard(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"echo.yaml": "rules:\n  - name: echo\n    on: ping\n    actions: [{emit: {type: ping, data: {n: '{{ event.extensions.chaindepth ?? 0 }}'}}}]\n"})
+	cfg.MaxChainDepth = 3
+	f := newEngine(t, cfg, nil)
+	startEngine(t, f.e)
+	f.e.Submit(newEvent("ping", "d", t0, nil))
+	waitFor(t, 5*time.Second, "the loop guard", func() bool {
+		return testutil.ToFloat64(f.e.met.actions.WithLabelValues("echo", "emit", "loop")) == 1
+	})
+	evs := f.emit.all()
+	if len(evs) != 3 {
+		t.Fatalf("%d events emitted, want 3", len(evs))
+	}
+	if got := testutil.ToFloat64(f.e.met.errors.WithLabelValues("echo")); got != 1 {
+		t.Fatalf("errors{echo} = %v", got)
+	}
+	last := evs[2]
+	if last.Source() != DefaultSource || chainDepth(last) != 3 || last.Extensions()[ExtRule] != "echo" {
+		t.Fatalf("derived event %s", last)
+	}
+}
+
+func TestEngineRestartPersistence(t *testing.T) {
+	stateFile := filepath.Join(t.TempDir(), "rules-state.json")
+	cfg := DefaultConfig()
+	cfg.Dir = "../configs/rules.d"
+	cfg.StateFile = stateFile
+	devs := shippedDevices(t)
+
+	// First life: motion in the kitchen, lights on, then the gateway stops.
+	f1 := newEngine(t, cfg, devs)
+	stop := startEngine(t, f1.e)
+	e1 := newEvent("room.entered", "kitchen-motion", t0, map[string]any{"room": "kitchen"})
+	f1.e.Submit(e1)
+	waitFor(t, 5*time.Second, "lights.on", func() bool { return len(f1.cmd.list()) == 2 })
+	stop()
+	if _, err := os.Stat(stateFile); err != nil {
+		t.Fatalf("no state file after stop: %v", err)
+	}
+
+	saved, err := os.ReadFile(stateFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restoreFile := func(t *testing.T) Config {
+		c := cfg
+		c.StateFile = filepath.Join(t.TempDir(), "rules-state.json")
+		if err := os.WriteFile(c.StateFile, saved, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	t.Run("debounce and absence survive", func(t *testing.T) {
+		cfg := restoreFile(t)
+		f := newEngine(t, cfg, devs)
+		f.clock.Set(t0.Add(10 * time.Second))
+		startEngine(t, f.e)
+		f.e.Submit(newEvent("room.entered", "kitchen-motion", t0.Add(10*time.Second), map[string]any{"room": "kitchen"}))
+		f.waitEvaluated(t, "lights-off-when-empty", 1)
+		if c := f.cmd.list(); len(c) != 0 {
+			t.Fatalf("commands %q: the debounce was forgotten", c)
+		}
+		f.clock.Set(t0.Add(5*time.Minute + 10*time.Second))
+		waitFor(t, 5*time.Second, "lights.off", func() bool { return len(f.cmd.list()) == 2 })
+	})
+	t.Run("absence due while down fires once on start", func(t *testing.T) {
+		cfg := restoreFile(t)
+		f := newEngine(t, cfg, devs)
+		f.clock.Set(t0.Add(time.Hour))
+		stop := startEngine(t, f.e)
+		waitFor(t, 5*time.Second, "lights.off", func() bool { return len(f.cmd.list()) == 2 })
+		want := []string{
+			`kitchen-light-1 lights.off {"cause":"` + e1.ID() + `","on":false}`,
+			`kitchen-light-2 lights.off {"cause":"` + e1.ID() + `","on":false}`,
+		}
+		assertSet(t, f.cmd.list(), want)
+		stop()
+		// and only once: the next start has nothing pending
+		f2 := newEngine(t, cfg, devs)
+		f2.clock.Set(t0.Add(2 * time.Hour))
+		stop2 := startEngine(t, f2.e)
+		f2.e.Submit(newEvent("other", "x", t0.Add(2*time.Hour), nil))
+		stop2()
+		if c := f2.cmd.list(); len(c) != 0 {
+			t.Fatalf("commands on the third start: %q", c)
+		}
+	})
+}
+
+func TestNewErrors(t *testing.T) {
+	bad := DefaultConfig()
+	bad.Dir = writeRules(t, map[string]string{"a.yaml": "rules:\n  - name: a\n    on: x\n    when: 'data.x >'\n    actions: [{emit: {type: y}}]\n"})
+	_, err := New(bad, Deps{}, nil, nil)
+	if !errors.Is(err, ErrInvalidRules) || !strings.Contains(err.Error(), "a.yaml:4: rules[0].when: expression") {
+		t.Fatalf("New = %v", err)
+	}
+	cfg := DefaultConfig()
+	cfg.QueueSize = -1
+	cfg.Dir = filepath.Join(t.TempDir(), "missing")
+	_, err = New(cfg, Deps{}, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), "rules.queue_size: must be >= 0") || !strings.Contains(err.Error(), "rules.dir:") {
+		t.Fatalf("New = %v", err)
+	}
+	// registering twice on one registry is an error, not a panic
+	reg := prometheus.NewRegistry()
+	if _, err := New(DefaultConfig(), Deps{}, nil, reg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(DefaultConfig(), Deps{}, nil, reg); err == nil {
+		t.Fatal("second registration accepted")
+	}
+}
+
+func TestEngineRunTwice(t *testing.T) {
+	f := newEngine(t, DefaultConfig(), nil)
+	startEngine(t, f.e)
+	waitFor(t, 5*time.Second, "running", f.e.running.Load)
+	if err := f.e.Run(context.Background()); !errors.Is(err, ErrRunning) {
+		t.Fatalf("second Run = %v", err)
+	}
+}
