@@ -109,7 +109,7 @@ func (s *logSource) Read(after uint64, max int) ([]forward.Record, error) {
 }
 
 func (s *logSource) Wait(ctx context.Context, after uint64) error { return s.log.Wait(ctx, after) }
-func (s *logSource) Cursor(name string) uint64                   { return s.log.Cursor(name) }
+func (s *logSource) Cursor(name string) uint64                    { return s.log.Cursor(name) }
 func (s *logSource) Ack(name string, upTo uint64) error           { return s.log.Ack(name, upTo) }
 
 // deadLetters keeps dead letters in the store; a failure to store one is logged loudly, never silent.

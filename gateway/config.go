@@ -27,15 +27,15 @@ type Config struct {
 	// ShutdownTimeout bounds a graceful stop. Default 15s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 
-	Log        LogConfig               `yaml:"log"`
-	HTTP       HTTPConfig              `yaml:"http"`
-	MQTT       ingest.BrokerConfig     `yaml:"mqtt"`
-	Ingest     ingest.NormalizeConfig  `yaml:"ingest"`
-	Devices    DevicesConfig           `yaml:"devices"`
-	Buffer     buffer.Config           `yaml:"buffer"`
-	Forward    forward.Config          `yaml:"forward"`
-	Rules      rules.Config            `yaml:"rules"`
-	DeadLetter deadletter.Config       `yaml:"deadletter"`
+	Log        LogConfig              `yaml:"log"`
+	HTTP       HTTPConfig             `yaml:"http"`
+	MQTT       ingest.BrokerConfig    `yaml:"mqtt"`
+	Ingest     ingest.NormalizeConfig `yaml:"ingest"`
+	Devices    DevicesConfig          `yaml:"devices"`
+	Buffer     buffer.Config          `yaml:"buffer"`
+	Forward    forward.Config         `yaml:"forward"`
+	Rules      rules.Config           `yaml:"rules"`
+	DeadLetter deadletter.Config      `yaml:"deadletter"`
 }
 
 // LogConfig selects the log level and format.

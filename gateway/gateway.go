@@ -91,6 +91,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 
 	rcfg := cfg.Rules
 	rcfg.StateFile = filepath.Join(cfg.DataDir, "rules-state.json")
+	rcfg.Source = "/gateways/" + cfg.ID + "/rules"
 	em := &emitter{g: g}
 	g.rules, err = rules.New(rcfg, rules.Deps{
 		Directory:   directory{reg: g.registry},

@@ -277,6 +277,7 @@ func (h filterHandler) WithGroup(n string) slog.Handler { return filterHandler{h
 type metrics struct {
 	connections prometheus.Gauge
 	refused     *prometheus.CounterVec
+	closed      *prometheus.CounterVec
 	panics      prometheus.Counter
 	authFail    *prometheus.CounterVec
 	aclDenied   *prometheus.CounterVec
@@ -294,6 +295,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		connections: prometheus.NewGauge(prometheus.GaugeOpts{Name: "edgegate_ingest_connections", Help: "Open MQTT connections."}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_connections_refused_total",
 			Help: "Connections refused before CONNECT, by reason."}, []string{"reason"}),
+		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_connections_closed_total",
+			Help: "Connections the broker closed on a client's fault, by reason: malformed (a packet that breaks the protocol), too_large (over mqtt.max_packet_bytes), timeout (no CONNECT within mqtt.connect_timeout, or keep-alive expired)."},
+			[]string{"reason"}),
 		panics: prometheus.NewCounter(prometheus.CounterOpts{Name: "edgegate_ingest_panics_recovered_total",
 			Help: "Panics contained to a single connection."}),
 		authFail: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_auth_failures_total",
@@ -315,7 +319,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		commands: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_commands_total",
 			Help: "Commands sent to devices, by outcome."}, []string{"outcome"}),
 	}
-	for _, c := range []prometheus.Collector{m.connections, m.refused, m.panics, m.authFail, m.aclDenied, m.messagesIn,
+	for _, c := range []prometheus.Collector{m.connections, m.refused, m.closed, m.panics, m.authFail, m.aclDenied, m.messagesIn,
 		m.events, m.deadLetters, m.rateLimited, m.rejected, m.normalize, m.commands} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -189,6 +189,8 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 		reason = "taken_over"
 	case h.b.closed.Load():
 		reason = "server_shutdown"
+	case kickedForLimit(err):
+		reason = PresenceKickedLimit
 	case err == nil || errors.Is(err, packets.CodeDisconnect):
 		reason = "clean_disconnect"
 	}
@@ -201,6 +203,17 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	h.mu.Unlock()
 	h.b.log.Debug("device disconnected", "device_id", ds.id, "client_id", cl.ID, "reason", reason, "error", err)
 	h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
+}
+
+// kickedForLimit reports whether mochi closed the connection because the client exceeded a limit.
+func kickedForLimit(err error) bool {
+	for _, c := range []packets.Code{packets.ErrPacketTooLarge, packets.ErrReceiveMaximum,
+		packets.ErrMessageRateTooHigh, packets.ErrQuotaExceeded} {
+		if errors.Is(err, c) {
+			return true
+		}
+	}
+	return false
 }
 
 // OnPublish turns a device's PUBLISH into an event. It returns only after the consumer accepted the event, so

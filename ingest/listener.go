@@ -16,6 +16,7 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // ErrAddrInUse is returned (wrapped) when a listener's port is already taken.
@@ -127,12 +128,41 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 	g.m.connections.Inc()
 	defer g.m.connections.Dec()
 	if err := establish(listener, conn); err != nil && !isClosing(err) {
+		if reason := closeReason(err); reason != "" {
+			g.m.closed.WithLabelValues(reason).Inc()
+		}
 		g.log.Debug("connection ended", "listener", listener, "remote", conn.RemoteAddr().String(), "error", err)
 	}
 }
 
 func isClosing(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)
+}
+
+// closeReason says why the broker ended a connection on the client's fault, as a label of
+// edgegate_ingest_connections_closed_total: "too_large", "timeout" or "malformed"; "" for ordinary ends (a
+// DISCONNECT, a reset by the peer) and for refused logins, which edgegate_ingest_auth_failures_total counts.
+func closeReason(err error) string {
+	var code packets.Code
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE):
+		return ""
+	case errors.As(err, &code):
+		switch code.Code {
+		case packets.ErrPacketTooLarge.Code:
+			return "too_large"
+		case packets.ErrBadUsernameOrPassword.Code, packets.ErrNotAuthorized.Code:
+			return ""
+		}
+		if code.Code < packets.ErrUnspecifiedError.Code {
+			return "" // success and normal disconnection codes
+		}
+		return "malformed"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	}
+	return "malformed"
 }
 
 // tcpListener is a mochi listener over an already bound net.Listener (plain or TLS).

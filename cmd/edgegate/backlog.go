@@ -3,8 +3,8 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -47,7 +47,14 @@ func cmdBacklog(ctx context.Context, args []string, stdout, stderr io.Writer) er
   edgegate backlog recover [--config FILE]
 T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be stopped for all but stats.`)
 	}
-	fs := newFlagSet("backlog "+sub, "", stderr)
+	synopsis := map[string]string{
+		"stats":   "[--config FILE]",
+		"export":  "[--config FILE] [--since T] [--until T] [--out FILE]   (T: RFC 3339 or a duration ago such as 2h)",
+		"import":  "[--config FILE] [--in FILE]   (CloudEvents JSON lines; the gateway must be stopped)",
+		"purge":   "[--config FILE] --before T --yes   (T: RFC 3339 or a duration ago; the gateway must be stopped)",
+		"recover": "[--config FILE]   (moves a corrupt log aside and starts a new one; the gateway must be stopped)",
+	}[sub]
+	fs := newFlagSet("backlog "+sub, synopsis, stderr)
 	path := fs.String("config", defaultConfig, "configuration file")
 	switch sub {
 	case "stats":

@@ -1,0 +1,35 @@
+// Package bridgebench compares how fast edgegate carries device events to a cloud MQTT broker with how fast a
+// Mosquitto bridge does, on loopback, with real processes: the edgegate binary (cmd/edgegate) or an edge
+// mosquitto bridged to the cloud, and a cloud mosquitto that a counting subscriber reads.
+//
+// # Scenarios
+//
+// RunOnline: everything is up; Options.Devices devices publish Options.Messages QoS 1 messages each (JSON of
+// Options.PayloadBytes bytes) as fast as Options.Inflight unacknowledged publishes per device allow. The rate
+// is the distinct messages delivered per second, from the first publish to the last arrival.
+//
+// RunDrain: the cloud broker is stopped (SIGTERM; it saves its persistence), the devices publish
+// Options.Backlog messages, the cloud broker is started again on the same port with the same persistence (the
+// subscriber's persistent session and the bridge's survive), and the time to deliver the last backlog message
+// is measured from that moment, while one more device publishes live traffic at Options.LiveRate messages per
+// second whose end-to-end latency (publish to arrival at the subscriber) is measured.
+//
+// # Systems
+//
+// Gateway is edgegate with one MQTT sink (QoS 1) to the cloud broker, its log at the default durability
+// (fsync before the PUBACK to the device). MosquittoBridge is an edge mosquitto with a QoS 1 bridge
+// ("topic devices/# out 1") configured to keep everything: persistence on, clean session off on both sides,
+// max_queued_messages 0 (no limit). MosquittoBridgeDefaults is the same bridge with mosquitto's default queue
+// limit (1000 queued messages per client), which loses the rest of a long outage's backlog. Both systems retry
+// a lost upstream connection within about a second (gateway backoff 100ms–1s, bridge restart_timeout 1).
+//
+// Every process is started in its own process group on free 127.0.0.1 ports and killed when the run ends or
+// its context is cancelled; on Linux it is also killed should the calling process die.
+//
+// # Running it
+//
+//	go test -run '^$' -bench . -benchtime 1x ./internal/bridgebench/                 # one round of each
+//	go test -run '^$' -bench Drain -benchtime 3x ./internal/bridgebench/ -drain 1000000
+//
+// The benchmarks report each system's rate and the ratio gateway/bridge measured in the same run.
+package bridgebench

@@ -1,0 +1,204 @@
+package bridgebench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// startTimeout bounds the wait for a started process to accept connections.
+const startTimeout = 15 * time.Second
+
+// process is a child started in its own process group. Stop and Kill signal the whole group; the process is
+// also killed when the context given to startProcess ends.
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{} // closed when the process has exited and been waited for
+
+	stopWatch chan struct{}
+	once      sync.Once
+}
+
+// startProcess starts bin with args, its output appended to logPath, in a new process group.
+func startProcess(ctx context.Context, name, logPath, bin string, args ...string) (*process, error) {
+	out, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("%s: log: %w", name, err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = sysProcAttr()
+	if err := cmd.Start(); err != nil {
+		_ = out.Close()
+		return nil, fmt.Errorf("%s: start %s: %w", name, bin, err)
+	}
+	p := &process{name: name, cmd: cmd, done: make(chan struct{}), stopWatch: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		_ = out.Close()
+		close(p.done)
+	}()
+	go func() {
+		select {
+		case <-ctx.Done():
+			p.Kill()
+		case <-p.stopWatch:
+		case <-p.done:
+		}
+	}()
+	return p, nil
+}
+
+// Pid is the process id (also its process group id).
+func (p *process) Pid() int { return p.cmd.Process.Pid }
+
+// Exited reports whether the process has ended.
+func (p *process) Exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *process) signal(sig syscall.Signal) {
+	// The negative pid addresses the process group: whatever the process started goes too.
+	if err := syscall.Kill(-p.cmd.Process.Pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+		_ = p.cmd.Process.Signal(sig)
+	}
+}
+
+// Kill sends SIGKILL to the process group and waits until the process is gone.
+func (p *process) Kill() {
+	p.once.Do(func() { close(p.stopWatch) })
+	if !p.Exited() {
+		p.signal(syscall.SIGKILL)
+	}
+	<-p.done
+}
+
+// Stop sends SIGTERM to the process group, waits up to grace for the process to exit, then kills it. It
+// reports whether the process exited on SIGTERM.
+func (p *process) Stop(grace time.Duration) bool {
+	if p.Exited() {
+		p.Kill()
+		return true
+	}
+	p.signal(syscall.SIGTERM)
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+		p.Kill() // ends the watcher; the group may still hold children
+		return true
+	case <-t.C:
+		p.Kill()
+		return false
+	}
+}
+
+// waitListening polls addr until it accepts a TCP connection, the process exits or the timeout passes.
+func waitListening(ctx context.Context, p *process, addr string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if p.Exited() {
+			return fmt.Errorf("%s exited before listening on %s (%s)", p.name, addr, p.cmd.ProcessState)
+		}
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			_ = c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not accept connections on %s within %s", p.name, addr, timeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// freePort asks the kernel for a free loopback port.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// usage is a process's resource use as the kernel reports it in /proc.
+type usage struct {
+	CPU     time.Duration // user + system time so far
+	RSS     int64         // resident set now, bytes
+	PeakRSS int64         // the largest resident set so far (VmHWM), bytes
+}
+
+// clockTick is the unit of the times in /proc/PID/stat (USER_HZ, 100 on every Linux platform Go supports).
+const clockTick = 10 * time.Millisecond
+
+// readUsage reads /proc/PID/stat and /proc/PID/status. It fails where /proc does not exist.
+func readUsage(pid int) (usage, error) {
+	var u usage
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return u, fmt.Errorf("read usage: %w", err)
+	}
+	// The command name (field 2) is in parentheses and may contain spaces; fields after it are plain.
+	s := string(stat)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return u, fmt.Errorf("read usage: malformed /proc/%d/stat", pid)
+	}
+	f := strings.Fields(s[i+1:])
+	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
+	if len(f) < 13 {
+		return u, fmt.Errorf("read usage: short /proc/%d/stat", pid)
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return u, fmt.Errorf("read usage: %w", err)
+	}
+	u.CPU = time.Duration(ut+st) * clockTick
+
+	fh, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return u, fmt.Errorf("read usage: %w", err)
+	}
+	defer fh.Close()
+	sc := bufio.NewScanner(fh)
+	for sc.Scan() {
+		line := sc.Text()
+		var dst *int64
+		switch {
+		case strings.HasPrefix(line, "VmRSS:"):
+			dst = &u.RSS
+		case strings.HasPrefix(line, "VmHWM:"):
+			dst = &u.PeakRSS
+		default:
+			continue
+		}
+		fs := strings.Fields(line)
+		if len(fs) >= 2 {
+			if kb, err := strconv.ParseInt(fs[1], 10, 64); err == nil {
+				*dst = kb << 10
+			}
+		}
+	}
+	return u, sc.Err()
+}

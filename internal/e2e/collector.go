@@ -1,0 +1,228 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/edgegate/edgegate/internal/mosquittotest"
+)
+
+// UpstreamTopic is the filter the Collector subscribes to: every event any gateway forwards with the default
+// MQTT topic template edgegate/{gateway}/events/{subject}/{type}.
+const UpstreamTopic = "edgegate/+/events/#"
+
+// Collector subscribes to the upstream broker with a persistent session (QoS 1, clean session off, automatic
+// reconnect) and records the CloudEvents the gateway forwards: how often each id arrived, and for each device
+// the seqs of the Client events in order of first arrival. The broker's persistence is saved right after the
+// subscription, so the session survives the broker being killed and started again.
+type Collector struct {
+	t  testing.TB
+	cl paho.Client
+
+	mu     sync.Mutex
+	ids    map[string]int   // CloudEvent id → arrivals
+	keys   map[Key]string   // device/seq → the id it first arrived with
+	keyIDs map[Key]int      // device/seq → distinct ids seen for it
+	order  map[string][]int // device → seqs in order of first arrival
+	msgs   int              // messages received
+	other  int              // events that are not Client events (presence, …)
+	bad    []string         // payloads that are not CloudEvents
+	last   time.Time        // when the last message arrived
+	types  map[string]int   // CloudEvent type → arrivals
+}
+
+type upstreamEvent struct {
+	ID      string          `json:"id"`
+	Type    string          `json:"type"`
+	Subject string          `json:"subject"`
+	Data    json.RawMessage `json:"data"`
+}
+
+// NewCollector connects to broker, subscribes to UpstreamTopic and saves the broker's persistence.
+func NewCollector(t testing.TB, broker *mosquittotest.Broker) *Collector {
+	t.Helper()
+	c := &Collector{t: t, ids: map[string]int{}, keys: map[Key]string{}, keyIDs: map[Key]int{},
+		order: map[string][]int{}, types: map[string]int{}}
+	opts := paho.NewClientOptions().AddBroker(broker.URL()).SetClientID(fmt.Sprintf("e2e-collector-%d", time.Now().UnixNano())).
+		SetCleanSession(false).SetAutoReconnect(true).SetConnectRetry(true).
+		SetConnectRetryInterval(50 * time.Millisecond).SetMaxReconnectInterval(100 * time.Millisecond).
+		SetResumeSubs(true).SetOrderMatters(true).SetKeepAlive(5 * time.Second).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { c.record(m.Payload()) })
+	c.cl = paho.NewClient(opts)
+	if tok := c.cl.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("e2e: collector connect: %v", tok.Error())
+	}
+	if tok := c.cl.Subscribe(UpstreamTopic, 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("e2e: collector subscribe: %v", tok.Error())
+	}
+	broker.Save()
+	t.Cleanup(func() { c.cl.Disconnect(0) })
+	return c
+}
+
+func (c *Collector) record(payload []byte) {
+	var ev upstreamEvent
+	err := json.Unmarshal(payload, &ev)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.msgs++
+	c.last = time.Now()
+	if err != nil || ev.ID == "" {
+		if len(c.bad) < 10 {
+			c.bad = append(c.bad, string(payload))
+		}
+		return
+	}
+	c.ids[ev.ID]++
+	c.types[ev.Type]++
+	if c.ids[ev.ID] > 1 {
+		return
+	}
+	var d struct {
+		Seq    int    `json:"seq"`
+		Device string `json:"device"`
+	}
+	if !strings.HasSuffix(ev.Type, EventType) || json.Unmarshal(ev.Data, &d) != nil || d.Seq == 0 {
+		c.other++
+		return
+	}
+	k := Key{ev.Subject, d.Seq}
+	c.keyIDs[k]++
+	if _, seen := c.keys[k]; seen {
+		return // a second id for the same publish: counted by Counts as a duplicate
+	}
+	c.keys[k] = ev.ID
+	c.order[ev.Subject] = append(c.order[ev.Subject], d.Seq)
+}
+
+// Connected reports whether the collector's connection is up.
+func (c *Collector) Connected() bool { return c.cl.IsConnectionOpen() }
+
+// Counts are a Collector's totals.
+type Counts struct {
+	// Messages is every message received; Events counts the Client events (device/seq) among them, once each.
+	Messages, Events int
+	// UniqueIDs counts distinct CloudEvent ids; Duplicates the messages that repeated an id.
+	UniqueIDs, Duplicates int
+	// SeqDuplicates counts Client events that arrived under more than one id (the gateway stored a publish
+	// twice): always a bug, since a Client publishes each seq once.
+	SeqDuplicates int
+	// Other counts events that are not Client events (presence and the like); Bad the payloads that are not
+	// CloudEvents.
+	Other, Bad int
+}
+
+// Counts returns the totals so far.
+func (c *Collector) Counts() Counts {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := Counts{Messages: c.msgs, Events: len(c.keys), UniqueIDs: len(c.ids), Other: c.other, Bad: len(c.bad)}
+	for _, v := range c.ids {
+		n.Duplicates += v - 1
+	}
+	for _, v := range c.keyIDs {
+		n.SeqDuplicates += v - 1
+	}
+	return n
+}
+
+// Has reports whether the event k arrived.
+func (c *Collector) Has(k Key) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.keys[k]
+	return ok
+}
+
+// Missing returns the events of want that have not arrived.
+func (c *Collector) Missing(want []Key) []Key {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []Key
+	for _, k := range want {
+		if _, ok := c.keys[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Device != out[j].Device {
+			return out[i].Device < out[j].Device
+		}
+		return out[i].Seq < out[j].Seq
+	})
+	return out
+}
+
+// Keys returns every Client event that arrived.
+func (c *Collector) Keys() []Key {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]Key, 0, len(c.keys))
+	for k := range c.keys {
+		out = append(out, k)
+	}
+	return out
+}
+
+// OrderErrors returns, per device whose events arrived out of order (by first arrival), a description of the
+// first inversion. Nil means every device's events arrived in the order it published them.
+func (c *Collector) OrderErrors() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for dev, seqs := range c.order {
+		for i := 1; i < len(seqs); i++ {
+			if seqs[i] < seqs[i-1] {
+				out = append(out, fmt.Sprintf("%s: seq %d arrived after %d", dev, seqs[i], seqs[i-1]))
+				break
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// BadPayloads returns up to ten payloads that were not CloudEvents.
+func (c *Collector) BadPayloads() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.bad)
+}
+
+// Quiet reports how long ago the last message arrived (since the collector started when none has).
+func (c *Collector) Quiet() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.last.IsZero() {
+		return time.Duration(1<<62 - 1)
+	}
+	return time.Since(c.last)
+}
+
+// WaitFor polls until every event of want has arrived or timeout passes; it returns the ones still missing.
+func (c *Collector) WaitFor(want []Key, timeout time.Duration) []Key {
+	deadline := time.Now().Add(timeout)
+	for {
+		missing := c.Missing(want)
+		if len(missing) == 0 || time.Now().After(deadline) {
+			return missing
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Settle waits until no message has arrived for quiet (bounded by timeout), so late duplicates are counted.
+func (c *Collector) Settle(quiet, timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	for c.Quiet() < quiet && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+}
