@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -25,9 +26,21 @@ func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
 // openLog opens the durable log of cfg for an offline tool. It fails fast, naming the file, when a running
 // gateway holds it.
 func openLog(cfg gateway.Config) (*buffer.Log, error) {
+	return openLogFile(cfg, false)
+}
+
+// openLogFile opens the gateway's log for a tool; create makes a new one (in a new data dir) when there is none.
+func openLogFile(cfg gateway.Config, create bool) (*buffer.Log, error) {
 	bcfg := cfg.Buffer
 	bcfg.Path = filepath.Join(cfg.DataDir, "events.db")
-	if _, err := os.Stat(bcfg.Path); err != nil {
+	_, statErr := os.Stat(bcfg.Path)
+	if create && errors.Is(statErr, fs.ErrNotExist) {
+		if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+			return nil, fmt.Errorf("data_dir: %w", err)
+		}
+		return buffer.Open(bcfg, discardLogger(), nil) // a new log: no cursors to keep
+	}
+	if err := statErr; err != nil {
 		return nil, fmt.Errorf("no event log at %s (data_dir %q): %w", bcfg.Path, cfg.DataDir, err)
 	}
 	return buffer.OpenTool(bcfg, discardLogger())
@@ -269,7 +282,7 @@ func drawProgress(w io.Writer, done, total int) {
 // importLog appends CloudEvents JSON lines to the log; every line is validated first, a bad line stops the import
 // with its line number (nothing after it is written).
 func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.Writer) error {
-	lg, err := openLog(cfg)
+	lg, err := openLogFile(cfg, true)
 	if err != nil {
 		return err
 	}

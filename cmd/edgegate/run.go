@@ -85,7 +85,6 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return fmt.Errorf("%s is not valid:\n%s", *path, indent(err.Error()))
 	}
 	logger := newLogger(cfg.Log, stderr)
-	slog.SetDefault(logger)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -107,6 +106,7 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	notified := false
+	stopping := ctx.Done()
 	for {
 		select {
 		case err := <-done:
@@ -118,7 +118,9 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 			} else {
 				logger.Info("rules reloaded")
 			}
-		case <-ctx.Done():
+		case <-stopping:
+			stopping = nil // Run is draining; wait for it above
+			logger.Info("stopping", "timeout", cfg.ShutdownTimeout)
 			if notified {
 				_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
 				notified = false

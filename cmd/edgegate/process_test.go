@@ -1,0 +1,427 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/edgegate/edgegate/devices"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// binary builds the edgegate command once per test run.
+func binary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "edgegate-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "edgegate")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %w\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binPath != "" {
+		_ = os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
+}
+
+// proc is a running edgegate process.
+type proc struct {
+	cmd   *exec.Cmd
+	mqtt  string
+	http  string
+	mu    sync.Mutex
+	lines []string
+	exit  chan error
+}
+
+var readyRE = regexp.MustCompile(`msg=ready mqtt=(\S+) http=(\S+)`)
+
+// startDaemon runs `edgegate run --config cfg` and waits for its ready log line.
+func startDaemon(t *testing.T, cfg string, env ...string) *proc {
+	t.Helper()
+	d := &proc{exit: make(chan error, 1)}
+	d.cmd = exec.Command(binary(t), "run", "--config", cfg)
+	d.cmd.Env = append(os.Environ(), env...)
+	stderr, err := d.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan [2]string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			d.mu.Lock()
+			d.lines = append(d.lines, line)
+			d.mu.Unlock()
+			if m := readyRE.FindStringSubmatch(line); m != nil {
+				ready <- [2]string{m[1], m[2]}
+			}
+		}
+		d.exit <- d.cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		if d.cmd.ProcessState == nil {
+			_ = d.cmd.Process.Kill()
+			<-d.exit
+		}
+	})
+	select {
+	case a := <-ready:
+		d.mqtt, d.http = a[0], a[1]
+	case err := <-d.exit:
+		t.Fatalf("edgegate exited before ready: %v\n%s", err, d.log())
+	case <-time.After(20 * time.Second):
+		t.Fatalf("edgegate not ready within 20s\n%s", d.log())
+	}
+	return d
+}
+
+func (d *proc) log() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return strings.Join(d.lines, "\n")
+}
+
+// waitLog waits until a log line contains s.
+func (d *proc) waitLog(t *testing.T, s string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if strings.Contains(d.log(), s) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no log line with %q within %s\n%s", s, timeout, d.log())
+}
+
+// wait waits for the process to exit and returns its error.
+func (d *proc) wait(t *testing.T, timeout time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-d.exit:
+		return err
+	case <-time.After(timeout):
+		t.Fatalf("edgegate did not exit within %s\n%s", timeout, d.log())
+		return nil
+	}
+}
+
+func TestReadyAfterBindAndCleanStop(t *testing.T) {
+	sockPath := filepath.Join(t.TempDir(), "notify.sock")
+	sock, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	msgs := make(chan string, 16)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, _, err := sock.ReadFromUnix(buf)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+
+	cfg, _ := writeConfig(t, "shutdown_timeout: 5s\n")
+	d := startDaemon(t, cfg, "NOTIFY_SOCKET="+sockPath)
+	select {
+	case m := <-msgs:
+		if !strings.Contains(m, "READY=1") {
+			t.Fatalf("first notification %q, want READY=1", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no READY=1 notification")
+	}
+	// READY means the listeners are bound: both answer at once.
+	for _, addr := range []string{d.mqtt, d.http} {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			t.Fatalf("READY was sent but %s does not accept: %v", addr, err)
+		}
+		c.Close()
+	}
+
+	start := time.Now()
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.wait(t, 10*time.Second); err != nil {
+		t.Fatalf("exit after SIGTERM: %v (want status 0)\n%s", err, d.log())
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("stop took %s, longer than shutdown_timeout 5s", took)
+	}
+	select {
+	case m := <-msgs:
+		if !strings.Contains(m, "STOPPING=1") {
+			t.Errorf("notification after SIGTERM %q, want STOPPING=1", m)
+		}
+	case <-time.After(time.Second):
+		t.Error("no STOPPING=1 notification")
+	}
+	for _, want := range []string{"stopping", "log closed"} {
+		if !strings.Contains(d.log(), want) {
+			t.Errorf("log has no %q line:\n%s", want, d.log())
+		}
+	}
+}
+
+func TestPortInUseNamesTheKey(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg, _ := writeConfig(t, "")
+	data, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data = bytes.Replace(data, []byte("listen: 127.0.0.1:0\nhttp"), []byte("listen: "+ln.Addr().String()+"\nhttp"), 1)
+	if err := os.WriteFile(cfg, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(binary(t), "run", "--config", cfg).CombinedOutput()
+	if err == nil {
+		t.Fatalf("started on a port in use:\n%s", out)
+	}
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	for _, want := range []string{"port " + port + " is already in use", "mqtt.listen"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("error does not say %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestSIGHUPReloadsRules(t *testing.T) {
+	rulesDir := t.TempDir()
+	write := func(body string) {
+		if err := os.WriteFile(filepath.Join(rulesDir, "r.yaml"), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("rules:\n  - name: first\n    on: {type: a.b}\n    actions:\n      - state: {key: seen, value: '1'}\n")
+	cfg, _ := writeConfig(t, "")
+	data, _ := os.ReadFile(cfg)
+	data = regexp.MustCompile(`(?m)^  dir: .*$`).ReplaceAll(data, []byte("  dir: "+rulesDir+"\n  watch: false"))
+	if err := os.WriteFile(cfg, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, cfg)
+
+	rulesNow := func() []string {
+		var st struct {
+			Rules []struct{ Name string } `json:"rules"`
+		}
+		code, out, errOut := runCmd(t, "status", "--addr", d.http, "--json")
+		if code != 0 {
+			t.Fatalf("status: exit %d: %s", code, errOut)
+		}
+		if err := json.Unmarshal([]byte(out), &st); err != nil {
+			t.Fatalf("status --json: %v\n%s", err, out)
+		}
+		var names []string
+		for _, r := range st.Rules {
+			names = append(names, r.Name)
+		}
+		return names
+	}
+	if got := rulesNow(); len(got) != 1 || got[0] != "first" {
+		t.Fatalf("rules at start %v, want [first]", got)
+	}
+
+	write("rules:\n  - name: second\n    on: {type: a.b}\n    actions:\n      - state: {key: seen, value: '2'}\n")
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d.waitLog(t, "rules reloaded", 5*time.Second)
+	if got := rulesNow(); len(got) != 1 || got[0] != "second" {
+		t.Fatalf("rules after SIGHUP %v, want [second]", got)
+	}
+
+	// A broken file keeps the rules in force and says where the mistake is.
+	write("rules:\n  - name: third\n    on: {type: a.b}\n    actions:\n      - explode: {}\n")
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d.waitLog(t, "rules reload failed", 5*time.Second)
+	if !strings.Contains(d.log(), "r.yaml:") {
+		t.Errorf("reload error does not name the file and line:\n%s", d.log())
+	}
+	if got := rulesNow(); len(got) != 1 || got[0] != "second" {
+		t.Fatalf("rules after a bad reload %v, want [second] kept", got)
+	}
+}
+
+// TestKill9KeepsAcknowledgedEvents publishes QoS 1 events while the gateway is killed with SIGKILL: every event
+// the device got a PUBACK for is in the log after the restart.
+func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
+	cfg, _ := writeConfig(t, "")
+	d := startDaemon(t, cfg)
+
+	opts := paho.NewClientOptions().AddBroker("tcp://" + d.mqtt).SetClientID("thermo-1").
+		SetUsername("thermo-1").SetPassword("thermo-1-pw").SetAutoReconnect(false).SetConnectRetry(false)
+	cl := paho.NewClient(opts)
+	if tok := cl.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("connect: %v", tok.Error())
+	}
+	defer cl.Disconnect(0)
+
+	var (
+		mu    sync.Mutex
+		acked []int
+	)
+	killed := make(chan struct{})
+	go func() {
+		// Kill once a few hundred events are acknowledged, while more are in flight.
+		for {
+			mu.Lock()
+			n := len(acked)
+			mu.Unlock()
+			if n >= 300 {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		_ = d.cmd.Process.Signal(syscall.SIGKILL)
+		close(killed)
+	}()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 32) // publishes in flight
+	deadline := time.Now().Add(20 * time.Second)
+publish:
+	for i := 0; i < 5000 && time.Now().Before(deadline); i++ {
+		select {
+		case <-killed:
+			break publish
+		case sem <- struct{}{}:
+		}
+		wg.Add(1)
+		tok := cl.Publish("devices/thermo-1/telemetry/temperature", 1, false, fmt.Sprintf(`{"seq":%d}`, i))
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if tok.WaitTimeout(5*time.Second) && tok.Error() == nil {
+				mu.Lock()
+				acked = append(acked, i)
+				mu.Unlock()
+			}
+		}(i)
+	}
+	<-killed
+	_ = d.wait(t, 10*time.Second)
+	wg.Wait()
+
+	// The log after the crash: every acknowledged seq is there.
+	exp := filepath.Join(t.TempDir(), "after.jsonl")
+	if code, _, errOut := runCmd(t, "backlog", "export", "--config", cfg, "--out", exp); code != 0 {
+		t.Fatalf("export after kill -9: exit %d: %s", code, errOut)
+	}
+	raw, err := os.ReadFile(exp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[int]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+		var ev struct {
+			Type string `json:"type"`
+			Data struct {
+				Seq *int `json:"seq"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal([]byte(line), &ev); err != nil {
+			t.Fatalf("a record in the log after kill -9 does not parse: %v: %q", err, line)
+		}
+		if ev.Type == "telemetry.temperature" && ev.Data.Seq != nil {
+			have[*ev.Data.Seq] = true
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	lost := 0
+	for _, s := range acked {
+		if !have[s] {
+			lost++
+		}
+	}
+	t.Logf("acknowledged %d, in the log %d, lost %d", len(acked), len(have), lost)
+	if len(acked) < 300 {
+		t.Fatalf("only %d acknowledged before the kill", len(acked))
+	}
+	if lost != 0 {
+		t.Fatalf("%d acknowledged events are not in the log after kill -9", lost)
+	}
+
+	// The gateway starts again on the same data and keeps appending after the last event.
+	d2 := startDaemon(t, cfg)
+	_ = d2.cmd.Process.Signal(syscall.SIGTERM)
+	if err := d2.wait(t, 10*time.Second); err != nil {
+		t.Fatalf("restart after kill -9: %v\n%s", err, d2.log())
+	}
+}
+
+func TestPasswdHashesStdin(t *testing.T) {
+	for _, algo := range []string{"bcrypt", "argon2id"} {
+		t.Run(algo, func(t *testing.T) {
+			cmd := exec.Command(binary(t), "passwd", "--algo", algo)
+			cmd.Stdin = strings.NewReader("s3cret-pw\n")
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("passwd: %v", err)
+			}
+			hash := strings.TrimSpace(string(out))
+			for pw, want := range map[string]bool{"s3cret-pw": true, "s3cret-pW": false} {
+				ok, err := devices.VerifyPassword(hash, []byte(pw))
+				if err != nil || ok != want {
+					t.Errorf("VerifyPassword(%q, %q) = %v, %v; want %v", hash, pw, ok, err, want)
+				}
+			}
+		})
+	}
+	cmd := exec.Command(binary(t), "passwd")
+	cmd.Stdin = strings.NewReader("\n")
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "empty password") {
+		t.Fatalf("an empty password was hashed: %v %s", err, out)
+	}
+}
