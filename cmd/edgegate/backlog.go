@@ -29,6 +29,15 @@ func openLog(cfg gateway.Config) (*buffer.Log, error) {
 	return openLogFile(cfg, false)
 }
 
+// openConfigLog opens the log of the gateway configured in the file at path.
+func openConfigLog(path string) (*buffer.Log, error) {
+	cfg, err := loadConfig(path)
+	if err != nil {
+		return nil, err
+	}
+	return openLog(cfg)
+}
+
 // openLogFile opens the gateway's log for a tool; create makes a new one (in a new data dir) when there is none.
 func openLogFile(cfg gateway.Config, create bool) (*buffer.Log, error) {
 	bcfg := cfg.Buffer
@@ -104,11 +113,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		if err != nil {
 			return fmt.Errorf("--until: %w", err)
 		}
-		cfg, err := loadConfig(*path)
-		if err != nil {
-			return err
-		}
-		lg, err := openLog(cfg)
+		lg, err := openConfigLog(*path)
 		if err != nil {
 			return err
 		}
@@ -163,11 +168,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		if !*yes {
 			return errors.New("purge removes events for good: add --yes to confirm")
 		}
-		cfg, err := loadConfig(*path)
-		if err != nil {
-			return err
-		}
-		lg, err := openLog(cfg)
+		lg, err := openConfigLog(*path)
 		if err != nil {
 			return err
 		}

@@ -74,15 +74,9 @@ func newLogger(cfg gateway.LogConfig, w io.Writer) *slog.Logger {
 func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 	fs := newFlagSet("run", "[--config FILE]", stderr)
 	path := fs.String("config", defaultConfig, "configuration file (YAML)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	cfg, err := loadConfig(*path)
+	cfg, err := parseValidConfig(fs, args, path)
 	if err != nil {
 		return err
-	}
-	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("%s is not valid:\n%s", *path, indent(err.Error()))
 	}
 	logger := newLogger(cfg.Log, stderr)
 
@@ -141,18 +135,26 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 func cmdCheckConfig(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("check-config", "[--config FILE]", stderr)
 	path := fs.String("config", defaultConfig, "configuration file (YAML)")
-	if err := parse(fs, args); err != nil {
+	if _, err := parseValidConfig(fs, args, path); err != nil {
 		return err
-	}
-	cfg, err := loadConfig(*path)
-	if err != nil {
-		return err
-	}
-	if err := cfg.Validate(); err != nil {
-		return fmt.Errorf("%s is not valid:\n%s", *path, indent(err.Error()))
 	}
 	fmt.Fprintf(stdout, "%s: ok\n", *path)
 	return nil
+}
+
+// parseValidConfig parses the flags, then loads and validates the configuration they name.
+func parseValidConfig(fs *flag.FlagSet, args []string, path *string) (gateway.Config, error) {
+	if err := parse(fs, args); err != nil {
+		return gateway.Config{}, err
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return gateway.Config{}, err
+	}
+	if err := cfg.Validate(); err != nil {
+		return gateway.Config{}, fmt.Errorf("%s is not valid:\n%s", *path, indent(err.Error()))
+	}
+	return cfg, nil
 }
 
 func indent(s string) string {
