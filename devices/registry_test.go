@@ -346,7 +346,7 @@ func TestDemoRegistry(t *testing.T) {
 		"kitchen-motion": {"motion-sensor", "kitchen"}, "kitchen-light-1": {"light", "kitchen"},
 		"kitchen-light-2": {"light", "kitchen"}, "hall-motion": {"motion-sensor", "hall"},
 		"hall-light": {"light", "hall"}, "thermo-1": {"thermometer", "living-room"},
-		"zigbee-bridge": {"bridge", ""}, "tasmota-plug-1": {"plug", ""},
+		"zigbee-bridge": {"bridge", ""}, "tasmota-plug-1": {"plug", ""}, "observer": {"observer", ""},
 	}
 	if r.Len() != len(want) {
 		t.Errorf("demo registry has %d devices, want %d", r.Len(), len(want))
@@ -373,6 +373,9 @@ func TestDemoRegistry(t *testing.T) {
 			{"tasmota-plug-1", "stat/tasmota-plug-1/POWER", true, false},
 			{"tasmota-plug-1", "cmnd/tasmota-plug-1/POWER", false, true},
 			{"tasmota-plug-1", "tele/other/SENSOR", false, false},
+			{"observer", "devices/#", false, true},
+			{"observer", "devices/kitchen-light-1/commands/lights.on", false, true},
+			{"observer", "#", false, false},
 		} {
 			if got := r.CanPublish(c.id, c.topic); got != c.pub {
 				t.Errorf("CanPublish(%s, %s) = %v", c.id, c.topic, got)

@@ -104,17 +104,8 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 		return nil, fmt.Errorf("gateway: rules: %w", err)
 	}
 
-	g.broker, err = ingest.NewBroker(cfg.MQTT, ingest.Deps{
-		Normalizer:  g.norm,
-		Auth:        g.registry,
-		ACL:         g.registry,
-		Consumer:    consumer{g: g},
-		DeadLetters: dl,
-	}, logger, reg)
-	if err != nil {
-		return nil, err
-	}
-
+	// The admin listener is bound before the broker's: the broker has no way to release its listeners if a later
+	// step failed.
 	if cfg.HTTP.Listen != "off" {
 		ln, err := net.Listen("tcp", cfg.HTTP.Listen)
 		if err != nil {
@@ -126,6 +117,17 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 		g.httpLn = ln
 		closers = append(closers, func() { _ = ln.Close() })
 	}
+	g.broker, err = ingest.NewBroker(cfg.MQTT, ingest.Deps{
+		Normalizer:  g.norm,
+		Auth:        g.registry,
+		ACL:         g.registry,
+		Consumer:    consumer{g: g},
+		DeadLetters: dl,
+	}, logger, reg)
+	if err != nil {
+		return nil, err
+	}
+
 	g.registerMetrics()
 	return g, nil
 }

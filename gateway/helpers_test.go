@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +19,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/gateway"
@@ -24,6 +27,42 @@ import (
 
 // shippedRegistry is the demo device registry the project ships (passwords: "{id}-pw").
 var shippedRegistry = filepath.Join("..", "configs", "devices.yaml")
+
+// hashLine is a password hash of the shipped registry with the password documented in its comment.
+var hashLine = regexp.MustCompile(`password_hash: "([^"]+)" # (\S+)`)
+
+// fastRegistry writes the shipped registry with every documented password re-hashed at bcrypt's lowest cost, so
+// that logins stay cheap under -race (a cost-10 check takes more than a second there). Everything else — ids,
+// metadata, grants — is the shipped file's. The hashes of the devices named in keep stay as shipped.
+func fastRegistry(t testing.TB, keep ...string) string {
+	t.Helper()
+	data, err := os.ReadFile(shippedRegistry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	var hashErr error
+	out := hashLine.ReplaceAllFunc(data, func(line []byte) []byte {
+		m := hashLine.FindSubmatch(line)
+		if slices.Contains(keep, strings.TrimSuffix(string(m[2]), "-pw")) {
+			return line
+		}
+		h, err := bcrypt.GenerateFromPassword(m[2], bcrypt.MinCost)
+		if err != nil {
+			hashErr = err
+		}
+		n++
+		return fmt.Appendf(nil, "password_hash: %q # %s", h, m[2])
+	})
+	if hashErr != nil || n == 0 {
+		t.Fatalf("re-hash %s: %d hashes, %v", shippedRegistry, n, hashErr)
+	}
+	path := filepath.Join(t.TempDir(), "devices.yaml")
+	if err := os.WriteFile(path, out, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
 
 // testGateway is one in-process gateway started by startGateway.
 type testGateway struct {
@@ -34,7 +73,7 @@ type testGateway struct {
 }
 
 // testConfig returns the defaults with everything a test must not share: its own data dir, free loopback ports,
-// the shipped registry and an empty rules directory.
+// the shipped registry (with cheap hashes, see fastRegistry) and an empty rules directory.
 func testConfig(t testing.TB) gateway.Config {
 	t.Helper()
 	cfg := gateway.DefaultConfig()
@@ -42,7 +81,7 @@ func testConfig(t testing.TB) gateway.Config {
 	cfg.ShutdownTimeout = 5 * time.Second
 	cfg.MQTT.Listen = "127.0.0.1:0"
 	cfg.HTTP.Listen = "127.0.0.1:0"
-	cfg.Devices.Registry = shippedRegistry
+	cfg.Devices.Registry = fastRegistry(t)
 	cfg.Rules.Dir = t.TempDir()
 	cfg.Log.Level = "debug"
 	return cfg
@@ -62,17 +101,29 @@ func startGateway(t testing.TB, mutate func(*gateway.Config)) *testGateway {
 // the gateway is ready. The logs are shown when the test fails.
 func runGateway(t testing.TB, cfg gateway.Config) *testGateway {
 	t.Helper()
-	logs := testLogger(t)
+	tg := newGateway(t, cfg)
+	tg.start(t)
+	return tg
+}
+
+// newGateway makes a gateway with gateway.New and does not run it.
+func newGateway(t testing.TB, cfg gateway.Config) *testGateway {
+	t.Helper()
 	reg := prometheus.NewRegistry()
-	gw, err := gateway.New(cfg, logs, reg)
+	gw, err := gateway.New(cfg, testLogger(t, cfg.Log.Level), reg)
 	if err != nil {
 		t.Fatalf("gateway.New: %v", err)
 	}
+	return &testGateway{Gateway: gw, Cfg: cfg, Reg: reg}
+}
+
+// start runs the gateway until the test ends (or stop) and waits until it is ready.
+func (tg *testGateway) start(t testing.TB) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- gw.Run(ctx) }()
+	go func() { done <- tg.Run(ctx) }()
 	var once sync.Once
-	tg := &testGateway{Gateway: gw, Cfg: cfg, Reg: reg}
 	tg.stop = func() {
 		once.Do(func() {
 			cancel()
@@ -81,8 +132,8 @@ func runGateway(t testing.TB, cfg gateway.Config) *testGateway {
 				if err != nil {
 					t.Errorf("gateway Run returned %v, want nil", err)
 				}
-			case <-time.After(cfg.ShutdownTimeout + 5*time.Second):
-				t.Errorf("gateway Run did not return within shutdown_timeout %s", cfg.ShutdownTimeout)
+			case <-time.After(tg.Cfg.ShutdownTimeout + 5*time.Second):
+				t.Errorf("gateway Run did not return within shutdown_timeout %s", tg.Cfg.ShutdownTimeout)
 			}
 		})
 	}
@@ -90,16 +141,17 @@ func runGateway(t testing.TB, cfg gateway.Config) *testGateway {
 	waitFor(t, 10*time.Second, "gateway ready", func() bool {
 		select {
 		case err := <-done:
+			done <- err // for stop
 			t.Fatalf("gateway Run returned early: %v", err)
 		default:
 		}
-		return gw.Ready()
+		return tg.Ready()
 	})
-	return tg
 }
 
-// testLogger returns a logger that keeps everything in memory and prints it if the test fails.
-func testLogger(t testing.TB) *slog.Logger {
+// testLogger returns a logger at level (as in the config) that keeps everything in memory and prints it if the
+// test fails.
+func testLogger(t testing.TB, level string) *slog.Logger {
 	t.Helper()
 	lb := &lockedBuffer{}
 	t.Cleanup(func() {
@@ -110,7 +162,11 @@ func testLogger(t testing.TB) *slog.Logger {
 			t.Logf("gateway log:\n%s", lb.buf.String())
 		}
 	})
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		t.Fatalf("log level %q: %v", level, err)
+	}
+	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: l}))
 }
 
 type lockedBuffer struct {

@@ -45,6 +45,7 @@ func emittedN(t *testing.T, evs []storedEvent, typ string) []int {
 func TestHotReloadLosesNoEvent(t *testing.T) {
 	t.Parallel()
 	gw := startGateway(t, func(c *gateway.Config) {
+		c.ID = "gw-reload"
 		c.MQTT.PublishRate, c.MQTT.PublishBurst = 1e5, 1e5
 		writeRules(t, c.Rules.Dir, "rules.yaml", readTestdata(t, "reload-before.yaml"))
 	})
@@ -122,6 +123,12 @@ func TestHotReloadLosesNoEvent(t *testing.T) {
 	}
 	if !slices.Equal(added, all[switchAt:]) {
 		t.Errorf("added rule saw %v, want exactly the ticks from the switch %d..%d", compact(added), switchAt, total-1)
+	}
+	// Derived events name this gateway's rules as their source and their cause.
+	for _, e := range eventsOfType(evs, "seen.keep")[:3] {
+		if e.Source != "/gateways/gw-reload/rules" || e.Rule != "keep" || e.CausationID == "" || e.Subject != "kitchen-motion" {
+			t.Errorf("derived event %+v, want source /gateways/gw-reload/rules, rule keep, a causationid, subject kitchen-motion", e)
+		}
 	}
 	if got := metricSum(t, gw.Reg, "edgegate_rules_queue_dropped_total", nil); got != 0 {
 		t.Errorf("edgegate_rules_queue_dropped_total = %g, want 0", got)

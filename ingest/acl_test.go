@@ -45,23 +45,23 @@ func TestACLPublish(t *testing.T) {
 	rc.mustConnect("granted")
 	denied := 0
 	for _, c := range cases {
-		t.Run(c.topic, func(t *testing.T) {
-			events, letters := len(tb.cons.ofType("x"))+len(tb.cons.ofType("telemetry.a.b")), len(tb.dl.all())
-			code := rc.publishAck(c.topic, []byte(`{}`))
-			if !c.ok {
+		events, letters := len(tb.cons.ofType("x"))+len(tb.cons.ofType("telemetry.a.b")), len(tb.dl.all())
+		code, acked := rc.publishFenced(c.topic, []byte(`{}`))
+		switch {
+		case c.ok && (!acked || code >= 0x80):
+			t.Errorf("publish %q: PUBACK %v reason 0x%02x, want success", c.topic, acked, code)
+		case !c.ok && acked && code != packets.ErrNotAuthorized.Code:
+			t.Errorf("publish %q: PUBACK reason 0x%02x, want 0x87", c.topic, code)
+		case !c.ok:
+			// mochi drops a client's publish to a $ topic before the ACL sees it (no PUBACK, not counted).
+			if acked {
 				denied++
-				if code != packets.ErrNotAuthorized.Code {
-					t.Fatalf("PUBACK reason 0x%02x, want 0x87", code)
-				}
-				if e, l := len(tb.cons.ofType("x"))+len(tb.cons.ofType("telemetry.a.b")), len(tb.dl.all()); e != events || l != letters {
-					t.Fatalf("a refused publish was handled: %d events, %d dead letters", e-events, l-letters)
-				}
-				return
 			}
-			if code >= 0x80 {
-				t.Fatalf("PUBACK reason 0x%02x, want success", code)
+			e, l := len(tb.cons.ofType("x"))+len(tb.cons.ofType("telemetry.a.b")), len(tb.dl.all())
+			if e != events || l != letters {
+				t.Errorf("publish %q: refused, yet handled: %d events, %d dead letters", c.topic, e-events, l-letters)
 			}
-		})
+		}
 	}
 	if n := tb.cons.count("x", "granted"); n != 1 {
 		t.Errorf("%d x events about granted, want 1", n)

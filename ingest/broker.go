@@ -96,6 +96,10 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 	caps.MaximumMessageExpiryInterval = int64(cfg.SessionExpiry / time.Second)
 	caps.MaximumInflight = 1024
 	caps.MaximumClientWritesPending = 1024
+	// No topic aliases from clients. Each one keeps its topic (up to 64 KiB) for the connection's life, so mochi's
+	// default maximum of 65535 let one MQTT 5 device hold gigabytes. mochi announces no Topic Alias Maximum in its
+	// CONNACK, which MQTT 5 reads as 0: a client that sends an alias anyway is disconnected (protocol error).
+	caps.TopicAliasMaximum = 0
 	caps.Compatibilities.ObscureNotAuthorized = false
 	srv := mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
@@ -108,6 +112,7 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 	b.ctx.Store(&bg)
 	b.guard = newGuard(cfg, log, m)
 	b.hook = newHook(b)
+	b.guard.onAbandon = b.hook.abandon
 	if err := srv.AddHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("ingest: add hook: %w", err)
 	}
@@ -275,19 +280,20 @@ func (h filterHandler) WithAttrs(a []slog.Attr) slog.Handler {
 func (h filterHandler) WithGroup(n string) slog.Handler { return filterHandler{h.Handler.WithGroup(n)} }
 
 type metrics struct {
-	connections prometheus.Gauge
-	refused     *prometheus.CounterVec
-	closed      *prometheus.CounterVec
-	panics      prometheus.Counter
-	authFail    *prometheus.CounterVec
-	aclDenied   *prometheus.CounterVec
-	messagesIn  *prometheus.CounterVec
-	events      prometheus.Counter
-	deadLetters *prometheus.CounterVec
-	rateLimited *prometheus.CounterVec
-	rejected    *prometheus.CounterVec
-	normalize   prometheus.Histogram
-	commands    *prometheus.CounterVec
+	connections     prometheus.Gauge
+	refused         *prometheus.CounterVec
+	closed          *prometheus.CounterVec
+	sessionsDropped prometheus.Counter
+	panics          prometheus.Counter
+	authFail        *prometheus.CounterVec
+	aclDenied       *prometheus.CounterVec
+	messagesIn      *prometheus.CounterVec
+	events          prometheus.Counter
+	deadLetters     *prometheus.CounterVec
+	rateLimited     *prometheus.CounterVec
+	rejected        *prometheus.CounterVec
+	normalize       prometheus.Histogram
+	commands        *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -296,14 +302,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_connections_refused_total",
 			Help: "Connections refused before CONNECT, by reason."}, []string{"reason"}),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_connections_closed_total",
-			Help: "Connections the broker closed on a client's fault, by reason: malformed (a packet that breaks the protocol), too_large (over mqtt.max_packet_bytes), timeout (no CONNECT within mqtt.connect_timeout, or keep-alive expired)."},
+			Help: "Connections closed on the client's fault, by reason: malformed (a packet breaking the protocol), " +
+				"too_large (over mqtt.max_packet_bytes), timeout (no CONNECT within mqtt.connect_timeout, keep-alive expired)."},
 			[]string{"reason"}),
+		sessionsDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "edgegate_ingest_sessions_dropped_total",
+			Help: "Stored sessions of disconnected clients dropped because their device kept too many."}),
 		panics: prometheus.NewCounter(prometheus.CounterOpts{Name: "edgegate_ingest_panics_recovered_total",
 			Help: "Panics contained to a single connection."}),
 		authFail: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_auth_failures_total",
 			Help: "Refused CONNECTs, by reason."}, []string{"reason"}),
 		aclDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_acl_denied_total",
-			Help: "Publishes, subscriptions and wills refused by the ACL."}, []string{"action"}),
+			Help: "Publishes, subscriptions and wills refused by the ACL, and subscriptions over the per-client limit (subscribe_limit)."},
+			[]string{"action"}),
 		messagesIn: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_messages_total",
 			Help: "PUBLISH packets accepted from devices, by QoS."}, []string{"qos"}),
 		events: prometheus.NewCounter(prometheus.CounterOpts{Name: "edgegate_ingest_events_total",
@@ -319,7 +329,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		commands: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_commands_total",
 			Help: "Commands sent to devices, by outcome."}, []string{"outcome"}),
 	}
-	for _, c := range []prometheus.Collector{m.connections, m.refused, m.closed, m.panics, m.authFail, m.aclDenied, m.messagesIn,
+	for _, c := range []prometheus.Collector{m.connections, m.refused, m.closed, m.sessionsDropped, m.panics, m.authFail, m.aclDenied, m.messagesIn,
 		m.events, m.deadLetters, m.rateLimited, m.rejected, m.normalize, m.commands} {
 		if err := reg.Register(c); err != nil {
 			return nil, err

@@ -103,7 +103,7 @@ func (c *consumer) waitCount(t testing.TB, typ, subject string, n int) {
 	waitFor(t, fmt.Sprintf("%d %s event(s) about %q", n, typ, subject), func() bool { return c.count(typ, subject) >= n })
 }
 
-// presence returns the reasons of the device.disconnected events of device, in order.
+// disconnectReasons returns the reasons of the device.disconnected events about device, in order.
 func (c *consumer) disconnectReasons(device string) []string {
 	var out []string
 	for _, r := range c.ofType("device.disconnected") {
@@ -174,11 +174,12 @@ func newRegistry(t testing.TB, devs []dev) *devices.Registry {
 }
 
 type brokerOpts struct {
-	devices []dev                                        // default: defaultDevices
-	cfg     func(*ingest.BrokerConfig)                   // adjusts the configuration (listeners are on 127.0.0.1:0)
-	norm    ingest.NormalizeConfig                       // normalizer configuration
-	auth    func(*devices.Registry) ingest.Authenticator // default: the registry
-	logger  *slog.Logger                                 // default: discard
+	devices  []dev                                        // default: defaultDevices
+	cfg      func(*ingest.BrokerConfig)                   // adjusts the configuration (listeners are on 127.0.0.1:0)
+	norm     ingest.NormalizeConfig                       // normalizer configuration
+	auth     func(*devices.Registry) ingest.Authenticator // default: the registry
+	consumer func(*consumer) ingest.Consumer              // wraps the recording consumer
+	logger   *slog.Logger                                 // default: discard
 }
 
 type testBroker struct {
@@ -215,7 +216,11 @@ func startBroker(t testing.TB, o brokerOpts) *testBroker {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	tb := &testBroker{reg: prometheus.NewRegistry(), cons: &consumer{}, dl: &deadLetters{}, registry: registry}
-	b, err := ingest.NewBroker(cfg, ingest.Deps{Normalizer: n, Auth: auth, ACL: registry, Consumer: tb.cons,
+	var cons ingest.Consumer = tb.cons
+	if o.consumer != nil {
+		cons = o.consumer(tb.cons)
+	}
+	b, err := ingest.NewBroker(cfg, ingest.Deps{Normalizer: n, Auth: auth, ACL: registry, Consumer: cons,
 		DeadLetters: tb.dl}, logger, tb.reg)
 	if err != nil {
 		t.Fatal(err)
@@ -365,8 +370,10 @@ func dialRaw(t testing.TB, addr string, version byte) *rawConn {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
-	return &rawConn{t: t, c: c, r: bufio.NewReader(c), version: version}
+	return &rawConn{t: t, c: c, r: newReader(c), version: version}
 }
+
+func newReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
 func (rc *rawConn) write(b []byte) error {
 	_ = rc.c.SetWriteDeadline(time.Now().Add(waitTimeout))
@@ -533,6 +540,29 @@ func (rc *rawConn) publishAck(topic string, payload []byte) byte {
 		rc.t.Fatalf("PUBACK for packet %d, want %d", ack.PacketID, id)
 	}
 	return ack.ReasonCode
+}
+
+// publishFenced publishes with QoS 1 and a PINGREQ after it; it returns the PUBACK reason code, if a PUBACK came
+// before the PINGRESP (the broker handles a connection's packets in order).
+func (rc *rawConn) publishFenced(topic string, payload []byte) (code byte, acked bool) {
+	rc.t.Helper()
+	id := rc.publish(topic, 1, payload)
+	rc.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
+	for {
+		pk, err := rc.read(waitTimeout)
+		if err != nil {
+			rc.t.Fatalf("publish %s: %v", topic, err)
+		}
+		switch pk.FixedHeader.Type {
+		case packets.Puback:
+			if pk.PacketID != id {
+				rc.t.Fatalf("PUBACK for packet %d, want %d", pk.PacketID, id)
+			}
+			code, acked = pk.ReasonCode, true
+		case packets.Pingresp:
+			return code, acked
+		}
+	}
 }
 
 // subscribe subscribes to filters with QoS 1 and returns the SUBACK reason codes.

@@ -2,7 +2,10 @@ package ingest
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
+	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -10,6 +13,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 )
 
@@ -21,6 +25,7 @@ const maxRateDelay = time.Second
 type clientState struct {
 	device  *deviceState
 	will    atomic.Bool // the will was published
+	denied  atomic.Bool // a denial by the ACL was logged at info
 	version byte
 }
 
@@ -41,10 +46,16 @@ type hook struct {
 	mu      sync.Mutex
 	devices map[string]*deviceState
 	pending atomic.Int64 // commands waiting for an acknowledgement
+
+	messagesIn [3]prometheus.Counter // edgegate_ingest_messages_total by QoS, resolved once
 }
 
 func newHook(b *Broker) *hook {
-	return &hook{b: b, devices: map[string]*deviceState{}}
+	h := &hook{b: b, devices: map[string]*deviceState{}}
+	for q := range h.messagesIn {
+		h.messagesIn[q] = b.m.messagesIn.WithLabelValues(qosLabel(byte(q)))
+	}
+	return h
 }
 
 func (h *hook) ID() string { return "edgegate-ingest" }
@@ -89,6 +100,9 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.log.Warn("will refused by the ACL: it will not be published", "device_id", id, "topic", pk.Connect.WillTopic)
 	}
 	cl.Properties.Username = []byte(id)
+	if !cl.Properties.Clean || cl.Properties.Props.SessionExpiryInterval > 0 {
+		h.trimSessions(id, cl)
+	}
 
 	st := &clientState{version: cl.Properties.ProtocolVersion}
 	h.mu.Lock()
@@ -103,6 +117,37 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	h.mu.Unlock()
 	h.clients.Store(cl, st)
 	return true
+}
+
+// maxStoredSessions bounds the sessions of disconnected clients the broker keeps for one device (client ids
+// "{device}" and "{device}:{suffix}" without a clean start). Each keeps its subscriptions and queued messages for
+// up to mqtt.session_expiry, so without a bound one device could fill the memory by connecting under ever new
+// client ids. When a device asks for a persistent session and already has this many, its oldest are dropped.
+const maxStoredSessions = 16
+
+// trimSessions drops the oldest stored sessions of the device so that, with the connecting client's, it keeps at
+// most maxStoredSessions.
+func (h *hook) trimSessions(id string, connecting *mqtt.Client) {
+	var stored []*mqtt.Client
+	for _, c := range h.b.srv.Clients.GetAll() {
+		if c.ID != connecting.ID && c.StopTime() > 0 && string(c.Properties.Username) == id {
+			stored = append(stored, c)
+		}
+	}
+	if len(stored) < maxStoredSessions {
+		return
+	}
+	slices.SortFunc(stored, func(a, b *mqtt.Client) int { return cmp.Compare(a.StopTime(), b.StopTime()) })
+	for _, c := range stored[:len(stored)-maxStoredSessions+1] {
+		if cur, ok := h.b.srv.Clients.Get(c.ID); !ok || cur != c {
+			continue // reconnected meanwhile
+		}
+		c.ClearInflights()
+		h.b.srv.UnsubscribeClient(c)
+		h.b.srv.Clients.Delete(c.ID)
+		h.b.m.sessionsDropped.Inc()
+		h.b.log.Debug("stored session dropped", "device_id", id, "client_id", c.ID, "max", maxStoredSessions)
+	}
 }
 
 func hasPrefixSep(s, prefix string, sep byte) bool {
@@ -145,25 +190,63 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 			return true
 		}
 		h.b.m.aclDenied.WithLabelValues("publish").Inc()
-		h.b.log.Info("publish denied", "device_id", st.device.id, "topic", topic)
+		h.logDenied(st, "publish denied", topic)
 		return false
 	}
 	return h.b.deps.ACL.CanSubscribe(st.device.id, topic)
 }
 
-// OnSubscribe logs and counts filters the ACL will refuse (mochi answers them with "not authorized").
+// Bounds on the subscriptions one client holds: the broker keeps each filter (up to 64 KiB) for the session's
+// life, so without them a device could make the gateway hold gigabytes with SUBSCRIBEs inside its own namespace.
+const (
+	maxSubscriptions     = 100
+	maxSubscriptionBytes = 64 << 10 // the filters' lengths added up
+)
+
+// OnSubscribe logs and counts filters the ACL will refuse (mochi answers them with "not authorized"), and refuses
+// new filters beyond maxSubscriptions and maxSubscriptionBytes: it blanks them, which mochi answers as an invalid
+// filter (0x8F; 0x80 on MQTT 3.1.1).
 func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	st := h.state(cl)
 	if st == nil {
 		return pk
 	}
-	for _, f := range pk.Filters {
+	held, size := -1, 0 // counted on the first allowed filter
+	for i, f := range pk.Filters {
 		if !h.b.deps.ACL.CanSubscribe(st.device.id, f.Filter) {
 			h.b.m.aclDenied.WithLabelValues("subscribe").Inc()
-			h.b.log.Info("subscription denied", "device_id", st.device.id, "topic", f.Filter)
+			h.logDenied(st, "subscription denied", f.Filter)
+			continue
 		}
+		if held < 0 {
+			subs := cl.State.Subscriptions.GetAll()
+			held = len(subs)
+			for filter := range subs {
+				size += len(filter)
+			}
+		}
+		if _, ok := cl.State.Subscriptions.Get(f.Filter); ok {
+			continue // replaces a subscription it holds
+		}
+		if held >= maxSubscriptions || size+len(f.Filter) > maxSubscriptionBytes {
+			h.b.m.aclDenied.WithLabelValues("subscribe_limit").Inc()
+			h.logDenied(st, "subscription refused: the client holds too many", f.Filter)
+			pk.Filters[i].Filter = ""
+			continue
+		}
+		held, size = held+1, size+len(f.Filter)
 	}
 	return pk
+}
+
+// logDenied logs a refusal by the ACL: the first on a connection at info, the others at debug, so that a device
+// that keeps trying (denied publishes are not rate limited) cannot flood the log. The metric counts every one.
+func (h *hook) logDenied(st *clientState, msg, topic string) {
+	if st.denied.CompareAndSwap(false, true) {
+		h.b.log.Info(msg, "device_id", st.device.id, "topic", topic, "further_denials", "logged at debug")
+		return
+	}
+	h.b.log.Debug(msg, "device_id", st.device.id, "topic", topic)
 }
 
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
@@ -205,6 +288,31 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
 }
 
+// errAbandoned ends the session of a client whose connection panicked.
+var errAbandoned = errors.New("ingest: connection abandoned after a panic")
+
+// abandon ends what mochi could not after a panic while serving conn: the client's presence and device state,
+// its subscriptions and its entry in mochi's client list. Without it the device would stay connected forever.
+func (h *hook) abandon(conn net.Conn) {
+	var cl *mqtt.Client
+	h.clients.Range(func(k, _ any) bool {
+		if c := k.(*mqtt.Client); c.Net.Conn == conn {
+			cl = c
+			return false
+		}
+		return true
+	})
+	if cl == nil {
+		return
+	}
+	cl.Stop(errAbandoned)
+	h.OnDisconnect(cl, errAbandoned, true)
+	if cur, ok := h.b.srv.Clients.Get(cl.ID); ok && cur == cl {
+		h.b.srv.UnsubscribeClient(cl)
+		h.b.srv.Clients.Delete(cl.ID)
+	}
+}
+
 // kickedForLimit reports whether mochi closed the connection because the client exceeded a limit.
 func kickedForLimit(err error) bool {
 	for _, c := range []packets.Code{packets.ErrPacketTooLarge, packets.ErrReceiveMaximum,
@@ -227,12 +335,18 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, packets.ErrRejectPacket
 	}
 	qos := pk.FixedHeader.Qos
-	h.b.m.messagesIn.WithLabelValues(qosLabel(qos)).Inc()
+	if int(qos) < len(h.messagesIn) {
+		h.messagesIn[qos].Inc()
+	}
 
-	if r := st.device.limiter.Reserve(); r.Delay() > 0 {
+	// Allow is the allocation-free path; only a device over its rate pays for a reservation.
+	if lim := st.device.limiter; !lim.Allow() {
+		r := lim.Reserve()
 		if d := r.Delay(); d <= maxRateDelay {
-			h.b.m.rateLimited.WithLabelValues("delayed").Inc()
-			time.Sleep(d)
+			if d > 0 {
+				h.b.m.rateLimited.WithLabelValues("delayed").Inc()
+				time.Sleep(d)
+			}
 		} else {
 			r.Cancel()
 			h.b.m.rateLimited.WithLabelValues("refused").Inc()

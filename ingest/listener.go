@@ -55,6 +55,9 @@ type guard struct {
 	mu    sync.Mutex
 	perIP map[string]int
 	wg    sync.WaitGroup // every connection goroutine
+
+	// onAbandon is called with the connection after a panic, to end the session of its client.
+	onAbandon func(net.Conn)
 }
 
 func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
@@ -120,6 +123,7 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 			g.m.panics.Inc()
 			g.log.Error("panic while serving a connection; connection closed", "listener", listener,
 				"remote", conn.RemoteAddr().String(), "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+			g.abandon(conn)
 		}
 	}()
 	// CONNECT (and the TLS handshake) must complete before this deadline; mochi replaces it with the
@@ -135,18 +139,34 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 	}
 }
 
+// abandon forgets the client of a connection whose serving panicked: mochi did not get to end its session.
+func (g *guard) abandon(conn net.Conn) {
+	if g.onAbandon == nil {
+		return
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			g.log.Error("panic while forgetting the client of a failed connection", "panic", fmt.Sprint(r))
+		}
+	}()
+	g.onAbandon(conn)
+}
+
 func isClosing(err error) bool {
 	return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)
 }
 
 // closeReason says why the broker ended a connection on the client's fault, as a label of
 // edgegate_ingest_connections_closed_total: "too_large", "timeout" or "malformed"; "" for ordinary ends (a
-// DISCONNECT, a reset by the peer) and for refused logins, which edgegate_ingest_auth_failures_total counts.
+// DISCONNECT, a reset by the peer, a connection lost in the middle of a packet, a WebSocket close frame) and for
+// refusals other metrics count (logins: edgegate_ingest_auth_failures_total; publishes: edgegate_ingest_acl_denied_total).
 func closeReason(err error) string {
 	var code packets.Code
 	var ne net.Error
+	var wsClose *websocket.CloseError
 	switch {
-	case errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE):
+	case errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.As(err, &wsClose):
 		return ""
 	case errors.As(err, &code):
 		switch code.Code {

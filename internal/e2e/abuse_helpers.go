@@ -3,15 +3,22 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/goccy/go-yaml"
+
+	"github.com/edgegate/edgegate/internal/mosquittotest"
 )
 
 // Grant gives a registered device topics beyond its own devices/{id}/…: MQTT filters it may publish and
@@ -141,4 +148,67 @@ func Alive(pid int) bool {
 	s := string(data)
 	i := strings.LastIndexByte(s, ')')
 	return i >= 0 && i+2 < len(s) && s[i+2] != 'Z'
+}
+
+// TapEvent is one event a Tap received: the CloudEvent's id, subject, type and data.
+type TapEvent struct {
+	ID      string          `json:"id"`
+	Subject string          `json:"subject"`
+	Type    string          `json:"type"`
+	Data    json.RawMessage `json:"data"`
+}
+
+// Tap subscribes to the upstream broker (UpstreamTopic, QoS 1, clean session) and keeps every event it receives,
+// so a test can check what was forwarded, not only how much: an abuse test asserts that nothing of the abuse
+// left the gateway.
+type Tap struct {
+	cl paho.Client
+
+	mu     sync.Mutex
+	events []TapEvent
+	bad    []string
+}
+
+// NewTap connects to broker and subscribes to UpstreamTopic.
+func NewTap(t testing.TB, broker *mosquittotest.Broker) *Tap {
+	t.Helper()
+	tp := &Tap{}
+	opts := paho.NewClientOptions().AddBroker(broker.URL()).SetClientID(fmt.Sprintf("e2e-tap-%d", time.Now().UnixNano())).
+		SetCleanSession(true).SetAutoReconnect(true).SetOrderMatters(true).SetKeepAlive(5 * time.Second).
+		SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { tp.record(m.Payload()) })
+	tp.cl = paho.NewClient(opts)
+	if tok := tp.cl.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("e2e: tap connect: %v", tok.Error())
+	}
+	if tok := tp.cl.Subscribe(UpstreamTopic, 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("e2e: tap subscribe: %v", tok.Error())
+	}
+	t.Cleanup(func() { tp.cl.Disconnect(0) })
+	return tp
+}
+
+func (tp *Tap) record(payload []byte) {
+	var ev TapEvent
+	err := json.Unmarshal(payload, &ev)
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	if err != nil || ev.ID == "" {
+		tp.bad = append(tp.bad, string(payload))
+		return
+	}
+	tp.events = append(tp.events, ev)
+}
+
+// Events returns the events received so far, in order of arrival.
+func (tp *Tap) Events() []TapEvent {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return slices.Clone(tp.events)
+}
+
+// Bad returns the payloads that were not CloudEvents.
+func (tp *Tap) Bad() []string {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return slices.Clone(tp.bad)
 }

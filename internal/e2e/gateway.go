@@ -47,6 +47,7 @@ type Gateway struct {
 	MQTTAddr, HTTPAddr string
 
 	http *http.Client
+	tree map[string]any // the configuration as written
 
 	mu      sync.Mutex
 	cmd     *exec.Cmd
@@ -73,39 +74,25 @@ func Prepare(t testing.TB, bin string, cfg Config) *Gateway {
 	if dataDir == "" {
 		dataDir = filepath.Join(dir, "data")
 	}
-	mqttPort, err := FreePort()
-	if err != nil {
-		t.Fatalf("e2e: %v", err)
-	}
-	httpPort, err := FreePort()
-	if err != nil {
-		t.Fatalf("e2e: %v", err)
-	}
 	g := &Gateway{
 		t:          t,
 		bin:        bin,
 		Dir:        dir,
 		ConfigPath: filepath.Join(dir, "edgegate.yaml"),
 		DataDir:    dataDir,
-		MQTTAddr:   net.JoinHostPort("127.0.0.1", strconv.Itoa(mqttPort)),
-		HTTPAddr:   net.JoinHostPort("127.0.0.1", strconv.Itoa(httpPort)),
 		http:       &http.Client{Timeout: 5 * time.Second},
 	}
 	if err := WriteRegistry(filepath.Join(dir, "devices.yaml"), cfg.Devices); err != nil {
 		t.Fatalf("e2e: %v", err)
 	}
-	tree := baseTree(dir, dataDir, g.MQTTAddr, g.HTTPAddr, cfg.Upstream)
+	g.tree = baseTree(dir, dataDir, "", "", cfg.Upstream)
 	for k, v := range cfg.Set {
-		if err := setPath(tree, k, v); err != nil {
+		if err := setPath(g.tree, k, v); err != nil {
 			t.Fatalf("e2e: %v", err)
 		}
 	}
-	data, err := yaml.Marshal(tree)
-	if err != nil {
-		t.Fatalf("e2e: config: %v", err)
-	}
-	if err := os.WriteFile(g.ConfigPath, data, 0o600); err != nil {
-		t.Fatalf("e2e: config: %v", err)
+	if err := g.pickPorts(); err != nil {
+		t.Fatalf("e2e: %v", err)
 	}
 	t.Cleanup(func() {
 		g.kill()
@@ -176,12 +163,54 @@ func (g *Gateway) Restart() {
 	if g.Running() {
 		g.t.Fatalf("e2e: restart: the gateway is still running (pid %d)", g.PID())
 	}
-	if err := g.spawn(); err != nil {
-		g.t.Fatalf("e2e: %v", err)
-	}
-	if err := g.WaitReady(ReadyTimeout); err != nil {
+	for try := 1; ; try++ {
+		before := len(g.Output())
+		if err := g.spawn(); err != nil {
+			g.t.Fatalf("e2e: %v", err)
+		}
+		err := g.WaitReady(ReadyTimeout)
+		if err == nil {
+			return
+		}
+		// A port found free may be taken by another test before the gateway binds it: on the first start
+		// only (later starts must keep the ports), pick new ones and try again.
+		out := g.Output()[before:]
+		if g.Starts() == try && try < 3 && !g.Running() && strings.Contains(out, "already in use") {
+			if perr := g.pickPorts(); perr != nil {
+				g.t.Fatalf("e2e: %v", perr)
+			}
+			continue
+		}
 		g.t.Fatalf("e2e: %v\n%s", err, tail(g.Output(), 40))
 	}
+}
+
+// pickPorts chooses free ports for the MQTT and HTTP listeners and writes the configuration.
+func (g *Gateway) pickPorts() error {
+	mqttPort, err := FreePort()
+	if err != nil {
+		return err
+	}
+	httpPort, err := FreePort()
+	if err != nil {
+		return err
+	}
+	g.MQTTAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(mqttPort))
+	g.HTTPAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(httpPort))
+	if err := setPath(g.tree, "mqtt.listen", g.MQTTAddr); err != nil {
+		return err
+	}
+	if err := setPath(g.tree, "http.listen", g.HTTPAddr); err != nil {
+		return err
+	}
+	data, err := yaml.Marshal(g.tree)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	if err := os.WriteFile(g.ConfigPath, data, 0o600); err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	return nil
 }
 
 // Spawn starts the process without waiting for it to become ready (for tests of a start that must fail).

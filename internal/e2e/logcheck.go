@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
@@ -20,6 +21,10 @@ type LogCheck struct {
 	Events int
 	// Stats is the output of `edgegate backlog stats`.
 	Stats string
+	// Keys are the Client events among the records.
+	Keys []Key
+	// Cursors are the persisted cursor positions (log sequence numbers) by name, from the stats.
+	Cursors map[string]uint64
 }
 
 // CheckLog checks the durable log of a stopped (or killed) gateway: bbolt's own consistency check of every page,
@@ -42,6 +47,19 @@ func (g *Gateway) CheckLog() (LogCheck, error) {
 		return res, fmt.Errorf("check log: edgegate backlog stats exited %d: %s", code, errOut)
 	}
 	res.Stats = out
+	var st struct {
+		Cursors []struct {
+			Name     string `json:"name"`
+			Position uint64 `json:"position"`
+		} `json:"cursors"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		return res, fmt.Errorf("check log: edgegate backlog stats printed no JSON: %w", err)
+	}
+	res.Cursors = map[string]uint64{}
+	for _, c := range st.Cursors {
+		res.Cursors[c.Name] = c.Position
+	}
 	exp := filepath.Join(g.Dir, "export.jsonl")
 	defer os.Remove(exp)
 	if _, errOut, code, err = g.Tool("backlog", "export", "--out", exp); err != nil {
@@ -74,6 +92,12 @@ func (g *Gateway) CheckLog() (LogCheck, error) {
 		}
 		seen[ev.ID()] = true
 		res.Events++
+		var d struct {
+			Seq int `json:"seq"`
+		}
+		if strings.HasSuffix(ev.Type(), EventType) && json.Unmarshal(ev.Data(), &d) == nil && d.Seq > 0 {
+			res.Keys = append(res.Keys, Key{ev.Subject(), d.Seq})
+		}
 	}
 	if err := sc.Err(); err != nil {
 		return res, fmt.Errorf("check log: read export: %w", err)
