@@ -202,7 +202,7 @@ func (b *Broker) Run(ctx context.Context) error {
 	b.closed.Store(true)
 	_ = b.srv.Close()
 	done := make(chan struct{})
-	go func() { b.guard.wg.Wait(); close(done) }()
+	go func() { b.guard.wg.Wait(); b.hook.ackers.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):

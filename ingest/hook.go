@@ -27,6 +27,7 @@ type clientState struct {
 	will    atomic.Bool // the will was published
 	denied  atomic.Bool // a denial by the ACL was logged at info
 	version byte
+	acks    *acker // PUBACKs waiting for durability (AsyncConsumer); only the connection's reader sets it
 }
 
 // deviceState is shared by every connection of one device.
@@ -46,6 +47,7 @@ type hook struct {
 	mu      sync.Mutex
 	devices map[string]*deviceState
 	pending atomic.Int64 // commands waiting for an acknowledgement
+	ackers  sync.WaitGroup // running ackers (pipeline.go)
 
 	messagesIn [3]prometheus.Counter // edgegate_ingest_messages_total by QoS, resolved once
 }
@@ -264,6 +266,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 		return
 	}
 	st := v.(*clientState)
+	stopAcker(st)
 	reason := "connection_lost"
 	switch {
 	case st.will.Load():
@@ -338,6 +341,9 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if int(qos) < len(h.messagesIn) {
 		h.messagesIn[qos].Inc()
 	}
+	// QoS 1 with an AsyncConsumer: PUBACKs are written in order by the connection's acker (pipeline.go).
+	ac, pipelined := h.b.deps.Consumer.(AsyncConsumer)
+	pipelined = pipelined && qos == 1
 
 	// Allow is the allocation-free path; only a device over its rate pays for a reservation.
 	if lim := st.device.limiter; !lim.Allow() {
@@ -351,6 +357,10 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			r.Cancel()
 			h.b.m.rateLimited.WithLabelValues("refused").Inc()
 			h.b.log.Debug("publish refused: rate limit", "device_id", st.device.id, "topic", pk.TopicName)
+			if pipelined {
+				h.ackerOf(cl, st).jobs <- ackJob{id: pk.PacketID, refuse: true, code: packets.ErrMessageRateTooHigh}
+				return pk, packets.ErrRejectPacket
+			}
 			return pk, refuse(st.version, qos, packets.ErrMessageRateTooHigh)
 		}
 	}
@@ -375,7 +385,14 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		h.b.m.deadLetters.WithLabelValues(reason).Inc()
 		h.b.log.Debug("dead letter", "device_id", st.device.id, "topic", pk.TopicName, "reason", reason)
 		h.b.deps.DeadLetters.DeadLetter(reason, detail, st.device.id, pk.TopicName, pk.Payload)
-		return pk, nil // kept as a dead letter: acknowledged, and routed to local subscribers as any MQTT message
+		// Kept as a dead letter: acknowledged, and routed to local subscribers as any MQTT message.
+		if pipelined {
+			return pk, h.publishPipelined(cl, st, pk, nil, ac)
+		}
+		return pk, nil
+	}
+	if pipelined {
+		return pk, h.publishPipelined(cl, st, pk, &res, ac)
 	}
 	if err := h.b.deps.Consumer.Consume(*h.b.ctx.Load(), res, qos > 0); err != nil {
 		reason := "error"

@@ -1,0 +1,53 @@
+package buffer
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Pending is an event queued by AppendAsync; Wait tells when it is durable.
+type Pending struct {
+	l     *Log
+	b     *batch
+	idx   int
+	start time.Time
+}
+
+// AppendAsync queues e for the next commit, like Append, but returns as soon as it is queued. A caller that must
+// keep its events in order (one device connection) queues them one after another and waits for each later, so
+// that its events share commits instead of taking one commit each. The events are committed in the order they
+// were queued. When the queue is full AppendAsync waits for room, like Append.
+func (l *Log) AppendAsync(ctx context.Context, e Entry) (*Pending, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("buffer: append: %w", err)
+	}
+	start := time.Now()
+	b, idx, err := l.enqueue(ctx, &e, true)
+	if err != nil {
+		return nil, fmt.Errorf("buffer: append: %w", err)
+	}
+	return &Pending{l: l, b: b, idx: idx, start: start}, nil
+}
+
+// Wait returns the event's sequence number once it is durable (in fsync mode; written in interval mode), or the
+// reason it is not: ErrFull when the log had no room for it under the reject policy, or the commit's error. Call
+// it once.
+func (p *Pending) Wait(ctx context.Context) (uint64, error) {
+	select {
+	case <-p.b.done:
+		p.b.waits.Add(-1)
+	case <-ctx.Done():
+		p.b.waits.Add(-1)
+		return 0, fmt.Errorf("buffer: append: %w", ctx.Err())
+	}
+	if p.b.err != nil {
+		return 0, fmt.Errorf("buffer: append: %w", p.b.err)
+	}
+	r := &p.b.recs[p.idx]
+	if r.full {
+		return 0, fmt.Errorf("buffer: append: %w", ErrFull)
+	}
+	p.l.m.appendDuration.Observe(time.Since(p.start).Seconds())
+	return r.seq, nil
+}

@@ -1,0 +1,207 @@
+package ingest_test
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/edgegate/edgegate/ingest"
+)
+
+// asyncConsumer is an AsyncConsumer: ConsumeAsync records the event at once; its wait returns only when the test
+// settles that event (nil: durable, or an error such as ErrFull).
+type asyncConsumer struct {
+	*consumer
+	mu      sync.Mutex
+	settle  []chan error // one per queued event, in order
+	queued  chan struct{}
+	syncUse int // calls of the blocking Consume (it must not be used for QoS 1)
+}
+
+func newAsyncConsumer(c *consumer) *asyncConsumer {
+	return &asyncConsumer{consumer: c, queued: make(chan struct{}, 64)}
+}
+
+func (a *asyncConsumer) Consume(ctx context.Context, r ingest.Result, durable bool) error {
+	if durable {
+		a.mu.Lock()
+		a.syncUse++
+		a.mu.Unlock()
+	}
+	return a.consumer.Consume(ctx, r, durable)
+}
+
+func (a *asyncConsumer) ConsumeAsync(ctx context.Context, r ingest.Result) (func(context.Context) error, error) {
+	if err := a.consumer.Consume(ctx, r, true); err != nil {
+		return nil, err
+	}
+	ch := make(chan error, 1)
+	a.mu.Lock()
+	a.settle = append(a.settle, ch)
+	a.mu.Unlock()
+	a.queued <- struct{}{}
+	return func(ctx context.Context) error {
+		select {
+		case err := <-ch:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}, nil
+}
+
+// waitQueued waits until n events were queued.
+func (a *asyncConsumer) waitQueued(t *testing.T, n int) {
+	t.Helper()
+	for range n {
+		select {
+		case <-a.queued:
+		case <-time.After(waitTimeout):
+			t.Fatalf("fewer than %d events queued", n)
+		}
+	}
+}
+
+// finish settles the i-th queued event (0-based) with err.
+func (a *asyncConsumer) finish(i int, err error) {
+	a.mu.Lock()
+	ch := a.settle[i]
+	a.mu.Unlock()
+	ch <- err
+}
+
+func startAsync(t *testing.T, devs []dev) (*testBroker, *asyncConsumer) {
+	var ac *asyncConsumer
+	tb := startBroker(t, brokerOpts{devices: devs, consumer: func(c *consumer) ingest.Consumer {
+		ac = newAsyncConsumer(c)
+		return ac
+	}})
+	return tb, ac
+}
+
+// A device's QoS 1 publishes are all taken before the first is durable, and their PUBACKs follow in the order of
+// the publishes, each only once its event is durable.
+func TestPipelinedAcksInOrderOnceDurable(t *testing.T) {
+	for _, version := range []byte{4, 5} {
+		t.Run(fmt.Sprintf("v%d", version), func(t *testing.T) {
+			tb, ac := startAsync(t, nil)
+			rc := dialRaw(t, tb.addr, version)
+			rc.mustConnect("sensor-1")
+			var ids []uint16
+			for i := range 3 {
+				ids = append(ids, rc.publish(fmt.Sprintf("devices/sensor-1/events/e%d", i), 1, []byte(`{}`)))
+			}
+			ac.waitQueued(t, 3) // all three taken while none is durable: the connection is not held up
+			if pk, err := rc.read(150 * time.Millisecond); err == nil {
+				t.Fatalf("packet type %d before any event was durable", pk.FixedHeader.Type)
+			}
+			ac.finish(1, nil) // the second is durable first: its PUBACK still waits for the first
+			if pk, err := rc.read(150 * time.Millisecond); err == nil {
+				t.Fatalf("packet type %d id %d before the first event was durable", pk.FixedHeader.Type, pk.PacketID)
+			}
+			ac.finish(0, nil)
+			for _, want := range ids[:2] {
+				if ack := rc.expect(packets.Puback); ack.PacketID != want || ack.ReasonCode != 0 {
+					t.Fatalf("PUBACK id %d reason 0x%02x, want id %d success (in order)", ack.PacketID, ack.ReasonCode, want)
+				}
+			}
+			ac.finish(2, nil)
+			if ack := rc.expect(packets.Puback); ack.PacketID != ids[2] {
+				t.Fatalf("PUBACK id %d, want %d", ack.PacketID, ids[2])
+			}
+			ac.mu.Lock()
+			syncUse := ac.syncUse
+			ac.mu.Unlock()
+			if syncUse != 0 {
+				t.Errorf("the blocking Consume was used %d times for QoS 1", syncUse)
+			}
+			if n := tb.metric(t, "edgegate_ingest_events_total"); n < 3 {
+				t.Errorf("events_total %v, want ≥ 3", n)
+			}
+		})
+	}
+}
+
+// An event that finds no room is refused as the protocol allows, and the publishes after it go on.
+func TestPipelinedRefusal(t *testing.T) {
+	tb, ac := startAsync(t, nil)
+	t.Run("v5 PUBACK 0x97", func(t *testing.T) {
+		rc := dialRaw(t, tb.addr, 5)
+		rc.mustConnect("sensor-1")
+		id := rc.publish("devices/sensor-1/events/refused", 1, []byte(`{}`))
+		ac.waitQueued(t, 1)
+		ac.finish(0, fmt.Errorf("log: %w", ingest.ErrFull))
+		if ack := rc.expect(packets.Puback); ack.PacketID != id || ack.ReasonCode != packets.ErrQuotaExceeded.Code {
+			t.Fatalf("PUBACK id %d reason 0x%02x, want id %d 0x97", ack.PacketID, ack.ReasonCode, id)
+		}
+	})
+	t.Run("v3.1.1 no PUBACK", func(t *testing.T) {
+		rc := dialRaw(t, tb.addr, 4)
+		rc.mustConnect("sensor-2")
+		rc.publish("devices/sensor-2/events/refused", 1, []byte(`{}`))
+		id := rc.publish("devices/sensor-2/events/stored", 1, []byte(`{}`))
+		ac.waitQueued(t, 2)
+		ac.finish(1, fmt.Errorf("log: %w", ingest.ErrFull))
+		ac.finish(2, nil)
+		if ack := rc.expect(packets.Puback); ack.PacketID != id {
+			t.Fatalf("PUBACK id %d, want only the stored event's %d", ack.PacketID, id)
+		}
+	})
+	if n := tb.metric(t, "edgegate_ingest_rejected_total", "reason", "full"); n != 2 {
+		t.Errorf("rejected_total{full} = %v, want 2", n)
+	}
+}
+
+// Local subscribers get a pipelined message (once), and a dead letter is acknowledged in its turn.
+func TestPipelinedLocalDeliveryAndDeadLetter(t *testing.T) {
+	tb, ac := startAsync(t, []dev{{id: "sensor-1"}, {id: "watcher", subscribe: []string{"devices/#"}}})
+	got := make(chan string, 10)
+	w, err := pahoConnect(t, "tcp://"+tb.addr, pahoOpts{user: "watcher", pass: password("watcher")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok := w.Subscribe("devices/sensor-1/#", 1, func(_ paho.Client, m paho.Message) {
+		got <- m.Topic() + " " + string(m.Payload())
+	}); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+
+	rc := dialRaw(t, tb.addr, 5)
+	rc.mustConnect("sensor-1")
+	first := rc.publish("devices/sensor-1/events/motion", 1, []byte(`{"n":1}`))
+	second := rc.publish("devices/sensor-1/no/mapping/here", 1, []byte(`junk`))
+	ac.waitQueued(t, 1)
+	for _, want := range []string{`devices/sensor-1/events/motion {"n":1}`, "devices/sensor-1/no/mapping/here junk"} {
+		select {
+		case m := <-got:
+			if m != want {
+				t.Fatalf("subscriber got %q, want %q", m, want)
+			}
+		case <-time.After(waitTimeout):
+			t.Fatalf("subscriber did not get %q", want)
+		}
+	}
+	// The dead letter's PUBACK waits behind the event before it.
+	if pk, err := rc.read(150 * time.Millisecond); err == nil {
+		t.Fatalf("packet type %d id %d before the first event was durable", pk.FixedHeader.Type, pk.PacketID)
+	}
+	ac.finish(0, nil)
+	for _, want := range []uint16{first, second} {
+		if ack := rc.expect(packets.Puback); ack.PacketID != want || ack.ReasonCode != 0 {
+			t.Fatalf("PUBACK id %d reason 0x%02x, want %d success", ack.PacketID, ack.ReasonCode, want)
+		}
+	}
+	if n := len(tb.dl.all()); n != 1 {
+		t.Errorf("%d dead letters, want 1", n)
+	}
+	select {
+	case m := <-got:
+		t.Fatalf("a message was delivered twice: %q", m)
+	case <-time.After(100 * time.Millisecond):
+	}
+}
