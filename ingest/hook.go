@@ -46,7 +46,7 @@ type hook struct {
 
 	mu      sync.Mutex
 	devices map[string]*deviceState
-	pending atomic.Int64 // commands waiting for an acknowledgement
+	pending atomic.Int64   // commands waiting for an acknowledgement
 	ackers  sync.WaitGroup // running ackers (pipeline.go)
 
 	messagesIn [3]prometheus.Counter // edgegate_ingest_messages_total by QoS, resolved once
