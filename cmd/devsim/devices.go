@@ -124,7 +124,7 @@ func shortKind(kind string) string {
 // every CPU.
 func genDevices(o genOptions) ([]genDevice, error) {
 	if o.N <= 0 {
-		return nil, fmt.Errorf("N: must be > 0, got %d", o.N)
+		return nil, fmt.Errorf("device count: must be > 0, got %d", o.N)
 	}
 	if len(o.Kinds) == 0 {
 		return nil, errors.New("--kinds: at least one kind")

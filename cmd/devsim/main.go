@@ -15,6 +15,15 @@
 //	devsim --broker tcp://127.0.0.1:1884 --registry /tmp/reg.yaml --password-file /tmp/reg.yaml.passwords
 //	devsim --broker tcp://127.0.0.1:1884 --thermometers 10 --rate 0 --count 10000 --qos 1   # anonymous broker
 //
+// Lights report their state on devices/{id}/state/light (--state-topic). edgegate's built-in topic mappings do not
+// cover that topic, so it becomes a dead letter (unknown topic) unless the configuration maps it, e.g.
+//
+//	ingest:
+//	  mappings:
+//	    - {name: state, topic: "devices/{device}/state/{metric}", type: "state.{metric}"}
+//
+// or the lights report as events instead: --state-topic 'devices/{id}/events/state.light'.
+//
 // Every loop is bounded by --duration (and --count); Ctrl-C stops the run early and still prints the summary.
 package main
 
@@ -92,6 +101,7 @@ func cmdSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	linger := fs.Duration("linger", time.Second, "after publishing, how long lights wait for commands on their way")
 	connectTimeout := fs.Duration("connect-timeout", 10*time.Second, "CONNECT timeout of each device")
 	workers := fs.Int("connect-workers", 32, "connections opened at once")
+	stateTopic := fs.String("state-topic", "devices/{id}/state/light", "topic lights report their state on")
 	jsonOut := fs.String("json", "", "also write the summary as JSON to this file (- for stdout)")
 	quiet := fs.Bool("quiet", false, "print no progress lines on stderr")
 	fs.Usage = func() {
@@ -131,7 +141,7 @@ func cmdSim(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	cfg := simConfig{Broker: *broker, Devices: devs, Rate: *rate, QoS: byte(*qos), Payload: *payload,
 		Duration: *duration, Count: *count, Inflight: *inflight, Linger: *linger, ConnectTimeout: *connectTimeout,
-		ConnectWorkers: *workers}
+		ConnectWorkers: *workers, StateTopic: *stateTopic}
 	if !*quiet {
 		cfg.Status = func(s string) { fmt.Fprintf(stderr, "devsim: %s\n", s) }
 	}

@@ -43,31 +43,35 @@ type simConfig struct {
 	Linger         time.Duration
 	ConnectTimeout time.Duration
 	ConnectWorkers int // connections opened at once
+	// StateTopic is the topic a light reports its state on; {id} stands for its id.
+	StateTopic string
 	// Status, when set, receives progress lines (connected devices) as they happen.
 	Status func(string)
 }
 
 // summary is the outcome of a run; it is printed at the end and written as JSON with --json.
 type summary struct {
-	Broker           string  `json:"broker"`
-	Devices          int     `json:"devices"`
-	Connected        int64   `json:"connected"`
-	ConnectFailures  int64   `json:"connect_failures"`
-	Sensors          int     `json:"sensors"`
-	Lights           int     `json:"lights"`
-	Thermometers     int     `json:"thermometers"`
-	QoS              byte    `json:"qos"`
-	Sent             int64   `json:"sent"`
-	Acked            int64   `json:"acknowledged"`
-	PublishErrors    int64   `json:"publish_errors"`
-	Commands         int64   `json:"commands_received"`
-	StateReports     int64   `json:"state_reports"`
-	PublishSeconds   float64 `json:"publish_seconds"` // first publish to the last acknowledgement (QoS 1) or write
-	Rate             float64 `json:"rate"`            // sent (QoS 0) or acknowledged (QoS 1) per publish second
-	AckLatency       latency `json:"ack_latency"`     // publish → PUBACK (QoS 1)
-	CommandLatency   latency `json:"command_latency"` // room.entered sent → command received by a light
-	Interrupted      bool    `json:"interrupted,omitempty"`
-	FirstError       string  `json:"first_error,omitempty"`
+	Broker          string  `json:"broker"`
+	Devices         int     `json:"devices"`
+	Connected       int64   `json:"connected"`
+	ConnectFailures int64   `json:"connect_failures"`
+	Sensors         int     `json:"sensors"`
+	Lights          int     `json:"lights"`
+	Thermometers    int     `json:"thermometers"`
+	QoS             byte    `json:"qos"`
+	Sent            int64   `json:"sent"`
+	Acked           int64   `json:"acknowledged"`
+	PublishErrors   int64   `json:"publish_errors"`
+	Commands        int64   `json:"commands_received"`
+	StateReports    int64   `json:"state_reports"`
+	PublishSeconds  float64 `json:"publish_seconds"` // first publish to the last acknowledgement (QoS 1) or write
+	FirstPublish    int64   `json:"first_publish_unix_ns"`
+	LastDone        int64   `json:"last_done_unix_ns"`
+	Rate            float64 `json:"rate"`            // sent (QoS 0) or acknowledged (QoS 1) per publish second
+	AckLatency      latency `json:"ack_latency"`     // publish → PUBACK (QoS 1)
+	CommandLatency  latency `json:"command_latency"` // room.entered sent → command received by a light
+	Interrupted     bool    `json:"interrupted,omitempty"`
+	FirstError      string  `json:"first_error,omitempty"`
 }
 
 // latency summarizes samples in milliseconds.
@@ -215,14 +219,20 @@ feed:
 	runCtx, cancel := context.WithTimeout(ctx, cfg.Duration)
 	defer cancel()
 	var pubs sync.WaitGroup
+	publishers := 0
 	for i, d := range order {
 		c := clients[i]
 		if c == nil || (d.Kind != kindSensor && d.Kind != kindThermometer) {
 			continue
 		}
+		publishers++
 		pubs.Go(func() { s.publishLoop(runCtx, c, d) })
 	}
 	pubs.Wait()
+	if publishers == 0 {
+		// Only lights: they listen for commands for the whole duration.
+		<-runCtx.Done()
+	}
 	if s.sum.Lights > 0 && s.sum.Sensors > 0 && ctx.Err() == nil && cfg.Linger > 0 {
 		// Commands caused by the last events may still be on their way.
 		select {
@@ -237,6 +247,7 @@ feed:
 	s.sum.Commands, s.sum.StateReports = s.commands.Load(), s.stateReports.Load()
 	s.errOnce.Do(func() {}) // no error recorded from here on
 	s.sum.FirstError = s.firstErr
+	s.sum.FirstPublish, s.sum.LastDone = s.firstPub.Load(), s.lastDone.Load()
 	if f, l := s.firstPub.Load(), s.lastDone.Load(); f > 0 && l > f {
 		s.sum.PublishSeconds = time.Duration(l - f).Seconds()
 	}
@@ -284,6 +295,9 @@ func (c simConfig) validate() error {
 	}
 	if c.Payload < 0 || c.Payload > 1<<20 {
 		errs = append(errs, fmt.Errorf("--payload-bytes: must be between 0 and 1048576, got %d", c.Payload))
+	}
+	if !strings.Contains(c.StateTopic, "{id}") {
+		errs = append(errs, fmt.Errorf("--state-topic: %q must contain {id}", c.StateTopic))
 	}
 	if c.ConnectTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--connect-timeout: must be > 0, got %s", c.ConnectTimeout))
@@ -368,7 +382,7 @@ func (s *sim) onCommand(c paho.Client, d simDevice, m paho.Message) {
 		on = *p.On
 	}
 	// Reported asynchronously: waiting for its PUBACK inside the handler would stall the client's router.
-	c.Publish("devices/"+d.ID+"/state/light", s.cfg.QoS, false, fmt.Sprintf(`{"on":%t}`, on))
+	c.Publish(strings.ReplaceAll(s.cfg.StateTopic, "{id}", d.ID), s.cfg.QoS, false, fmt.Sprintf(`{"on":%t}`, on))
 	s.stateReports.Add(1)
 }
 
@@ -390,18 +404,21 @@ type pending struct {
 	start time.Time
 }
 
-// publishLoop is a sensor or thermometer publishing until ctx ends or Count messages are sent. QoS 1
-// publishes are pipelined up to Inflight; a collector goroutine measures each one's PUBACK latency in order.
+// publishLoop is a sensor or thermometer publishing until ctx ends or Count messages are sent. At most Inflight
+// publishes are outstanding (not yet acknowledged at QoS 1, not yet written at QoS 0): a slot is taken before
+// each publish and given back by a collector goroutine, which measures each one's PUBACK latency in order.
 func (s *sim) publishLoop(ctx context.Context, c paho.Client, d simDevice) {
 	topic := "devices/" + d.ID + "/telemetry/temperature"
 	if d.Kind == kindSensor {
 		topic = "devices/" + d.ID + "/events/room.entered"
 	}
-	window := make(chan pending, s.cfg.Inflight)
+	slots := make(chan struct{}, s.cfg.Inflight)
+	window := make(chan pending, s.cfg.Inflight) // never blocks: a slot is held for each entry
 	var collector sync.WaitGroup
 	collector.Go(func() {
 		for p := range window {
 			err := waitToken(context.Background(), p.tok, 30*time.Second)
+			<-slots
 			now := time.Now()
 			s.lastDone.Store(now.UnixNano())
 			if err != nil {
@@ -441,6 +458,11 @@ func (s *sim) publishLoop(ctx context.Context, c paho.Client, d simDevice) {
 		} else if ctx.Err() != nil {
 			return
 		}
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
 		now := time.Now()
 		if d.Kind == kindSensor {
 			buf = s.sensorPayload(buf[:0], d, now, n)
@@ -451,13 +473,7 @@ func (s *sim) publishLoop(ctx context.Context, c paho.Client, d simDevice) {
 		s.firstPub.CompareAndSwap(0, now.UnixNano())
 		tok := c.Publish(topic, s.cfg.QoS, false, slices.Clone(buf))
 		s.sent.Add(1)
-		select {
-		case window <- pending{tok: tok, start: now}:
-		case <-ctx.Done():
-			// The window is full and time is up: the publish is still counted when it completes.
-			window <- pending{tok: tok, start: now}
-			return
-		}
+		window <- pending{tok: tok, start: now}
 	}
 }
 

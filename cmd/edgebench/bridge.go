@@ -1,0 +1,97 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/edgegate/edgegate/internal/bridgebench"
+)
+
+const onlineDescription = `Devices publish QoS 1 JSON (100 bytes) to the edge, which carries it to a cloud mosquitto read by a
+counting subscriber: edgegate with one MQTT sink (log fsync'd before the device's PUBACK), against an edge
+mosquitto bridged to the cloud one (QoS 1, persistence, no queue limits). The rate is the distinct messages
+delivered per second, from the first publish to the last arrival; p50–max are publish-to-arrival latencies.
+Measured by internal/bridgebench.RunOnline.`
+
+const drainDescription = `The cloud broker is stopped, the devices publish a backlog (all acknowledged at the edge), the cloud
+broker starts again and the time until the last backlog message arrives is measured (lower is better), while one
+more device publishes live traffic whose latency is measured (live_p99_ms: until the backlog drained).
+transfer_rate is the backlog over the time from its first to its last arrival. bridge-defaults is the bridge
+with mosquitto's default limit of 1000 queued messages, which loses most of the backlog (see delivered).
+Measured by internal/bridgebench.RunDrain.`
+
+func bridgeOptions(h *harness, system bridgebench.System) bridgebench.Options {
+	return bridgebench.Options{
+		System:        system,
+		Devices:       10,
+		Messages:      pick(h, 10000, 200),
+		Backlog:       pick(h, 100000, 2000),
+		GatewayBinary: h.bins.Edgegate,
+		WorkDir:       h.work,
+		StallTimeout:  pick(h, 15*time.Second, 2*time.Second),
+		Timeout:       pick(h, 5*time.Minute, time.Minute),
+		Logf:          func(format string, args ...any) { h.logf("bridgebench: "+format, args...) },
+	}
+}
+
+func bridgeSample(r bridgebench.Result) Sample {
+	return Sample{Sent: int64(r.Acked), Received: int64(r.Unique), RSSKiB: r.RSS >> 10, HWMKiB: r.PeakRSS >> 10,
+		CPUSeconds: r.CPU.Seconds()}
+}
+
+func msOf(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// runOnline runs bridgebench.RunOnline for the gateway and the mosquitto bridge, alternating.
+func runOnline(ctx context.Context, h *harness, res *Result) error {
+	res.Subject = "gateway"
+	o := bridgeOptions(h, bridgebench.Gateway)
+	res.Params["devices"] = strconv.Itoa(o.Devices)
+	res.Params["messages_per_device"] = strconv.Itoa(o.Messages)
+	group := fmt.Sprintf("%d devices × %d messages", o.Devices, o.Messages)
+	return h.forRounds(ctx, func(round int) error {
+		for _, system := range []bridgebench.System{bridgebench.Gateway, bridgebench.MosquittoBridge} {
+			r, err := bridgebench.RunOnline(ctx, bridgeOptions(h, system))
+			if err != nil {
+				return fmt.Errorf("%s: %w", system, err)
+			}
+			s := bridgeSample(r)
+			s.Round, s.Value = round, r.Rate
+			s.Extra = map[string]float64{"p50_ms": msOf(r.LatencyP50), "p99_ms": msOf(r.LatencyP99),
+				"max_ms": msOf(r.LatencyMax), "duplicates": float64(r.Duplicates)}
+			row := res.row(group, system.String(), "msg/s", false)
+			row.Samples = append(row.Samples, s)
+			h.logf("online: round %d %s", round, r)
+		}
+		return nil
+	})
+}
+
+// runDrain runs bridgebench.RunDrain for the gateway and the mosquitto bridge (with and without mosquitto's
+// default queue limit), alternating.
+func runDrain(ctx context.Context, h *harness, res *Result) error {
+	res.Subject = "gateway"
+	o := bridgeOptions(h, bridgebench.Gateway)
+	res.Params["devices"] = strconv.Itoa(o.Devices)
+	res.Params["backlog"] = strconv.Itoa(o.Backlog)
+	group := fmt.Sprintf("backlog of %d", o.Backlog)
+	return h.forRounds(ctx, func(round int) error {
+		for _, system := range bridgebench.Systems {
+			r, err := bridgebench.RunDrain(ctx, bridgeOptions(h, system))
+			if err != nil {
+				return fmt.Errorf("%s: %w", system, err)
+			}
+			s := bridgeSample(r)
+			s.Round, s.Value = round, r.Duration.Seconds()
+			s.Extra = map[string]float64{"transfer_rate": r.TransferRate, "first_delivery_ms": msOf(r.FirstDelivery),
+				"live_p99_ms": msOf(r.LatencyP99), "live_lost": float64(r.LiveLost), "duplicates": float64(r.Duplicates)}
+			row := res.row(group, system.String(), "s to drain", true)
+			row.Samples = append(row.Samples, s)
+			h.logf("drain: round %d %s", round, r)
+		}
+		return nil
+	})
+}
