@@ -13,6 +13,11 @@
 // A failed commit (write or fsync error, full filesystem) acknowledges none of its events: each appender gets
 // the error, and the next batch is tried afresh.
 //
+// Cursors are persisted the same way, promptly and grouped. Ack moves a cursor in memory and does not wait;
+// while appends flow the writer saves it with the next commit of appends, otherwise at once in a commit of
+// its own that every Ack made meanwhile shares. Persisted says where a cursor is after a crash and
+// WaitPersisted waits for it to move, so a reader can bound what it would read again after a crash.
+//
 // # Layout and space
 //
 // Events are stored under 8-byte big-endian sequence numbers in segment buckets of 8192 numbers, with a

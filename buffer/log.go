@@ -89,6 +89,7 @@ type Log struct {
 	statfs         func(path string) (int64, error)
 	compactMinFile int64
 	compactEvery   time.Duration
+	tickEvery      time.Duration
 
 	dbMu sync.RWMutex // guards db: readers hold it shared; compaction and close hold it exclusively
 	db   *bolt.DB     // nil once closed
@@ -105,6 +106,7 @@ type Log struct {
 	space        chan struct{} // closed and replaced when the queue shrinks and someone waits
 	spaceWaiters int
 	notify       chan struct{} // closed and replaced when a commit adds records or the log closes
+	saved        chan struct{} // closed and replaced when a commit saves a cursor or the log closes
 	cursors      map[string]*cursor
 	closed       bool
 	running      bool
@@ -112,18 +114,21 @@ type Log struct {
 	stop         chan struct{}
 	runDone      chan struct{}
 
-	wake chan struct{}
+	wake      chan struct{}
+	saveAsked atomic.Bool // a cursor moved since the last commit took the positions to save
 
 	// Owned by the writer.
-	unsynced    bool
-	lastSync    time.Time
-	lastTTL     time.Time
-	lastCompact time.Time
-	limiter     dropLog
-	fullProbe   int64 // size of the smallest event refused since the log became full
+	unsynced     bool
+	lastSync     time.Time
+	lastTTL      time.Time
+	lastCompact  time.Time
+	lastCommit   time.Duration // how long the last commit of appends took
+	lastAppended time.Time     // when it ended
+	limiter      dropLog
+	fullProbe    int64 // size of the smallest event refused since the log became full
 }
 
-// cursor is a named reader position: pos in memory, saved on disk.
+// cursor is a named reader position: pos in memory, saved on disk (committed; fsync'd in fsync mode).
 type cursor struct {
 	pos, saved uint64
 }
@@ -218,8 +223,10 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 		statfs:         diskFree,
 		compactMinFile: compactMinFile,
 		compactEvery:   compactCheckEvery,
+		tickEvery:      tickEvery,
 		space:          make(chan struct{}),
 		notify:         make(chan struct{}),
+		saved:          make(chan struct{}),
 		cursors:        map[string]*cursor{},
 		stop:           make(chan struct{}),
 		runDone:        make(chan struct{}),
@@ -709,7 +716,7 @@ func (l *Log) LastSeq() uint64 { return l.state.Load().lastSeq }
 func (l *Log) FirstSeq() uint64 { return l.state.Load().firstSeq() }
 
 // Cursor returns the position of the named cursor: every record with Seq <= it is acknowledged. It is the
-// newest acknowledged position, persisted or not yet; 0 for a new cursor.
+// newest acknowledged position, persisted or not yet (see Persisted); 0 for a new cursor.
 func (l *Log) Cursor(name string) uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -719,10 +726,13 @@ func (l *Log) Cursor(name string) uint64 {
 	return 0
 }
 
-// Ack moves the named cursor to upTo; it never moves backwards (an older upTo is ignored). The position is
-// persisted by the next commit, or within about 100 ms, not by an fsync of its own: after a crash a cursor
-// may be a little behind, and the records after it are read again (at-least-once). A record is deleted once
-// every cursor in Config.Cursors has passed it; any other name is a reader's cursor that holds nothing (it is
+// Ack moves the named cursor to upTo; it never moves backwards (an older upTo is ignored). It does not wait:
+// the writer persists the position promptly, grouped with every Ack made meanwhile. While appends flow it
+// rides along with the next commit of appends (when none comes within about a commit's time, or when no
+// append was committed lately, the moved cursors are committed alone). Persisted tells how far that got and
+// WaitPersisted waits for it: after a crash a cursor is where it was last persisted, and the records after
+// it are read again (at-least-once). A record is deleted once every
+// cursor in Config.Cursors has passed it; any other name is a reader's cursor that holds nothing (it is
 // persisted too, and removed by the next Open that does not list it).
 func (l *Log) Ack(name string, upTo uint64) error {
 	if name == "" {
@@ -741,8 +751,54 @@ func (l *Log) Ack(name string, upTo uint64) error {
 		c = &cursor{}
 		l.cursors[name] = c
 	}
-	c.pos = max(c.pos, upTo)
+	if upTo > c.pos {
+		c.pos = upTo
+		if c.pos > c.saved {
+			l.saveAsked.Store(true)
+			select {
+			case l.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
 	return nil
+}
+
+// Persisted returns the position of the named cursor as last persisted: committed to the file, and fsync'd in
+// durability "fsync" (in "interval" a process crash keeps it, a power loss may not). It is what the cursor is
+// after a crash; it never exceeds Cursor. 0 for an unknown cursor.
+func (l *Log) Persisted(name string) uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if c := l.cursors[name]; c != nil {
+		return c.saved
+	}
+	return 0
+}
+
+// WaitPersisted blocks until the persisted position of the named cursor is past after, ctx ends (its error,
+// wrapped) or the log closes (ErrClosed). Every commit that saves a cursor wakes all waiters.
+func (l *Log) WaitPersisted(ctx context.Context, name string, after uint64) error {
+	for {
+		l.mu.Lock()
+		ch, closed := l.saved, l.closed
+		var saved uint64
+		if c := l.cursors[name]; c != nil {
+			saved = c.saved
+		}
+		l.mu.Unlock()
+		if saved > after {
+			return nil
+		}
+		if closed {
+			return fmt.Errorf("buffer: wait for cursor %s: %w", name, ErrClosed)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("buffer: wait for cursor %s: %w", name, ctx.Err())
+		}
+	}
 }
 
 // Close stops the log: when Run is running it stops it and waits; otherwise it commits what is queued,
@@ -775,6 +831,7 @@ func (l *Log) shutdown() error {
 	close(l.notify)
 	l.notify = make(chan struct{})
 	l.mu.Unlock()
+	defer l.wakeSaved() // once the last positions are saved
 	for _, b := range queue {
 		l.commit(b)
 	}
@@ -802,6 +859,14 @@ func (l *Log) shutdown() error {
 	l.db = nil
 	l.logger.Info("log closed", "last_seq", l.state.Load().lastSeq)
 	return errors.Join(errs...)
+}
+
+// wakeSaved wakes the WaitPersisted callers.
+func (l *Log) wakeSaved() {
+	l.mu.Lock()
+	close(l.saved)
+	l.saved = make(chan struct{})
+	l.mu.Unlock()
 }
 
 // cursorsDirty reports whether a cursor moved since it was saved.

@@ -13,10 +13,10 @@ import (
 )
 
 // Run is the log's single writer. It commits the queued appends in one transaction per batch (group
-// commit: what queues during a commit goes into the next one), persists cursor positions within about
-// 100 ms, deletes what every required cursor has passed, applies MaxAge, fsyncs in interval mode and compacts
-// the file when it is mostly free space. When ctx ends it commits what is queued, persists the cursors,
-// closes the file and returns nil. It returns an error only when the file cannot be reopened after a
+// commit: what queues during a commit goes into the next one), persists moved cursors with the next commit
+// of appends (or in one of their own when no append comes), deletes what every required cursor has passed,
+// applies MaxAge, fsyncs in interval mode and compacts the file when it is mostly free space. When ctx ends
+// it commits what is queued, persists the cursors, closes the file and returns nil. It returns an error only when the file cannot be reopened after a
 // compaction.
 func (l *Log) Run(ctx context.Context) error {
 	l.mu.Lock()
@@ -37,7 +37,7 @@ func (l *Log) Run(ctx context.Context) error {
 		l.mu.Unlock()
 	}()
 
-	period := tickEvery
+	period := l.tickEvery
 	if l.cfg.Durability == DurabilityInterval && l.cfg.FsyncInterval < period {
 		period = l.cfg.FsyncInterval
 	}
@@ -45,6 +45,12 @@ func (l *Log) Run(ctx context.Context) error {
 	defer tick.Stop()
 	now := time.Now()
 	l.lastSync, l.lastCompact = now, now
+	// While appends flow (one was committed within about a commit's time), a moved cursor waits up to that
+	// long for the next commit of appends to carry it; otherwise it is committed alone at once.
+	grace := time.NewTimer(time.Hour)
+	grace.Stop()
+	defer grace.Stop()
+	var graceC <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -53,13 +59,34 @@ func (l *Log) Run(ctx context.Context) error {
 			return l.shutdown()
 		case <-l.wake:
 			for b := l.take(); b != nil; b = l.takeNext(b) {
-				l.commit(b)
-				select { // housekeeping is not starved by a steady stream of batches
+				l.commit(b) // saves the moved cursors too
+				// Housekeeping is not starved by a steady stream of batches.
+				select {
 				case <-tick.C:
 					if err := l.housekeep(); err != nil {
 						return errors.Join(err, l.shutdown())
 					}
 				default:
+				}
+			}
+			if l.saveAsked.Load() && graceC == nil {
+				if d := l.saveGrace(); time.Since(l.lastAppended) < d {
+					grace.Reset(d)
+					graceC = grace.C
+				} else {
+					l.saveCursors()
+				}
+			}
+		case <-graceC:
+			graceC = nil
+			if l.saveAsked.Load() {
+				if l.queueEmpty() {
+					l.saveCursors()
+				} else {
+					select { // the queued appends carry the cursors
+					case l.wake <- struct{}{}:
+					default:
+					}
 				}
 			}
 		case <-tick.C:
@@ -79,6 +106,37 @@ func (l *Log) takeNext(prev *batch) *batch {
 	}
 	runtime.Gosched()
 	return l.take()
+}
+
+// saveGrace is how long a moved cursor waits for a commit of appends to carry it: the last commit's duration,
+// within 100µs and 2ms.
+func (l *Log) saveGrace() time.Duration {
+	return min(max(l.lastCommit, 100*time.Microsecond), 2*time.Millisecond)
+}
+
+// queueEmpty reports whether no append waits for a commit.
+func (l *Log) queueEmpty() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.queue) == 0
+}
+
+// saveCursors commits the moved cursors (and deletes what they passed) in a transaction of their own. Every
+// Ack up to its start shares it; a failure is retried by the next commit or tick.
+func (l *Log) saveCursors() {
+	l.writeMu.Lock()
+	defer l.writeMu.Unlock()
+	if l.db == nil {
+		return
+	}
+	if _, err := l.update(nil); err != nil {
+		l.m.commitErrors.Inc()
+		l.limiter.failed(err, 0)
+		return
+	}
+	if l.db.NoSync {
+		l.unsynced = true
+	}
 }
 
 // commit makes one batch durable and wakes its appenders.
@@ -106,7 +164,9 @@ func (l *Log) commit(b *batch) {
 		}
 		return nil
 	})
-	l.m.commitDuration.Observe(time.Since(start).Seconds())
+	l.lastAppended = time.Now()
+	l.lastCommit = l.lastAppended.Sub(start)
+	l.m.commitDuration.Observe(l.lastCommit.Seconds())
 	if err != nil {
 		if isNoSpace(err) {
 			err = fmt.Errorf("%w: %w", ErrFull, err)
@@ -296,6 +356,7 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	t := &txn{l: l, st: l.state.Load().clone(), owned: map[*segMeta]bool{}, dirty: map[uint64]bool{}}
 	t.lastSeq0 = t.st.lastSeq
 	l.mu.Lock()
+	l.saveAsked.Store(false) // the positions taken here are saved, or retried by the next commit or tick
 	for name, c := range l.cursors {
 		if c.pos != c.saved {
 			if t.saves == nil {
@@ -332,10 +393,15 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	}
 	prev := l.state.Swap(t.st)
 	l.mu.Lock()
+	saved := false
 	for name, pos := range t.saves {
 		if c := l.cursors[name]; c != nil && c.saved < pos {
-			c.saved = pos
+			c.saved, saved = pos, true
 		}
+	}
+	if saved {
+		close(l.saved)
+		l.saved = make(chan struct{})
 	}
 	if t.st.lastSeq > prev.lastSeq {
 		close(l.notify)

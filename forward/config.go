@@ -69,8 +69,9 @@ type SinkConfig struct {
 	// BatchSize is how many records are read from the log at once, and for http in batch mode the most events
 	// in one request (default 128).
 	BatchSize int `yaml:"batch_size"`
-	// Window is the most events sent and not yet acknowledged (default 64). After a reconnect at most this many
-	// events are sent again.
+	// Window is the most events sent past the sink's cursor as the log has durably stored it, in flight or
+	// acknowledged and not yet stored (default 64). After a reconnect, or a restart after a crash, at most this
+	// many events are sent again.
 	Window int `yaml:"window"`
 	// RateLimit caps the events sent per second (0, the default: no cap).
 	RateLimit float64 `yaml:"rate_limit"`

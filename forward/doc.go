@@ -6,11 +6,13 @@
 //
 // At least once, never lost: a sink's cursor ("sink:<name>") moves only over events the upstream acknowledged
 // (an MQTT PUBACK, a JetStream PubAck, an HTTP 2xx) on the connection that sent them, and over events the sink
-// does not carry (its types filter) or that an HTTP upstream refused for good (dead-lettered). Up to window
-// events are in flight; acknowledgements that arrive out of order are held until the gap before them fills.
-// After any failure the sink reconnects (exponential backoff with full jitter) and sends again from its
-// cursor, so an upstream may see an event twice — at most a window of events per reconnect. The CloudEvent id
-// never changes and is the key to drop duplicates with (JetStream does so by Nats-Msg-Id).
+// does not carry (its types filter) or that an HTTP upstream refused for good (dead-lettered). At most window
+// events are sent past the cursor as the log has durably stored it, in flight or acknowledged and not yet
+// stored; acknowledgements that arrive out of order are held until the gap before them fills. After any
+// failure the sink reconnects (exponential backoff with full jitter) and sends again from its cursor, so an
+// upstream may see an event twice — at most a window of events per reconnect, and per restart after a crash
+// of the gateway (kill -9) as well. The CloudEvent id never changes and is the key to drop duplicates with
+// (JetStream does so by Nats-Msg-Id).
 //
 // Order: a sink sends in log order on one connection, so the events of one device (subject) arrive in order; a
 // reconnect may repeat events already sent, never bring a newer one before an older one. Priority affects

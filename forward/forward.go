@@ -29,10 +29,16 @@ type Source interface {
 	Read(after uint64, max int) ([]Record, error)
 	// Wait blocks until a record with Seq > after exists or ctx ends (then it returns ctx's error).
 	Wait(ctx context.Context, after uint64) error
-	// Cursor returns the persisted position of the named cursor (0: from the start).
+	// Cursor returns the position of the named cursor (0: from the start).
 	Cursor(name string) uint64
-	// Ack advances the named cursor to upTo (never backwards) and persists it.
+	// Ack advances the named cursor to upTo (never backwards); the log persists it soon after, without
+	// Ack waiting for it.
 	Ack(name string, upTo uint64) error
+	// Persisted returns the position of the named cursor as durably stored: where it is after a crash.
+	Persisted(name string) uint64
+	// WaitPersisted blocks until the persisted position of the named cursor is past after, or ctx ends (then
+	// it returns ctx's error).
+	WaitPersisted(ctx context.Context, name string, after uint64) error
 }
 
 // CommandSink delivers cloud-to-device commands locally. It returns an error wrapping ErrUnknownDevice for a

@@ -25,12 +25,13 @@ type memLog struct {
 	seq     uint64
 	cursors map[string]uint64
 	grew    chan struct{} // closed and replaced on every append
+	acked   chan struct{} // closed and replaced on every Ack (stored at once)
 	ackErr  error
 	acks    int
 }
 
 func newMemLog(t testing.TB) *memLog {
-	return &memLog{t: t, cursors: map[string]uint64{}, grew: make(chan struct{})}
+	return &memLog{t: t, cursors: map[string]uint64{}, grew: make(chan struct{}), acked: make(chan struct{})}
 }
 
 // ceJSON makes the structured JSON of a CloudEvent as ingest stores it.
@@ -108,7 +109,29 @@ func (l *memLog) Ack(name string, upTo uint64) error {
 	}
 	l.cursors[name] = upTo
 	l.acks++
+	close(l.acked)
+	l.acked = make(chan struct{})
 	return nil
+}
+
+// Persisted is Cursor: an Ack is stored at once.
+func (l *memLog) Persisted(name string) uint64 { return l.Cursor(name) }
+
+func (l *memLog) WaitPersisted(ctx context.Context, name string, after uint64) error {
+	for {
+		l.mu.Lock()
+		if l.cursors[name] > after {
+			l.mu.Unlock()
+			return nil
+		}
+		acked := l.acked
+		l.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-acked:
+		}
+	}
 }
 
 // deadLetter is one recorded dead letter.

@@ -115,6 +115,11 @@ func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	if t.tls != nil {
 		opts.SetTLSConfig(t.tls)
 	}
+	if u, err := url.Parse(t.cfg.URL); err == nil {
+		if open := gatheredDialer(u.Scheme); open != nil {
+			opts.SetCustomOpenConnectionFn(open)
+		}
+	}
 	cl := paho.NewClient(opts)
 	tok := cl.Connect()
 	select {

@@ -83,14 +83,23 @@ type sink struct {
 
 	// Owned by the run goroutine.
 	gen       uint64
-	done      uint64 // the cursor: everything up to it is carried
-	persisted uint64 // the cursor as last stored in the log
-	maxSent   uint64 // the highest Seq ever sent (for resent_total)
-	ackFail   bool   // the last Ack to the log failed (logged once)
+	done      uint64     // the cursor: everything up to it is carried
+	handed    uint64     // the cursor as last handed to the log (Ack)
+	persisted uint64     // the cursor as durably stored in the log, as last learned
+	unsaved   []sentUnit // the units sent past persisted, in send order: what a crash would send again
+	unsavedN  int        // events in unsaved; never more than the window
+	maxSent   uint64     // the highest Seq ever sent (for resent_total)
+	ackFail   bool       // the last Ack to the log failed (logged once)
 
 	mu      sync.Mutex
 	started time.Time
 	st      sinkState
+}
+
+// sentUnit is a unit sent past the persisted cursor: the Seq of its last event and its number of events.
+type sentUnit struct {
+	last uint64
+	n    int
 }
 
 type sinkState struct {
@@ -136,7 +145,14 @@ func newSink(cfg SinkConfig, gatewayID string, src Source, cmds CommandSink, dl 
 // run connects, drains and reconnects with backoff until ctx ends.
 func (s *sink) run(ctx context.Context) error {
 	s.done = s.src.Cursor(s.cursor)
-	s.persisted = s.done
+	s.handed = s.done
+	s.persisted = s.src.Persisted(s.cursor)
+	if s.done > s.persisted {
+		// Acknowledged before this run and not stored yet: how many events that is is unknown, so it takes
+		// the whole window until the log has stored it.
+		s.unsaved = append(s.unsaved[:0], sentUnit{last: s.done, n: s.cfg.Window})
+		s.unsavedN = s.cfg.Window
+	}
 	s.mu.Lock()
 	s.started = time.Now()
 	s.st.cursor = s.done
@@ -195,6 +211,10 @@ type sessionResult struct {
 
 // session runs one connection: it sends from the cursor, advances the cursor on acknowledgements and ends on the
 // first failure, a stall or ctx's end.
+//
+// Flow control counts against the cursor as the log stored it durably, not as acknowledged: at most window
+// events are sent past it, in flight or acknowledged and not yet stored. So whatever ends the connection —
+// an upstream failure or a crash of the gateway — at most window events are sent again.
 func (s *sink) session(ctx context.Context) (res sessionResult) {
 	s.gen++
 	gen := s.gen
@@ -211,6 +231,8 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	defer s.setInFlight(0)
 	next := s.done // the last Seq read (sent or passed over)
 	var pending []Record
+	s.forgetUnacked()
+	s.learnPersisted()
 
 	// One goroutine at a time waits for the log to grow.
 	wctx, wcancel := context.WithCancel(ctx)
@@ -218,6 +240,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	defer func() { wcancel(); wg.Wait() }()
 	wake := make(chan error, 1)
 	waiting, woke, spurious := false, false, 0
+	// One goroutine at a time waits for the log to store the cursor.
+	stored := make(chan error, 1)
+	storing := false
 
 	stall := time.NewTicker(stallCheckEvery(s.cfg.AckTimeout))
 	defer stall.Stop()
@@ -269,13 +294,13 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			woke = false
 		}
 
-		for len(pending) > 0 && tr.records < s.cfg.Window {
+		for len(pending) > 0 && s.unsavedN < s.cfg.Window {
 			if !s.filter.match(pending[0].Type) {
 				tr.skip(pending[0].Seq)
 				next, pending = pending[0].Seq, pending[1:]
 				continue
 			}
-			n, limit := 1, min(s.tr.unitSize(), s.cfg.Window-tr.records)
+			n, limit := 1, min(s.tr.unitSize(), s.cfg.Window-s.unsavedN)
 			for n < len(pending) && n < limit && s.filter.match(pending[n].Type) {
 				n++
 			}
@@ -316,12 +341,33 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				lastProgress = time.Now()
 			}
 			tr.push(u)
+			s.unsaved = append(s.unsaved, sentUnit{last: u[n-1].Seq, n: n})
+			s.unsavedN += n
 			next, pending = u[n-1].Seq, pending[n:]
 			s.log.Debug("sent", "seq", u[n-1].Seq, "events", n)
 		}
 		s.advance(&tr)
+		if !storing && s.handed > s.persisted {
+			storing = true
+			wg.Add(1)
+			go func(after uint64) {
+				defer wg.Done()
+				stored <- s.src.WaitPersisted(wctx, s.cursor, after)
+			}(s.persisted)
+		}
 
 		select {
+		case err := <-stored:
+			storing = false
+			if err != nil {
+				if ctx.Err() != nil {
+					s.finish(c, &tr, gen)
+					return res
+				}
+				res.err = fmt.Errorf("forward: wait for the log to store the cursor: %w", err)
+				return res
+			}
+			s.learnPersisted()
 		case o := <-c.outcomes():
 			if err := s.settle(&tr, o, gen); err != nil {
 				res.err = err
@@ -437,7 +483,36 @@ func (s *sink) settle(tr *tracker, o outcome, gen uint64) error {
 	return nil
 }
 
-// advance moves the cursor to the tracker's acknowledged prefix and stores it in the log.
+// forgetUnacked drops the units past the cursor from the flow control when a connection starts: they were
+// not acknowledged, and the new connection sends them again.
+func (s *sink) forgetUnacked() {
+	for n := len(s.unsaved); n > 0 && s.unsaved[n-1].last > s.done; n-- {
+		s.unsavedN -= s.unsaved[n-1].n
+		s.unsaved = s.unsaved[:n-1]
+	}
+}
+
+// learnPersisted reads how far the log stored the cursor and releases the units it covers from the flow
+// control.
+func (s *sink) learnPersisted() {
+	p := s.src.Persisted(s.cursor)
+	if p <= s.persisted {
+		return
+	}
+	s.persisted = p
+	i := 0
+	for i < len(s.unsaved) && s.unsaved[i].last <= p {
+		s.unsavedN -= s.unsaved[i].n
+		i++
+	}
+	if i == len(s.unsaved) {
+		s.unsaved = s.unsaved[:0]
+	} else if i > 0 {
+		s.unsaved = append(s.unsaved[:0], s.unsaved[i:]...)
+	}
+}
+
+// advance moves the cursor to the tracker's acknowledged prefix and hands it to the log to store.
 func (s *sink) advance(tr *tracker) {
 	if tr.done > s.done {
 		s.done = tr.done
@@ -447,13 +522,13 @@ func (s *sink) advance(tr *tracker) {
 	s.st.inFlight = tr.unacked
 	s.mu.Unlock()
 	s.m.inFlight.Set(float64(tr.unacked))
-	if s.done <= s.persisted {
+	if s.done <= s.handed {
 		return
 	}
 	if err := s.src.Ack(s.cursor, s.done); err != nil {
 		s.m.errors.Inc()
 		if !s.ackFail {
-			s.log.Error("cannot store the sink's cursor; events may be sent again after a restart",
+			s.log.Error("cannot store the sink's cursor; sending pauses once a window of events waits for it",
 				"cursor", s.done, "error", err)
 			s.ackFail = true
 		}
@@ -463,7 +538,8 @@ func (s *sink) advance(tr *tracker) {
 		s.log.Info("sink's cursor stored again", "cursor", s.done)
 		s.ackFail = false
 	}
-	s.persisted = s.done
+	s.handed = s.done
+	s.learnPersisted()
 }
 
 func stallCheckEvery(ackTimeout time.Duration) time.Duration {
