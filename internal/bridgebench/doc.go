@@ -28,8 +28,15 @@
 //
 // # Running it
 //
-//	go test -run '^$' -bench . -benchtime 1x ./internal/bridgebench/                 # one round of each
-//	go test -run '^$' -bench Drain -benchtime 3x ./internal/bridgebench/ -drain 1000000
+//	go test -run '^$' -bench . -benchtime 1x ./internal/bridgebench/          # one round of each scenario
+//	go test -run '^$' -bench Drain -benchtime 3x ./internal/bridgebench/     # three rounds, gateway and bridge alternating
+//	go test -run '^$' -bench Drain -benchtime 1x ./internal/bridgebench/ -drain 1000000
 //
-// The benchmarks report each system's rate and the ratio gateway/bridge measured in the same run.
+// Flags of the benchmarks: -devices, -messages (per device, online), -drain (the backlog), -live-rate,
+// -durability (the gateway log's fsync or interval), -window (the gateway sink's window), -edgegate (a built
+// binary instead of building cmd/edgegate), -bridge-defaults=false (skip the lossy bridge run), -progress,
+// -keep (keep each run's directory). They report each system's median rate, the ratio gateway/bridge of the
+// medians, and per system the lost messages, the latency p99, the CPU share and the peak RSS. On a machine
+// shared with other work the rates vary a lot from run to run; compare ratios of the same run, and CPU per
+// message (Result.CPU / Unique), which varies less.
 package bridgebench

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/edgegate/edgegate/devices"
 )
@@ -54,6 +53,9 @@ const eventTopicFilter = "edgegate/" + gatewayID + "/events/#"
 // cloudURL.
 func writeGatewayConfig(dir string, ids []string, cloudURL string, o Options) (*gatewayProc, error) {
 	g := &gatewayProc{dir: dir, configPath: filepath.Join(dir, "edgegate.yaml")}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
 	var err error
 	if g.port, err = freePort(); err != nil {
 		return nil, err
@@ -113,12 +115,6 @@ func (g *gatewayProc) start(ctx context.Context, bin string) error {
 		return fmt.Errorf("%w\n%s", err, tailFile(g.logPath(), 20))
 	}
 	return nil
-}
-
-func (g *gatewayProc) stop() {
-	if g.proc != nil {
-		g.proc.Stop(10 * time.Second)
-	}
 }
 
 // tailFile returns the last n lines of a file ("" when it cannot be read).

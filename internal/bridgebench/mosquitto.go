@@ -68,7 +68,8 @@ func (m *mosquitto) writeConfig() error {
 	fmt.Fprintf(&c, "persistence_location %s/\n", filepath.Join(m.dir, "data"))
 	fmt.Fprintf(&c, "persistence_file mosquitto.db\n")
 	fmt.Fprintf(&c, "log_dest file %s\n", m.logPath())
-	fmt.Fprintf(&c, "log_type error\nlog_type warning\nlog_type notice\n")
+	fmt.Fprintf(&c, "log_timestamp_format %%H:%%M:%%S\n")
+	fmt.Fprintf(&c, "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n")
 	if os.Geteuid() == 0 {
 		// mosquitto drops root privileges to the "mosquitto" user unless told otherwise; that user could not
 		// write to our directory.

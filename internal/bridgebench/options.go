@@ -187,6 +187,9 @@ type Result struct {
 	PublishDuration time.Duration
 	// FirstDelivery is, for drain, from the restart to the first backlog arrival (reconnecting takes part).
 	FirstDelivery time.Duration
+	// TransferRate is, for drain, Unique over the time from the first to the last backlog arrival: the rate
+	// once connected, without the reconnect delay.
+	TransferRate float64
 
 	// Live traffic (drain): published, acknowledged, distinct arrivals, acknowledged and never arrived.
 	LiveSent, LiveAcked, LiveUnique, LiveLost int
@@ -201,6 +204,10 @@ type Result struct {
 	// measured phase; CPUPercent relates it to Duration (100 = one core).
 	CPU        time.Duration
 	CPUPercent float64
+	// CloudCPU and BenchCPU are the processor time the cloud mosquitto and this process (devices and
+	// subscriber) used in the same phase: when either nears a whole core, it, not the system under test, may
+	// bound the rate.
+	CloudCPU, BenchCPU time.Duration
 	// RSS is the resident set of the system under test at the end, PeakRSS the largest it had.
 	RSS, PeakRSS int64
 
@@ -215,16 +222,18 @@ func (r Result) String() string {
 		r.Scenario, r.System, r.Rate, r.Duration.Round(time.Millisecond), r.Sent, r.Acked, r.Delivered, r.Unique,
 		r.Duplicates, r.Lost)
 	if r.Scenario == "drain" {
-		fmt.Fprintf(&b, "; backlog published in %s, first delivery after %s; live sent %d lost %d",
-			r.PublishDuration.Round(time.Millisecond), r.FirstDelivery.Round(time.Millisecond), r.LiveSent, r.LiveLost)
+		fmt.Fprintf(&b, "; backlog published in %s, first delivery after %s, then %.0f msg/s; live sent %d lost %d",
+			r.PublishDuration.Round(time.Millisecond), r.FirstDelivery.Round(time.Millisecond), r.TransferRate,
+			r.LiveSent, r.LiveLost)
 	}
 	fmt.Fprintf(&b, "; latency p50 %s p99 %s max %s (n=%d)", r.LatencyP50.Round(time.Millisecond),
 		r.LatencyP99.Round(time.Millisecond), r.LatencyMax.Round(time.Millisecond), r.LatencySamples)
 	if r.Scenario == "drain" {
 		fmt.Fprintf(&b, ", after drain p99 %s", r.AfterP99.Round(time.Millisecond))
 	}
-	fmt.Fprintf(&b, "; cpu %s (%.0f%%) rss %.1f MiB peak %.1f MiB", r.CPU.Round(10*time.Millisecond), r.CPUPercent,
-		float64(r.RSS)/(1<<20), float64(r.PeakRSS)/(1<<20))
+	fmt.Fprintf(&b, "; cpu %s (%.0f%%) rss %.1f MiB peak %.1f MiB; cloud cpu %s, bench cpu %s",
+		r.CPU.Round(10*time.Millisecond), r.CPUPercent, float64(r.RSS)/(1<<20), float64(r.PeakRSS)/(1<<20),
+		r.CloudCPU.Round(10*time.Millisecond), r.BenchCPU.Round(10*time.Millisecond))
 	if r.Malformed > 0 {
 		fmt.Fprintf(&b, "; %d malformed", r.Malformed)
 	}

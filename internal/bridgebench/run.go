@@ -87,6 +87,7 @@ func setup(ctx context.Context, o Options, live bool) (_ *env, err error) {
 			return e, fmt.Errorf("bridgebench: %w", err)
 		}
 		e.sutPid, deviceURL, filter = e.gw.proc.Pid(), e.gw.url(), eventTopicFilter
+		o.Logf("gateway: pid %d, mqtt %s, directory %s", e.sutPid, e.gw.addr(), e.gw.dir)
 	case MosquittoBridge, MosquittoBridgeDefaults:
 		lines := []string{}
 		if o.System == MosquittoBridge {
@@ -106,7 +107,7 @@ func setup(ctx context.Context, o Options, live bool) (_ *env, err error) {
 			"cleansession false",
 			"bridge_attempt_unsubscribe false",
 			"bridge_protocol_version mqttv311",
-			"restart_timeout 1",
+			"restart_timeout 1 1",
 		)
 		e.edge, err = newMosquitto("edge mosquitto", o.MosquittoBinary, filepath.Join(dir, "edge"), lines...)
 		if err != nil {
@@ -116,6 +117,7 @@ func setup(ctx context.Context, o Options, live bool) (_ *env, err error) {
 			return e, fmt.Errorf("bridgebench: %w", err)
 		}
 		e.sutPid, deviceURL, filter = e.edge.proc.Pid(), e.edge.url(), "devices/#"
+		o.Logf("%s: edge mosquitto pid %d, mqtt %s, directory %s", o.System, e.sutPid, e.edge.addr(), e.edge.dir)
 	}
 
 	liveDev := -2 // online: every message's latency
@@ -252,17 +254,41 @@ func (e *env) benchCounts(r *Result) {
 	r.Malformed = e.sub.malformedCount()
 }
 
-func (e *env) usage(r *Result, before usage, over time.Duration) {
-	after, err := readUsage(e.sutPid)
-	if err != nil {
-		e.o.Logf("%v", err)
+// snap is the resource use of the processes of a run at one moment.
+type snap struct {
+	sut, cloud, self usage
+	cloudPid         int
+}
+
+func (e *env) snapshot() snap {
+	var s snap
+	s.sut, _ = readUsage(e.sutPid)
+	if e.cloud.proc != nil && !e.cloud.proc.Exited() {
+		s.cloudPid = e.cloud.proc.Pid()
+		s.cloud, _ = readUsage(s.cloudPid)
+	}
+	s.self, _ = readUsage(os.Getpid())
+	return s
+}
+
+// usage fills the resource use since before; over is the measured phase's length.
+func (e *env) usage(r *Result, before snap, over time.Duration) {
+	after := e.snapshot()
+	if after.sut.PeakRSS == 0 {
+		e.o.Logf("%s: no resource use of pid %d (no /proc?)", e.o.System, e.sutPid)
 		return
 	}
-	r.CPU = after.CPU - before.CPU
+	r.CPU = after.sut.CPU - before.sut.CPU
+	if after.cloudPid == before.cloudPid {
+		r.CloudCPU = after.cloud.CPU - before.cloud.CPU
+	} else {
+		r.CloudCPU = after.cloud.CPU // restarted during the phase
+	}
+	r.BenchCPU = after.self.CPU - before.self.CPU
 	if over > 0 {
 		r.CPUPercent = 100 * r.CPU.Seconds() / over.Seconds()
 	}
-	r.RSS, r.PeakRSS = after.RSS, after.PeakRSS
+	r.RSS, r.PeakRSS = after.sut.RSS, after.sut.PeakRSS
 }
 
 func prepare(ctx context.Context, o Options) (Options, context.Context, context.CancelFunc, error) {
@@ -290,7 +316,7 @@ func RunOnline(ctx context.Context, o Options) (Result, error) {
 	}
 	defer e.close()
 
-	before, _ := readUsage(e.sutPid)
+	before := e.snapshot()
 	o.Logf("%s: online: %d devices x %d messages", o.System, o.Devices, o.Messages)
 	start := time.Now()
 	pubErr := e.publishAll(ctx, func(int) int { return o.Messages })
@@ -351,7 +377,7 @@ func RunDrain(ctx context.Context, o Options) (Result, error) {
 		acked += d.acked
 	}
 
-	before, _ := readUsage(e.sutPid)
+	before := e.snapshot()
 	liveCtx, stopLive := context.WithCancel(ctx)
 	defer stopLive()
 	liveDone := make(chan struct{})
@@ -375,7 +401,7 @@ func RunDrain(ctx context.Context, o Options) (Result, error) {
 		return n
 	})
 	first, last := e.sub.times()
-	e.usage(&r, before, last.Sub(restore))
+	e.usage(&r, before, max(0, last.Sub(restore)))
 	drained := last
 	if err := sleepCtx(ctx, o.LiveTail); err == nil {
 		stopLive()
@@ -389,6 +415,9 @@ func RunDrain(ctx context.Context, o Options) (Result, error) {
 		r.Duration = last.Sub(restore)
 		r.FirstDelivery = first.Sub(restore)
 		r.Rate = float64(r.Unique) / r.Duration.Seconds()
+		if d := last.Sub(first); d > 0 {
+			r.TransferRate = float64(r.Unique) / d.Seconds()
+		}
 	}
 	r.LiveSent, r.LiveAcked = e.live.sent, e.live.acked
 	_, r.LiveUnique = e.sub.totals(e.live.idx)
