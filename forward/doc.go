@@ -39,7 +39,7 @@
 //	    - name: cloud                 # cursor "sink:cloud"
 //	      type: mqtt
 //	      types: ["sensor.*", door.opened]   # optional filter
-//	      window: 64                  # events in flight
+//	      window: 256                 # events in flight
 //	      ack_timeout: 10s            # stall detection
 //	      mqtt:
 //	        url: ssl://broker.example.com:8883
