@@ -23,8 +23,10 @@
 // Events are stored under 8-byte big-endian sequence numbers in segment buckets of 8192 numbers, with a
 // small header (priority, time, type, subject) before the CloudEvent JSON. Per-segment metadata (counts,
 // bytes, bounds, count per priority) lives in its own bucket, updated in the same transaction, so opening a
-// log with a large backlog reads no events. Draining deletes whole segments; when the file is mostly free
-// space the writer compacts it into a new file and renames it over the old one, so the file shrinks again.
+// log with a large backlog reads no events. Close leaves bbolt's free list in the file, so only the first
+// start after a crash walks the file, once, to check it and rebuild that list. Draining deletes whole
+// segments; when the file is mostly free space the writer compacts it into a new file and renames it over the
+// old one, so the file shrinks again.
 //
 // # Retention
 //

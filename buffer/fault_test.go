@@ -109,26 +109,57 @@ func TestCorruptAndRecover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Damage to the data pages of a cleanly closed file is found when read (TestDamageFoundWhileRunning);
+	// after a crash Open checks every page and finds it.
 	tests := []struct {
 		name    string
 		damage  func(b []byte) []byte
 		corrupt bool
+		kind    string // how an intact-enough file opens
 	}{
 		{"meta pages", func(b []byte) []byte {
 			for i := range 2 * 4096 {
 				b[i] = byte(i*7 + 3)
 			}
 			return b
-		}, true},
-		{"data pages", func(b []byte) []byte {
+		}, true, ""},
+		{"data pages after a crash", func(b []byte) []byte {
+			off, _ := newestMeta(t, b)
+			setFreelist(b, off, boltNoFreelist)
 			for i := len(b) / 2; i < len(b)*3/4; i++ {
 				b[i] = byte(i*13 + 5)
 			}
 			return b
-		}, true},
-		{"truncated", func(b []byte) []byte { return b[:100] }, true},
-		{"garbage file", func([]byte) []byte { return []byte(strings.Repeat("not a bbolt file ", 1000)) }, true},
-		{"intact", func(b []byte) []byte { return b }, false},
+		}, true, ""},
+		{"free list page", func(b []byte) []byte {
+			_, m := newestMeta(t, b)
+			p := b[m.freelist*m.pageSize:]
+			p[10], p[11] = 0xff, 0xff // the count is in the first element
+			for i := range 64 {
+				p[boltPageHeader+i] = byte(i*13 + 5)
+			}
+			return b
+		}, true, ""},
+		{"free list page header", func(b []byte) []byte {
+			_, m := newestMeta(t, b)
+			p := b[m.freelist*m.pageSize:]
+			p[8] = 0x02 // a leaf page
+			return b
+		}, true, ""},
+		{"newest meta page", func(b []byte) []byte {
+			off, _ := newestMeta(t, b)
+			b[off+boltPageHeader+boltMetaSumOff] ^= 0xff // bbolt falls back to the other, older meta
+			return b
+		}, false, openRebuilt},
+		{"older meta page", func(b []byte) []byte {
+			off, m := newestMeta(t, b)
+			older := int(m.pageSize) - off // the other of pages 0 and 1
+			b[older+boltPageHeader+boltMetaSumOff] ^= 0xff
+			return b
+		}, false, openRebuilt},
+		{"truncated", func(b []byte) []byte { return b[:100] }, true, ""},
+		{"garbage file", func([]byte) []byte { return []byte(strings.Repeat("not a bbolt file ", 1000)) }, true, ""},
+		{"intact", func(b []byte) []byte { return b }, false, openClean},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -142,8 +173,11 @@ func TestCorruptAndRecover(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if l.LastSeq() != 3000 {
-					t.Fatalf("last seq %d, want 3000", l.LastSeq())
+				if l.LastSeq() != 3000 || l.opened != tt.kind {
+					t.Fatalf("last seq %d, opened %q; want 3000, %q", l.LastSeq(), l.opened, tt.kind)
+				}
+				if n := len(readAll(t, l)); n != 3000 {
+					t.Fatalf("read %d events, want 3000", n)
 				}
 				_ = l.Close()
 				return

@@ -81,6 +81,7 @@ type Log struct {
 	segSize  uint64
 	tool     bool
 	required []string
+	opened   string // how the last open of the file found it: openNew, openClean or openRebuilt
 
 	// Test hooks: beforeCommit fails a commit when it returns an error; now is the clock; statfs reports
 	// the free space of the filesystem holding a path.
@@ -96,8 +97,9 @@ type Log struct {
 
 	writeMu sync.Mutex // serialises write transactions, compaction and close
 
-	state atomic.Pointer[state] // the committed state, replaced after every commit
-	full  atomic.Bool           // the last room check failed (reject fast path)
+	state   atomic.Pointer[state] // the committed state, replaced after every commit
+	full    atomic.Bool           // the last room check failed (reject fast path)
+	damaged atomic.Bool           // a read or commit met damage: Close leaves the full check to the next open
 
 	mu           sync.Mutex
 	queue        []*batch
@@ -180,8 +182,11 @@ type openOptions struct {
 
 // Open opens or creates the log at cfg.Path for the gateway: zero fields of cfg take the defaults of
 // DefaultConfig, persisted cursors not in cfg.Cursors are removed, and the metrics are registered with reg
-// (nil: not registered). Open reads only per-segment metadata, so its time does not grow with the backlog.
-// It starts nothing: Run commits appends.
+// (nil: not registered). After a clean Close, Open reads the file's meta pages, bbolt's free list and the
+// per-segment metadata, no events, so its time does not grow with the backlog. After a crash (the file was
+// not closed by Close) it first walks every page of the file once, read-only, to catch damage and to
+// rebuild bbolt's free list, which takes time in proportion to the file's size. It logs which ("log opened",
+// clean=true or false). It starts nothing: Run commits appends.
 func Open(cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Log, error) {
 	return open(cfg, logger, reg, openOptions{})
 }
@@ -235,11 +240,13 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 	if !o.tool {
 		_ = os.Remove(cfg.Path + ".compact") // left by a compaction that did not finish; the log is intact
 	}
-	db, err := openDB(cfg.Path, cfg.Durability)
+	start := time.Now()
+	db, kind, err := openDB(cfg.Path, cfg.Durability)
 	if err != nil {
 		return nil, err
 	}
 	l.db = db
+	l.opened = kind
 	if err := l.init(); err != nil {
 		_ = db.Close()
 		return nil, err
@@ -252,19 +259,32 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 	l.m = m
 	st := l.state.Load()
 	l.logger.Info("log opened", "path", cfg.Path, "events", st.events, "bytes", st.bytes,
-		"first_seq", st.firstSeq(), "last_seq", st.lastSeq, "segments", len(st.segs))
+		"first_seq", st.firstSeq(), "last_seq", st.lastSeq, "segments", len(st.segs),
+		"clean", kind != openRebuilt, "duration", time.Since(start).Round(time.Millisecond))
+	if kind == openRebuilt {
+		l.logger.Warn("the log was not closed cleanly (a crash): its file was checked and bbolt's free list "+
+			"rebuilt, which reads the whole file once", "file_bytes", fileSize(cfg.Path))
+	}
 	return l, nil
 }
 
-// openDB opens the bbolt file, turning lock timeouts and damage into ErrLocked and ErrCorrupt.
-func openDB(path, durability string) (db *bolt.DB, err error) {
-	if err := precheck(path); err != nil {
-		return nil, err
+// openDB opens the bbolt file, turning lock timeouts and damage into ErrLocked and ErrCorrupt, and tells how
+// it found the file (openKind). A file closed by Close opens at once: bbolt reads the free list written at
+// that close. Any other existing file gets precheck, then bbolt rebuilds its free list by walking the file.
+func openDB(path, durability string) (db *bolt.DB, kind string, err error) {
+	kind, err = openKind(path)
+	if err != nil {
+		return nil, "", err
+	}
+	if kind == openRebuilt {
+		if err := precheck(path); err != nil {
+			return nil, "", err
+		}
 	}
 	defer func() {
 		// bbolt panics on some kinds of damage (while rebuilding the free list); report it as damage.
 		if r := recover(); r != nil {
-			db, err = nil, corruptError(path, fmt.Errorf("%v", r))
+			db, kind, err = nil, "", corruptError(path, fmt.Errorf("%v", r))
 		}
 	}()
 	db, err = bolt.Open(path, 0o600, &bolt.Options{
@@ -275,22 +295,22 @@ func openDB(path, durability string) (db *bolt.DB, err error) {
 	switch {
 	case err == nil:
 	case errors.Is(err, berrors.ErrTimeout):
-		return nil, fmt.Errorf("buffer: open %s: %w", path, ErrLocked)
+		return nil, "", fmt.Errorf("buffer: open %s: %w", path, ErrLocked)
 	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrChecksum),
 		errors.Is(err, berrors.ErrVersionMismatch), errors.Is(err, berrors.ErrInvalidMapping),
 		strings.Contains(err.Error(), "invalid"), strings.Contains(err.Error(), "file size too small"):
-		return nil, corruptError(path, err)
+		return nil, "", corruptError(path, err)
 	default:
-		return nil, fmt.Errorf("buffer: open %s: %w", path, err)
+		return nil, "", fmt.Errorf("buffer: open %s: %w", path, err)
 	}
 	db.NoSync = durability == DurabilityInterval
-	return db, nil
+	return db, kind, nil
 }
 
-// precheck walks every page and element of an existing file, read-only, before the real open. Opening
-// for writing rebuilds bbolt's free list by walking the file in a goroutine of its own, where a damaged page
-// would crash the process; here the same damage is caught and reported as ErrCorrupt. It reads page and
-// element headers, not the events, and costs about as much as that rebuild.
+// precheck walks every page and element of an existing file, read-only, before the real open of a file that
+// was not closed cleanly. Opening it for writing rebuilds bbolt's free list by walking the file in a goroutine
+// of its own, where a damaged page would crash the process; here the same damage is caught and reported as
+// ErrCorrupt. It reads page and element headers, not the events, and costs about as much as that rebuild.
 func precheck(path string) (err error) {
 	if fi, statErr := os.Stat(path); statErr != nil || fi.Size() == 0 {
 		return nil // created (or reported) by the real open
@@ -496,30 +516,11 @@ func (l *Log) reloadState() {
 // filesystem is full, ErrClosed after the log stopped, and the write or fsync error of a failed commit (the
 // event is then not stored). When ctx ends first the event may still be stored.
 func (l *Log) Append(ctx context.Context, e Entry) (uint64, error) {
-	if err := ctx.Err(); err != nil {
-		return 0, fmt.Errorf("buffer: append: %w", err)
-	}
-	start := time.Now()
-	b, idx, err := l.enqueue(ctx, &e, true)
+	p, err := l.appendAsync(ctx, &e)
 	if err != nil {
-		return 0, fmt.Errorf("buffer: append: %w", err)
+		return 0, err
 	}
-	select {
-	case <-b.done:
-		b.waits.Add(-1)
-	case <-ctx.Done():
-		b.waits.Add(-1)
-		return 0, fmt.Errorf("buffer: append: %w", ctx.Err())
-	}
-	if b.err != nil {
-		return 0, fmt.Errorf("buffer: append: %w", b.err)
-	}
-	p := &b.recs[idx]
-	if p.full {
-		return 0, fmt.Errorf("buffer: append: %w", ErrFull)
-	}
-	l.m.appendDuration.Observe(time.Since(start).Seconds())
-	return p.seq, nil
+	return p.Wait(ctx)
 }
 
 // Enqueue queues e for the next commit without waiting (QoS 0): it returns ErrFull when the queue or the log
@@ -626,10 +627,14 @@ func (l *Log) Read(after uint64, max int) (out []Record, err error) {
 	}
 	l.dbMu.RLock()
 	defer l.dbMu.RUnlock()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
-		// bbolt panics on a damaged page.
+		// bbolt panics on a damaged page (or faults, reading past the file).
 		if r := recover(); r != nil {
 			err = fmt.Errorf("buffer: read: %w: %s: %v", ErrCorrupt, l.path, r)
+		}
+		if errors.Is(err, ErrCorrupt) {
+			l.damaged.Store(true)
 		}
 	}()
 	if l.db == nil {
@@ -848,6 +853,14 @@ func (l *Log) shutdown() error {
 	if l.db == nil {
 		return errors.Join(errs...)
 	}
+	clean := false
+	if l.damaged.Load() {
+		l.logger.Warn("close: the log file is damaged; the next start checks the whole file")
+	} else if err := markClean(l.db); err != nil {
+		l.logger.Warn("close: the free list was not written; the next start checks the whole file", "error", err)
+	} else {
+		clean, l.unsynced = true, false // the mark's commit fsync'd the file
+	}
 	if l.unsynced {
 		if err := l.db.Sync(); err != nil {
 			errs = append(errs, fmt.Errorf("buffer: close: fsync: %w", err))
@@ -857,8 +870,18 @@ func (l *Log) shutdown() error {
 		errs = append(errs, fmt.Errorf("buffer: close: %w", err))
 	}
 	l.db = nil
-	l.logger.Info("log closed", "last_seq", l.state.Load().lastSeq)
+	l.logger.Info("log closed", "last_seq", l.state.Load().lastSeq, "clean", clean)
 	return errors.Join(errs...)
+}
+
+// markClean commits an empty transaction that writes bbolt's free list into the file, fsync'd before and
+// after its meta page, so that the file's newest meta page names a synced free list: the next open reads that
+// list instead of walking the file to rebuild it (see openKind). Every other commit is made without the free
+// list and clears the mark, so a file left by a crash is always rebuilt. The caller ensures that no other
+// transaction runs on db and that db is closed right after.
+func markClean(db *bolt.DB) error {
+	db.NoFreelistSync, db.NoSync = false, false
+	return db.Update(func(*bolt.Tx) error { return nil })
 }
 
 // wakeSaved wakes the WaitPersisted callers.

@@ -19,15 +19,24 @@ type Pending struct {
 // that its events share commits instead of taking one commit each. The events are committed in the order they
 // were queued. When the queue is full AppendAsync waits for room, like Append.
 func (l *Log) AppendAsync(ctx context.Context, e Entry) (*Pending, error) {
+	p, err := l.appendAsync(ctx, &e)
+	if err != nil {
+		return nil, err
+	}
+	return &p, nil
+}
+
+// appendAsync is AppendAsync returning the Pending by value (Append keeps it on its stack).
+func (l *Log) appendAsync(ctx context.Context, e *Entry) (Pending, error) {
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("buffer: append: %w", err)
+		return Pending{}, fmt.Errorf("buffer: append: %w", err)
 	}
 	start := time.Now()
-	b, idx, err := l.enqueue(ctx, &e, true)
+	b, idx, err := l.enqueue(ctx, e, true)
 	if err != nil {
-		return nil, fmt.Errorf("buffer: append: %w", err)
+		return Pending{}, fmt.Errorf("buffer: append: %w", err)
 	}
-	return &Pending{l: l, b: b, idx: idx, start: start}, nil
+	return Pending{l: l, b: b, idx: idx, start: start}, nil
 }
 
 // Wait returns the event's sequence number once it is durable (in fsync mode; written in interval mode), or the

@@ -388,6 +388,9 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 		return nil
 	})
 	if err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			l.damaged.Store(true)
+		}
 		l.reloadState()
 		return t, err
 	}
