@@ -77,7 +77,7 @@ func TestQuickRunOfEveryScenario(t *testing.T) {
 		}
 	})
 	t.Run("durable", func(t *testing.T) {
-		r := need(t, byName, "durable", 4)
+		r := need(t, byName, "durable", 6) // 2 device counts × fsync, interval, bare mochi
 		for _, row := range r.Rows {
 			x := row.Samples[0].Extra
 			if row.Samples[0].Delivery() != 1 || !(x["p50_ms"] > 0 && x["p50_ms"] <= x["p99_ms"] && x["p99_ms"] <= x["max_ms"]) {
