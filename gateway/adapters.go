@@ -89,6 +89,13 @@ func (c commander) Command(ctx context.Context, device, command string, payload 
 	return c.g.broker.Command(ctx, device, command, payload)
 }
 
+// SendCommand lets the rule engine publish a command as the rule fires and wait for the device apart.
+func (c commander) SendCommand(device, command string, payload []byte) (func(context.Context) error, error) {
+	return c.g.broker.SendCommand(device, command, payload)
+}
+
+var _ rules.CommandSender = commander{}
+
 // commandSink delivers cloud-to-device commands to registered devices only.
 type commandSink struct{ g *Gateway }
 

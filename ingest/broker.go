@@ -216,30 +216,45 @@ func (b *Broker) Run(ctx context.Context) error {
 // connections acknowledged it. It returns ErrNotConnected when the device has no connection and
 // ErrNotAcknowledged when no acknowledgement arrives within the configured command timeout.
 func (b *Broker) Command(ctx context.Context, device, command string, payload []byte) error {
+	wait, err := b.SendCommand(device, command, payload)
+	if err != nil {
+		return err
+	}
+	return wait(ctx)
+}
+
+// SendCommand publishes a command as Command does and returns at once: wait returns once one of the device's
+// connections acknowledged it (nil), after command_timeout (ErrNotAcknowledged) or when ctx ends. wait must be
+// called exactly once: it also releases what the command holds.
+func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(context.Context) error, err error) {
 	if strings.ContainsAny(device, "+#/") || device == "" || strings.ContainsAny(command, "+#") || command == "" {
-		return fmt.Errorf("ingest: command %q to %q: invalid device or command name", command, device)
+		return nil, fmt.Errorf("ingest: command %q to %q: invalid device or command name", command, device)
 	}
 	topic := strings.NewReplacer("{device}", device, "{command}", command).Replace(b.cfg.CommandTopic)
 	w, err := b.hook.expectAck(device, topic)
 	if err != nil {
-		return fmt.Errorf("ingest: command %s to %s: %w", command, device, err)
+		return nil, fmt.Errorf("ingest: command %s to %s: %w", command, device, err)
 	}
-	defer b.hook.dropWaiter(device, w)
+	sent := time.Now()
 	if err := b.srv.Publish(topic, payload, false, 1); err != nil {
-		return fmt.Errorf("ingest: command %s to %s: publish: %w", command, device, err)
+		b.hook.dropWaiter(device, w)
+		return nil, fmt.Errorf("ingest: command %s to %s: publish: %w", command, device, err)
 	}
-	t := time.NewTimer(b.cfg.CommandTimeout)
-	defer t.Stop()
-	select {
-	case <-w.done:
-		b.m.commands.WithLabelValues("acked").Inc()
-		return nil
-	case <-t.C:
-		b.m.commands.WithLabelValues("timeout").Inc()
-		return fmt.Errorf("ingest: command %s to %s: %w within %s", command, device, ErrNotAcknowledged, b.cfg.CommandTimeout)
-	case <-ctx.Done():
-		return fmt.Errorf("ingest: command %s to %s: %w", command, device, ctx.Err())
-	}
+	return func(ctx context.Context) error {
+		defer b.hook.dropWaiter(device, w)
+		t := time.NewTimer(b.cfg.CommandTimeout - time.Since(sent))
+		defer t.Stop()
+		select {
+		case <-w.done:
+			b.m.commands.WithLabelValues("acked").Inc()
+			return nil
+		case <-t.C:
+			b.m.commands.WithLabelValues("timeout").Inc()
+			return fmt.Errorf("ingest: command %s to %s: %w within %s", command, device, ErrNotAcknowledged, b.cfg.CommandTimeout)
+		case <-ctx.Done():
+			return fmt.Errorf("ingest: command %s to %s: %w", command, device, ctx.Err())
+		}
+	}, nil
 }
 
 // Publish sends a message to local subscribers as the gateway itself (not normalized, not ACL-checked).

@@ -27,6 +27,15 @@ type Commander interface {
 	Command(ctx context.Context, device, command string, payload []byte) error
 }
 
+// CommandSender is a Commander that can also send a command at once and wait for its acknowledgement apart. With
+// one, the engine sends a command's first attempt as the rule fires, and a command worker only waits for the
+// acknowledgement (and retries): the command does not wait for a free worker.
+type CommandSender interface {
+	// SendCommand publishes the command; wait returns once the device acknowledged it, or why not. wait is
+	// called exactly once.
+	SendCommand(device, command string, payload []byte) (wait func(context.Context) error, err error)
+}
+
 // Emitter appends a derived event to the durable log; the event comes back to Submit like any other.
 type Emitter interface {
 	Emit(ctx context.Context, ev *event.Event) error

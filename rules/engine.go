@@ -56,6 +56,7 @@ type commandJob struct {
 	device  string
 	command string
 	payload []byte
+	sent    func(context.Context) error // the first attempt, already sent by the evaluation (CommandSender)
 }
 
 // New loads the rules in cfg.Dir and the state saved in cfg.StateFile. An invalid rule set is an error listing
@@ -352,6 +353,12 @@ type engineSink struct{ e *Engine }
 func (s engineSink) command(r *rule, cause *event.Event, device, command string, payload []byte) {
 	e := s.e
 	job := commandJob{rule: r, cause: cause.ID(), device: device, command: command, payload: payload}
+	// Only this goroutine queues commands, so room seen here is room at the send below.
+	if cs, ok := e.deps.Commander.(CommandSender); ok && len(e.cmds) < cap(e.cmds) {
+		if wait, err := cs.SendCommand(device, command, payload); err == nil {
+			job.sent = wait
+		}
+	}
 	select {
 	case e.cmds <- job:
 	default:
@@ -399,6 +406,9 @@ func (s engineSink) state(r *rule, device, key string, value any) {
 func (e *Engine) worker(ctx context.Context, cmds <-chan commandJob) {
 	for job := range cmds {
 		if ctx.Err() != nil {
+			if job.sent != nil {
+				_ = job.sent(ctx) // releases the command sent by the evaluation
+			}
 			e.met.action(job.rule, actCommand, "failed")
 			e.undelivered(job, "not delivered: the rule engine stopped")
 			continue
@@ -432,13 +442,20 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 		}
 		attempts++
 		actx, cancel := context.WithTimeout(ctx, e.cfg.CommandTimeout)
-		err = e.deps.Commander.Command(actx, job.device, job.command, job.payload)
+		if attempt == 0 && job.sent != nil {
+			err = job.sent(actx)
+		} else {
+			err = e.deps.Commander.Command(actx, job.device, job.command, job.payload)
+		}
 		cancel()
 		if err == nil {
 			e.met.action(job.rule, actCommand, "ok")
 			e.log.Debug("command delivered", "rule", job.rule.name, "device_id", job.device, "command", job.command, "event_id", job.cause)
 			return
 		}
+	}
+	if attempts == 0 && job.sent != nil {
+		_ = job.sent(ctx) // releases the command sent by the evaluation
 	}
 	if err == nil {
 		err = ctx.Err()
