@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/bridgebench"
 )
 
 // proc is a child process in its own process group. The whole group is killed when the context given to
@@ -180,64 +182,10 @@ func (t *tailBuffer) tail(n int) string {
 }
 
 // usage is a process's resource use as /proc reports it.
-type usage struct {
-	CPU    time.Duration // user + system time so far
-	RSSKiB int64         // resident set now (VmRSS)
-	HWMKiB int64         // the largest resident set so far (VmHWM)
-	// AnonKiB is the anonymous part of the resident set (RssAnon): the heap and stacks, without mapped files
-	// such as the bbolt log, whose pages the kernel can drop and read again.
-	AnonKiB int64
-}
+type usage = bridgebench.Usage
 
-// clockTick is the unit of utime and stime in /proc/PID/stat (USER_HZ, 100 on every Linux Go supports).
-const clockTick = 10 * time.Millisecond
-
-// readUsage reads /proc/PID/stat (utime + stime) and /proc/PID/status (VmRSS, VmHWM).
-func readUsage(pid int) (usage, error) {
-	var u usage
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return u, fmt.Errorf("read usage: %w", err)
-	}
-	// The command name (field 2) is in parentheses and may hold spaces; the fields after it are plain.
-	s := string(stat)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return u, fmt.Errorf("read usage: malformed /proc/%d/stat", pid)
-	}
-	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
-		return u, fmt.Errorf("read usage: short /proc/%d/stat", pid)
-	}
-	// f[0] is field 3; utime and stime are fields 14 and 15.
-	ut, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return u, fmt.Errorf("read usage: %w", err)
-	}
-	u.CPU = time.Duration(ut+st) * clockTick
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return u, fmt.Errorf("read usage: %w", err)
-	}
-	for line := range strings.SplitSeq(string(status), "\n") {
-		var dst *int64
-		switch {
-		case strings.HasPrefix(line, "VmRSS:"):
-			dst = &u.RSSKiB
-		case strings.HasPrefix(line, "VmHWM:"):
-			dst = &u.HWMKiB
-		case strings.HasPrefix(line, "RssAnon:"):
-			dst = &u.AnonKiB
-		default:
-			continue
-		}
-		if fs := strings.Fields(line); len(fs) >= 2 {
-			*dst, _ = strconv.ParseInt(fs[1], 10, 64)
-		}
-	}
-	return u, nil
-}
+// readUsage reads a process's CPU time and resident set from /proc.
+func readUsage(pid int) (usage, error) { return bridgebench.ReadUsage(pid) }
 
 // freePort asks the kernel for a free loopback port.
 func freePort() (int, error) {

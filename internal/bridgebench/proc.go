@@ -3,7 +3,6 @@
 package bridgebench
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -143,64 +142,63 @@ func freePort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-// usage is a process's resource use as the kernel reports it in /proc.
-type usage struct {
-	CPU     time.Duration // user + system time so far
-	RSS     int64         // resident set now, bytes
-	PeakRSS int64         // the largest resident set so far (VmHWM), bytes
+// Usage is a process's resource use as /proc reports it.
+type Usage struct {
+	CPU    time.Duration // user + system time so far
+	RSSKiB int64         // resident set now (VmRSS)
+	HWMKiB int64         // the largest resident set so far (VmHWM)
+	// AnonKiB is the anonymous part of the resident set (RssAnon): the heap and stacks, without mapped files
+	// such as the bbolt log, whose pages the kernel can drop and read again.
+	AnonKiB int64
 }
 
-// clockTick is the unit of the times in /proc/PID/stat (USER_HZ, 100 on every Linux platform Go supports).
+// clockTick is the unit of utime and stime in /proc/PID/stat (USER_HZ, 100 on every Linux Go supports).
 const clockTick = 10 * time.Millisecond
 
-// readUsage reads /proc/PID/stat and /proc/PID/status. It fails where /proc does not exist.
-func readUsage(pid int) (usage, error) {
-	var u usage
+// ReadUsage reads /proc/PID/stat (utime + stime) and /proc/PID/status (VmRSS, VmHWM).
+func ReadUsage(pid int) (Usage, error) {
+	var u Usage
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return u, fmt.Errorf("read usage: %w", err)
 	}
-	// The command name (field 2) is in parentheses and may contain spaces; fields after it are plain.
+	// The command name (field 2) is in parentheses and may hold spaces; the fields after it are plain.
 	s := string(stat)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
 		return u, fmt.Errorf("read usage: malformed /proc/%d/stat", pid)
 	}
 	f := strings.Fields(s[i+1:])
-	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
 	if len(f) < 13 {
 		return u, fmt.Errorf("read usage: short /proc/%d/stat", pid)
 	}
+	// f[0] is field 3; utime and stime are fields 14 and 15.
 	ut, err1 := strconv.ParseInt(f[11], 10, 64)
 	st, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err := errors.Join(err1, err2); err != nil {
 		return u, fmt.Errorf("read usage: %w", err)
 	}
 	u.CPU = time.Duration(ut+st) * clockTick
-
-	fh, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return u, fmt.Errorf("read usage: %w", err)
 	}
-	defer fh.Close()
-	sc := bufio.NewScanner(fh)
-	for sc.Scan() {
-		line := sc.Text()
+	for line := range strings.SplitSeq(string(status), "\n") {
 		var dst *int64
 		switch {
 		case strings.HasPrefix(line, "VmRSS:"):
-			dst = &u.RSS
+			dst = &u.RSSKiB
 		case strings.HasPrefix(line, "VmHWM:"):
-			dst = &u.PeakRSS
+			dst = &u.HWMKiB
+		case strings.HasPrefix(line, "RssAnon:"):
+			dst = &u.AnonKiB
 		default:
 			continue
 		}
-		fs := strings.Fields(line)
-		if len(fs) >= 2 {
-			if kb, err := strconv.ParseInt(fs[1], 10, 64); err == nil {
-				*dst = kb << 10
-			}
+		if fs := strings.Fields(line); len(fs) >= 2 {
+			*dst, _ = strconv.ParseInt(fs[1], 10, 64)
 		}
 	}
-	return u, sc.Err()
+	return u, nil
 }
+

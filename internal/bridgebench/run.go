@@ -258,25 +258,25 @@ func (e *env) benchCounts(r *Result) {
 
 // snap is the resource use of the processes of a run at one moment.
 type snap struct {
-	sut, cloud, self usage
+	sut, cloud, self Usage
 	cloudPid         int
 }
 
 func (e *env) snapshot() snap {
 	var s snap
-	s.sut, _ = readUsage(e.sutPid)
+	s.sut, _ = ReadUsage(e.sutPid)
 	if e.cloud.proc != nil && !e.cloud.proc.Exited() {
 		s.cloudPid = e.cloud.proc.Pid()
-		s.cloud, _ = readUsage(s.cloudPid)
+		s.cloud, _ = ReadUsage(s.cloudPid)
 	}
-	s.self, _ = readUsage(os.Getpid())
+	s.self, _ = ReadUsage(os.Getpid())
 	return s
 }
 
 // usage fills the resource use since before; over is the measured phase's length.
 func (e *env) usage(r *Result, before snap, over time.Duration) {
 	after := e.snapshot()
-	if after.sut.PeakRSS == 0 {
+	if after.sut.HWMKiB == 0 {
 		e.o.Logf("%s: no resource use of pid %d (no /proc?)", e.o.System, e.sutPid)
 		return
 	}
@@ -290,7 +290,7 @@ func (e *env) usage(r *Result, before snap, over time.Duration) {
 	if over > 0 {
 		r.CPUPercent = 100 * r.CPU.Seconds() / over.Seconds()
 	}
-	r.RSS, r.PeakRSS = after.sut.RSS, after.sut.PeakRSS
+	r.RSS, r.PeakRSS = after.sut.RSSKiB<<10, after.sut.HWMKiB<<10
 }
 
 func prepare(ctx context.Context, o Options) (Options, context.Context, context.CancelFunc, error) {
