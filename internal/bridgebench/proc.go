@@ -201,4 +201,3 @@ func ReadUsage(pid int) (Usage, error) {
 	}
 	return u, nil
 }
-
