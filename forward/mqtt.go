@@ -82,13 +82,13 @@ func (t *mqttTransport) wait()          { t.bg.Wait() }
 
 func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	c := &mqttConn{
-		t:      t,
-		gen:    gen,
-		out:    make(chan outcome, t.window),
-		sendq:  make(chan Record, t.window),
-		pend:   make(chan mqttPending, t.window),
-		cmdq:   make(chan paho.Message, commandQueue),
-		lostCh: make(chan struct{}),
+		t:     t,
+		gen:   gen,
+		out:   make(chan outcome, t.window),
+		sendq: make(chan Record, t.window),
+		pend:  make(chan mqttPending, t.window),
+		cmdq:  make(chan paho.Message, commandQueue),
+		loss:  loss{ch: make(chan struct{})},
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	opts := paho.NewClientOptions().
@@ -186,9 +186,7 @@ type mqttConn struct {
 	pend  chan mqttPending
 	cmdq  chan paho.Message
 
-	lostOnce  sync.Once
-	lostCh    chan struct{}
-	lostErr   error
+	loss
 	closeOnce sync.Once
 }
 
@@ -225,15 +223,6 @@ func (c *mqttConn) publish() {
 }
 
 func (c *mqttConn) outcomes() <-chan outcome { return c.out }
-func (c *mqttConn) lost() <-chan struct{}    { return c.lostCh }
-func (c *mqttConn) cause() error             { return c.lostErr }
-
-func (c *mqttConn) markLost(err error) {
-	c.lostOnce.Do(func() {
-		c.lostErr = err
-		close(c.lostCh)
-	})
-}
 
 func (c *mqttConn) close() {
 	c.closeOnce.Do(func() {

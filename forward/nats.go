@@ -62,11 +62,11 @@ func (t *natsTransport) wait()          {}
 
 func (t *natsTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	c := &natsConn{
-		t:      t,
-		gen:    gen,
-		out:    make(chan outcome, t.window),
-		pend:   make(chan natsPending, t.window),
-		lostCh: make(chan struct{}),
+		t:    t,
+		gen:  gen,
+		out:  make(chan outcome, t.window),
+		pend: make(chan natsPending, t.window),
+		loss: loss{ch: make(chan struct{})},
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	opts := []nats.Option{
@@ -129,9 +129,7 @@ type natsConn struct {
 	out  chan outcome
 	pend chan natsPending
 
-	lostOnce  sync.Once
-	lostCh    chan struct{}
-	lostErr   error
+	loss
 	closeOnce sync.Once
 }
 
@@ -165,15 +163,6 @@ func (c *natsConn) send(recs []Record) error {
 }
 
 func (c *natsConn) outcomes() <-chan outcome { return c.out }
-func (c *natsConn) lost() <-chan struct{}    { return c.lostCh }
-func (c *natsConn) cause() error             { return c.lostErr }
-
-func (c *natsConn) markLost(err error) {
-	c.lostOnce.Do(func() {
-		c.lostErr = err
-		close(c.lostCh)
-	})
-}
 
 func (c *natsConn) close() {
 	c.closeOnce.Do(func() {

@@ -604,3 +604,24 @@ func (s *sink) health() SinkHealth {
 		InFlight:      s.st.inFlight,
 	}
 }
+
+// loss is the end of a connection: closed once, with the first cause. Connections embed it.
+type loss struct {
+	once sync.Once
+	ch   chan struct{} // make it when the connection is made
+	err  error
+}
+
+// lost is closed when the connection is lost.
+func (l *loss) lost() <-chan struct{} { return l.ch }
+
+// cause says why the connection was lost (valid once lost() is closed).
+func (l *loss) cause() error { return l.err }
+
+// markLost records the first cause and closes lost().
+func (l *loss) markLost(err error) {
+	l.once.Do(func() {
+		l.err = err
+		close(l.ch)
+	})
+}
