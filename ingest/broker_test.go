@@ -33,6 +33,7 @@ import (
 
 	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/ingest"
+	"github.com/edgegate/edgegate/internal/metricstest"
 )
 
 // waitTimeout bounds every wait for something the broker does in response to a client.
@@ -251,36 +252,7 @@ func (tb *testBroker) metric(t testing.TB, name string, labels ...string) float6
 
 func gatherValue(t testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
 	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	next:
-		for _, m := range mf.GetMetric() {
-			for i := 0; i+1 < len(labels); i += 2 {
-				found := false
-				for _, lp := range m.GetLabel() {
-					if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
-						found = true
-					}
-				}
-				if !found {
-					continue next
-				}
-			}
-			switch {
-			case m.Counter != nil:
-				return m.Counter.GetValue()
-			case m.Gauge != nil:
-				return m.Gauge.GetValue()
-			}
-		}
-	}
-	return 0
+	return metricstest.Value(t, g, name, labels...)
 }
 
 // waitFor polls cond until it holds, failing the test after waitTimeout.
