@@ -10,6 +10,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // testLog is a log under test with its registry.
@@ -68,13 +70,7 @@ func run(t testing.TB, l *Log) (stop func()) {
 // waitFor polls cond until it holds or the timeout passes.
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually.True(t, timeout, what, cond)
 }
 
 func ev(i int) Entry {

@@ -15,6 +15,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // memLog is a small in-memory log implementing Source (the gateway's end-to-end tests use the real buffer).
@@ -259,13 +261,7 @@ func startForwarderWith(t *testing.T, cfg Config, src Source, cmds CommandSink, 
 
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually.True(t, timeout, what, cond)
 }
 
 // received is what a collector saw of one event.

@@ -23,6 +23,7 @@ import (
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/gateway"
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // shippedRegistry is the demo device registry the project ships (passwords: "{id}-pw").
@@ -187,13 +188,7 @@ func (b *lockedBuffer) Write(p []byte) (int, error) {
 // waitFor polls cond until it holds or the timeout passes.
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually.True(t, timeout, what, cond)
 }
 
 // writeRules writes a rule file into dir atomically (write, then rename), as an editor or deployment would.

@@ -15,6 +15,8 @@ import (
 
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/goccy/go-yaml"
+
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // t0 is the start of simulated time in tests.
@@ -232,13 +234,7 @@ func runSteps(t *testing.T, m *machine, r *rec, steps []step) {
 // waitFor polls cond until it holds or the timeout passes.
 func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	eventually.True(t, timeout, what, cond)
 }
 
 // fakeCommander records commands; fail makes a device's commands fail.
