@@ -205,3 +205,52 @@ func TestPipelinedLocalDeliveryAndDeadLetter(t *testing.T) {
 	case <-time.After(100 * time.Millisecond):
 	}
 }
+
+// A retained message is kept and given to a later subscriber, on the blocking path and on the pipelined one.
+func TestRetainedMessages(t *testing.T) {
+	devs := []dev{{id: "sensor-1"}, {id: "watcher", subscribe: []string{"devices/#"}}}
+	for _, pipelined := range []bool{false, true} {
+		t.Run(fmt.Sprintf("pipelined=%v", pipelined), func(t *testing.T) {
+			var tb *testBroker
+			if pipelined {
+				var ac *asyncConsumer
+				tb, ac = startAsync(t, devs)
+				done := make(chan struct{})
+				t.Cleanup(func() { close(done) })
+				go func() { // settle every queued event as durable
+					for i := 0; ; i++ {
+						select {
+						case <-ac.queued:
+							ac.finish(i, nil)
+						case <-done:
+							return
+						}
+					}
+				}()
+			} else {
+				tb = startBroker(t, brokerOpts{devices: devs})
+			}
+			pub, err := pahoConnect(t, "tcp://"+tb.addr, pahoOpts{user: "sensor-1", pass: password("sensor-1")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok := pub.Publish("devices/sensor-1/events/mode", 1, true, `{"mode":"away"}`); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+				t.Fatalf("retained publish: %v", tok.Error())
+			}
+			got := make(chan paho.Message, 1)
+			w, err := pahoConnect(t, "tcp://"+tb.addr, pahoOpts{user: "watcher", pass: password("watcher")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			w.Subscribe("devices/sensor-1/events/mode", 1, func(_ paho.Client, m paho.Message) { got <- m })
+			select {
+			case m := <-got:
+				if !m.Retained() || string(m.Payload()) != `{"mode":"away"}` {
+					t.Fatalf("got retained=%v %q", m.Retained(), m.Payload())
+				}
+			case <-time.After(waitTimeout):
+				t.Fatal("a later subscriber did not get the retained message")
+			}
+		})
+	}
+}
