@@ -177,7 +177,7 @@ func freeBytes(t *testing.T, dir string) int64 {
 	if err := syscall.Statfs(dir, &st); err != nil {
 		t.Fatal(err)
 	}
-	return int64(st.Bavail) * st.Bsize
+	return int64(st.Bavail) * int64(st.Bsize) // Bsize is int32 on 32-bit ARM
 }
 
 // TestDiskFull: the data directory is a small tmpfs. Filled up, the gateway stops acknowledging (no PUBACK),
