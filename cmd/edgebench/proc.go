@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/bridgebench"
+	"github.com/edgegate/edgegate/internal/freeport"
 )
 
 // proc is a child process in its own process group. The whole group is killed when the context given to
@@ -187,15 +188,8 @@ type usage = bridgebench.Usage
 // readUsage reads a process's CPU time and resident set from /proc.
 func readUsage(pid int) (usage, error) { return bridgebench.ReadUsage(pid) }
 
-// freePort asks the kernel for a free loopback port.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
+// freePort returns a loopback port that was free a moment ago.
+func freePort() (int, error) { return freeport.Get() }
 
 func freeAddr() (string, error) {
 	p, err := freePort()

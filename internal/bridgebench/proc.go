@@ -14,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/freeport"
 )
 
 // startTimeout bounds the wait for a started process to accept connections.
@@ -132,15 +134,8 @@ func waitListening(ctx context.Context, p *process, addr string, timeout time.Du
 	}
 }
 
-// freePort asks the kernel for a free loopback port.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
+// freePort returns a loopback port that was free a moment ago.
+func freePort() (int, error) { return freeport.Get() }
 
 // Usage is a process's resource use as /proc reports it.
 type Usage struct {

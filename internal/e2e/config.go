@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,6 +12,8 @@ import (
 
 	"github.com/goccy/go-yaml"
 	"golang.org/x/crypto/bcrypt"
+
+	"github.com/edgegate/edgegate/internal/freeport"
 )
 
 // Device is a registered device and its password.
@@ -172,12 +173,5 @@ func setPath(tree map[string]any, path string, v any) error {
 	return nil
 }
 
-// FreePort returns a loopback port that was free a moment ago.
-func FreePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
+// FreePort returns a loopback port that was free a moment ago, outside the kernel's ephemeral range.
+func FreePort() (int, error) { return freeport.Get() }
