@@ -252,6 +252,7 @@ func (h *hook) logDenied(st *clientState, msg, topic string) {
 }
 
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	h.b.guard.established(cl.Net.Conn)
 	st := h.state(cl)
 	if st == nil {
 		return

@@ -54,7 +54,11 @@ type guard struct {
 	open  atomic.Int64
 	mu    sync.Mutex
 	perIP map[string]int
-	wg    sync.WaitGroup // every connection goroutine
+	// pending holds the connections whose MQTT session is not established yet: at shutdown mochi waits for
+	// them to finish reading their CONNECT, so they are closed first.
+	pending map[net.Conn]struct{}
+	shut    bool           // closePending was called: connections still arriving are closed at once
+	wg      sync.WaitGroup // every connection goroutine
 
 	// onAbandon is called with the connection after a panic, to end the session of its client.
 	onAbandon func(net.Conn)
@@ -68,7 +72,25 @@ func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
 		maxConns:       int64(cfg.MaxConnections),
 		maxPerIP:       cfg.MaxConnectionsPerIP,
 		perIP:          make(map[string]int),
+		pending:        make(map[net.Conn]struct{}),
 	}
+}
+
+// closePending closes every connection whose session is not established (shutdown).
+func (g *guard) closePending() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.shut = true
+	for c := range g.pending {
+		_ = c.Close()
+	}
+}
+
+// established records that conn carries an MQTT session now.
+func (g *guard) established(conn net.Conn) {
+	g.mu.Lock()
+	delete(g.pending, conn)
+	g.mu.Unlock()
 }
 
 // admit counts a new connection against the caps; it returns a release func, or "" and a refusal reason.
@@ -118,6 +140,13 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 	defer g.wg.Done()
 	defer release()
 	defer conn.Close()
+	g.mu.Lock()
+	g.pending[conn] = struct{}{}
+	if g.shut {
+		_ = conn.Close()
+	}
+	g.mu.Unlock()
+	defer g.established(conn) // forgotten when it ends, whether or not it got a session
 	defer func() {
 		if r := recover(); r != nil {
 			g.m.panics.Inc()
