@@ -167,7 +167,7 @@ func startLight(b *testing.B, addr string) <-chan lightMsg {
 	b.Helper()
 	bin, err := exec.LookPath("mosquitto_sub")
 	if err != nil {
-		b.Skip("mosquitto_sub not installed")
+		b.Fatalf("mosquitto_sub not installed (scripts/test.sh installs mosquitto-clients): %v", err)
 	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {

@@ -21,7 +21,7 @@ func TestDeadLettersThroughTheGateway(t *testing.T) {
 	t.Parallel()
 	mosquittoPub, err := exec.LookPath("mosquitto_pub")
 	if err != nil {
-		t.Skip("mosquitto_pub not installed")
+		t.Fatalf("mosquitto_pub not installed (scripts/test.sh installs mosquitto-clients): %v", err)
 	}
 	gw := startGateway(t, func(c *gateway.Config) {
 		c.Ingest.Mappings = []ingest.Mapping{{Name: "readings", Topic: "devices/{device}/readings/{type}",

@@ -18,7 +18,7 @@ func TestObserverWatchesEverything(t *testing.T) {
 	t.Parallel()
 	mosquittoSub, err := exec.LookPath("mosquitto_sub")
 	if err != nil {
-		t.Skip("mosquitto_sub not installed")
+		t.Fatalf("mosquitto_sub not installed (scripts/test.sh installs mosquitto-clients): %v", err)
 	}
 	gw := startGateway(t, func(c *gateway.Config) {
 		c.Devices.Registry = fastRegistry(t, "observer") // the observer's shipped hash, as the tour uses it

@@ -10,5 +10,5 @@
 //	-reliability.race                                     build the binary under test with -race too
 //
 // Set RELIABILITY_KEEP_LOGS=DIR to run the upstream broker with full logging and keep its log in DIR when a
-// test fails. The disk-full test mounts a tmpfs and is skipped when it may not (not root).
+// test fails. The disk-full test mounts a tmpfs, so the suite runs as root (as CI does).
 package reliability
