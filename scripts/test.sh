@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs edgegate's test suite. Installs what the tests need from Debian when it is missing (mosquitto for the
-# upstream broker the tests start and kill, mosquitto-clients for black-box tests). Extra arguments go to
+# upstream broker the tests start and kill, mosquitto-clients for black-box tests, systemd-analyze to verify the
+# unit, unshare). Run it as root: the disk-full tests mount a small tmpfs. Extra arguments go to
 # `go test`, e.g. scripts/test.sh -race, scripts/test.sh -run TestOutage ./forward/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
