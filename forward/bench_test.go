@@ -25,14 +25,7 @@ func BenchmarkMQTTSinkThroughput(b *testing.B) {
 			for i := range b.N {
 				log.add("sensor.reading", fmt.Sprintf("device-%02d", i%50), i+1)
 			}
-			sc := mqttSink("bench", broker.URL())
-			sc.Window = window
-			sc.AckTimeout = 30 * time.Second
-			f, err := New(Config{Sinks: []SinkConfig{sc}}, "gw1", log, nil, &deadLetters{},
-				slog.New(slog.DiscardHandler), prometheus.NewRegistry())
-			if err != nil {
-				b.Fatal(err)
-			}
+			f := benchForwarder(b, broker.URL(), window, log)
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			b.ResetTimer()
@@ -50,4 +43,18 @@ func BenchmarkMQTTSinkThroughput(b *testing.B) {
 			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "events/s")
 		})
 	}
+}
+
+// benchForwarder is a forwarder with one MQTT sink named bench to url, reading src.
+func benchForwarder(b *testing.B, url string, window int, src Source) *Forwarder {
+	b.Helper()
+	sc := mqttSink("bench", url)
+	sc.Window = window
+	sc.AckTimeout = 30 * time.Second
+	f, err := New(Config{Sinks: []SinkConfig{sc}}, "gw1", src, nil, &deadLetters{},
+		slog.New(slog.DiscardHandler), prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	return f
 }

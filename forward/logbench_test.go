@@ -3,13 +3,10 @@ package forward
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 )
@@ -54,14 +51,7 @@ func benchSinkFromLog(b *testing.B, window int, live bool) {
 	if !live {
 		appendAll()
 	}
-	sc := mqttSink("bench", broker.URL())
-	sc.Window = window
-	sc.AckTimeout = 30 * time.Second
-	f, err := New(Config{Sinks: []SinkConfig{sc}}, "gw1", log, nil, &deadLetters{},
-		slog.New(slog.DiscardHandler), prometheus.NewRegistry())
-	if err != nil {
-		b.Fatal(err)
-	}
+	f := benchForwarder(b, broker.URL(), window, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	b.ResetTimer()
