@@ -51,7 +51,9 @@ func BenchmarkEvaluate(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
-				e.process(ev)
+				e.mu.Lock()
+				e.processLocked(ev)
+				e.mu.Unlock()
 			}
 			b.StopTimer()
 			if got := e.met.rule(e.set.Load().rules[0]); got == nil {

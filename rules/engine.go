@@ -34,9 +34,10 @@ type Engine struct {
 	clock   Clock
 	limiter *logLimiter
 
-	queue chan *event.Event
-	cmds  chan commandJob
-	wake  chan struct{}
+	queue  chan *event.Event
+	queued atomic.Int64 // events submitted to queue and not yet evaluated
+	cmds   chan commandJob
+	wake   chan struct{}
 
 	set      atomic.Pointer[ruleSet] // the rules in force (read by Submit and Rules)
 	running  atomic.Bool
@@ -142,17 +143,31 @@ func newEventID() string {
 // Rules describes the rules in force, in evaluation order.
 func (e *Engine) Rules() []RuleInfo { return e.set.Load().infos() }
 
-// Submit queues an event for evaluation without blocking. It returns false when the queue is full (the event is
-// counted in edgegate_rules_queue_dropped_total and not evaluated). With no rules loaded it accepts and drops
-// every event.
+// Submit hands an event to the rules without blocking for long. While the engine runs and is idle, with no
+// event waiting, the event is evaluated at once on the caller's goroutine (a command goes out before Submit
+// returns, without waiting for the evaluation goroutine to be scheduled); otherwise it is queued behind the
+// waiting ones, so events are always evaluated in the order they were submitted. It returns false when the queue
+// is full (the event is counted in edgegate_rules_queue_dropped_total and not evaluated). With no rules loaded
+// it accepts and drops every event.
 func (e *Engine) Submit(ev *event.Event) bool {
 	if ev == nil || len(e.set.Load().rules) == 0 {
 		return true
 	}
+	if e.queued.Load() == 0 && e.mu.TryLock() {
+		// Holding mu with nothing queued, every event submitted before this one has been evaluated.
+		if e.runCtx != nil && e.queued.Load() == 0 {
+			e.processLocked(ev)
+			e.mu.Unlock()
+			return true
+		}
+		e.mu.Unlock()
+	}
+	e.queued.Add(1)
 	select {
 	case e.queue <- ev:
 		return true
 	default:
+		e.queued.Add(-1)
 		e.met.dropped.Inc()
 		e.limiter.log(e.log, slog.LevelWarn, "queue_full", "rules queue full: event not evaluated",
 			"event_id", ev.ID(), "device_id", ev.Subject(), "queue_size", cap(e.queue))
@@ -231,7 +246,10 @@ loop:
 		case <-ctx.Done():
 			break loop
 		case ev := <-e.queue:
-			e.process(ev)
+			e.mu.Lock()
+			e.processLocked(ev)
+			e.mu.Unlock()
+			e.queued.Add(-1)
 		case <-e.wake:
 			e.mu.Lock()
 			e.wakeAt = time.Time{}
@@ -262,15 +280,13 @@ loop:
 	return nil
 }
 
-// process evaluates one event: due timers first, then the event.
-func (e *Engine) process(ev *event.Event) {
+// processLocked evaluates one event: due timers first, then the event. e.mu is held.
+func (e *Engine) processLocked(ev *event.Event) {
 	start := time.Now()
-	e.mu.Lock()
 	now := e.clock.Now()
 	e.m.advance(now)
 	e.m.handle(ev, now)
 	e.scheduleWakeLocked()
-	e.mu.Unlock()
 	e.met.duration.Observe(time.Since(start).Seconds())
 }
 
@@ -347,13 +363,13 @@ func (e *Engine) evalError(r *rule, ev *event.Event, err error) {
 		"event_id", ev.ID(), "device_id", ev.Subject(), "error", err)
 }
 
-// engineSink carries out actions for real. It runs on the evaluation goroutine with e.mu held.
+// engineSink carries out actions for real. It runs with e.mu held (on the evaluation goroutine or inline in Submit).
 type engineSink struct{ e *Engine }
 
 func (s engineSink) command(r *rule, cause *event.Event, device, command string, payload []byte) {
 	e := s.e
 	job := commandJob{rule: r, cause: cause.ID(), device: device, command: command, payload: payload}
-	// Only this goroutine queues commands, so room seen here is room at the send below.
+	// Commands are queued with e.mu held only, so room seen here is room at the send below.
 	if cs, ok := e.deps.Commander.(CommandSender); ok && len(e.cmds) < cap(e.cmds) {
 		if wait, err := cs.SendCommand(device, command, payload); err == nil {
 			job.sent = wait

@@ -103,13 +103,12 @@ var homeDevices = testDirectory{devs: []Device{
 	{ID: "door-1", Room: "hall", Kind: "door"},
 }}
 
-var evSeq int
+var evSeq atomic.Int64
 
 // newEvent builds a device event; data is JSON-encoded unless it is []byte or nil.
 func newEvent(typ, subject string, at time.Time, data any) *event.Event {
-	evSeq++
 	ev := event.New()
-	ev.SetID(fmt.Sprintf("ev-%d", evSeq))
+	ev.SetID(fmt.Sprintf("ev-%d", evSeq.Add(1)))
 	ev.SetSource("/gateways/gw-1/devices/" + subject)
 	ev.SetType(typ)
 	ev.SetSubject(subject)

@@ -86,9 +86,10 @@ func TestQuickRunOfEveryScenario(t *testing.T) {
 		}
 	})
 	t.Run("latency", func(t *testing.T) {
-		r := need(t, byName, "latency", 2)
+		r := need(t, byName, "latency", 5)
 		for _, row := range r.Rows {
-			// Every room.entered was answered by exactly one command to the room's one light.
+			// Every room.entered was answered by exactly one command to the room's one light (or, for the
+			// floor of the one-at-a-time probe, reached the light itself).
 			if s := row.Samples[0]; s.Sent == 0 || s.Received != s.Sent {
 				t.Errorf("%s: %d commands for %d events", row.System, s.Received, s.Sent)
 			}

@@ -80,10 +80,16 @@ func (h *harness) close() {
 	_ = os.RemoveAll(h.work)
 }
 
-// start starts a tracked process; its output goes to a log file in the work directory.
+// start starts a tracked process; its output goes to a log file in the work directory, and its stderr lines
+// to lines when set.
 func (h *harness) start(ctx context.Context, name, bin string, args []string, lines func(string)) (*proc, error) {
+	return h.startOut(ctx, name, bin, args, lines, nil)
+}
+
+// startOut is start that also passes every stdout line to outLines.
+func (h *harness) startOut(ctx context.Context, name, bin string, args []string, errLines, outLines func(string)) (*proc, error) {
 	logFile := filepath.Join(h.work, fmt.Sprintf("%s-%d.log", name, h.counter.Add(1)))
-	p, err := startProc(ctx, name, bin, args, logFile, lines)
+	p, err := startProc(ctx, name, bin, args, logFile, errLines, outLines)
 	if err != nil {
 		return nil, err
 	}

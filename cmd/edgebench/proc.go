@@ -33,8 +33,8 @@ type proc struct {
 }
 
 // startProc starts bin in a new process group, its output kept in a bounded buffer (and in logFile when set).
-// lines, when set, receives every line the process writes on stderr.
-func startProc(ctx context.Context, name, bin string, args []string, logFile string, lines func(string)) (*proc, error) {
+// errLines, when set, receives every line the process writes on stderr; outLines every line on stdout.
+func startProc(ctx context.Context, name, bin string, args []string, logFile string, errLines, outLines func(string)) (*proc, error) {
 	p := &proc{name: name, done: make(chan struct{}), out: &tailBuffer{max: 64 << 10}}
 	var w io.Writer = p.out
 	var f *os.File
@@ -46,32 +46,38 @@ func startProc(ctx context.Context, name, bin string, args []string, logFile str
 		w = io.MultiWriter(p.out, f)
 	}
 	cmd := exec.Command(bin, args...)
-	cmd.Stdout = w
-	var pr *io.PipeReader
-	if lines != nil {
-		var pw *io.PipeWriter
-		pr, pw = io.Pipe()
-		cmd.Stderr = io.MultiWriter(w, pw)
+	var pipes []*io.PipeWriter
+	// tee sends what the process writes to w and, line by line, to fn.
+	tee := func(fn func(string)) io.Writer {
+		if fn == nil {
+			return w
+		}
+		pr, pw := io.Pipe()
+		pipes = append(pipes, pw)
 		go func() {
 			sc := bufio.NewScanner(pr)
 			for sc.Scan() {
-				lines(sc.Text())
+				fn(sc.Text())
 			}
 			_, _ = io.Copy(io.Discard, pr)
 		}()
-		defer func() {
-			go func() { <-p.done; _ = pw.Close() }()
-		}()
-	} else {
-		cmd.Stderr = w
+		return io.MultiWriter(w, pw)
 	}
+	cmd.Stdout, cmd.Stderr = tee(outLines), tee(errLines)
+	defer func() {
+		if len(pipes) > 0 {
+			go func() {
+				<-p.done
+				for _, pw := range pipes {
+					_ = pw.Close()
+				}
+			}()
+		}
+	}()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		if f != nil {
 			_ = f.Close()
-		}
-		if pr != nil {
-			_ = pr.Close()
 		}
 		close(p.done)
 		return nil, fmt.Errorf("%s: start %s: %w", name, bin, err)
