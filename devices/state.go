@@ -61,10 +61,29 @@ type StateView struct {
 
 type deviceState struct {
 	id       string
-	fields   map[string]any
-	reported map[string]any
-	sizes    map[string]int // JSON size of each reported field, name included
+	fields   map[string]any       // every top-level key but reported
+	reported map[string]*repField // nil until the device reports a field (or Set gives reported a map)
 	repBytes int
+}
+
+// repField is one reported field: kept as the device sent it (raw JSON) and decoded when first read, so that
+// applying an event costs a scan of its payload, not a decoding of every value in it.
+type repField struct {
+	raw     []byte // the field's JSON value; nil when set from a decoded value
+	val     any    // the decoded value, once decoded
+	decoded bool
+	size    int // name plus value, as JSON
+}
+
+// value returns the field's decoded value (decoding it on first use). s.mu is held.
+func (f *repField) value() any {
+	if !f.decoded {
+		if err := json.Unmarshal(f.raw, &f.val); err != nil {
+			f.val = string(f.raw) // not reached: raw comes from a payload json.Valid accepted
+		}
+		f.decoded = true
+	}
+	return f.val
 }
 
 // StateStats counts what the StateView had to drop to stay within its bounds.
@@ -92,13 +111,12 @@ func (s *StateView) Apply(ev *event.Event) {
 		at = time.Now()
 	}
 	typ := ev.Type()
-	var fields map[string]any
+	var membersBuf [16]member
+	var members []member
 	var size int
 	if isJSON(ev.DataContentType()) {
-		if data := bytes.TrimSpace(ev.Data()); len(data) > 0 && data[0] == '{' {
-			if json.Unmarshal(data, &fields) != nil {
-				fields = nil
-			}
+		if data := bytes.TrimSpace(ev.Data()); len(data) > 0 && data[0] == '{' && json.Valid(data) {
+			members = objectMembers(data, membersBuf[:0])
 			size = len(data)
 		}
 	}
@@ -117,8 +135,8 @@ func (s *StateView) Apply(ev *event.Event) {
 		s.setField(d, KeyOnline, false)
 		return
 	}
-	if len(fields) > 0 {
-		s.merge(d, fields, size)
+	if len(members) > 0 {
+		s.merge(d, members, size)
 	}
 }
 
@@ -193,64 +211,90 @@ func (s *StateView) touch(id string) *deviceState {
 	return d
 }
 
-func (d *deviceState) keys() int { return len(d.fields) + len(d.reported) }
+// keys counts the device's keys: its top-level keys (reported among them once it exists) and its reported fields.
+func (d *deviceState) keys() int {
+	n := len(d.fields) + len(d.reported)
+	if d.reported != nil {
+		n++
+	}
+	return n
+}
 
 // setField sets a top-level key unless that would exceed MaxStateKeys. s.mu is held.
 func (s *StateView) setField(d *deviceState, key string, v any) {
+	if key == KeyReported {
+		// Set replaces the reported fields wholesale; keep the size accounting in step.
+		had := d.reported != nil
+		d.reported, d.repBytes = nil, 0
+		if rep, ok := v.(map[string]any); ok {
+			delete(d.fields, KeyReported)
+			members := make([]member, 0, len(rep))
+			for k, e := range deepCopy(rep).(map[string]any) {
+				members = append(members, member{key: []byte(k), val: e, decoded: true})
+			}
+			s.merge(d, members, jsonSize(rep))
+			return
+		}
+		if had {
+			d.fields[KeyReported] = v // takes the key the reported fields held
+			return
+		}
+	}
 	if _, ok := d.fields[key]; !ok && d.keys() >= MaxStateKeys {
 		s.dropped++
 		return
 	}
-	if key == KeyReported {
-		// Set replaces the reported fields wholesale; keep the size accounting in step.
-		d.reported, d.sizes, d.repBytes = nil, nil, 0
-		delete(d.fields, KeyReported)
-		if rep, ok := v.(map[string]any); ok {
-			s.merge(d, deepCopy(rep).(map[string]any), jsonSize(rep))
-			return
-		}
-	}
 	d.fields[key] = v
 }
 
-// merge merges decoded JSON object fields into reported, taking ownership of the values. s.mu is held.
-// incoming is (an upper estimate of) the JSON size of fields.
-func (s *StateView) merge(d *deviceState, fields map[string]any, incoming int) {
-	keys := maps.Keys(fields)
-	if d.keys()+len(fields)+1 > MaxStateKeys || d.repBytes+incoming > MaxReportedBytes {
-		// Near a bound: go in name order, so which fields are dropped is predictable.
-		keys = slices.Values(slices.Sorted(keys))
+// merge merges object members into reported; a member whose value is null removes the field. s.mu is held.
+// incoming is (an upper estimate of) the JSON size of the members.
+func (s *StateView) merge(d *deviceState, members []member, incoming int) {
+	if d.keys()+len(members)+1 > MaxStateKeys || d.repBytes+incoming > MaxReportedBytes {
+		// Near a bound: go in name order, so which fields are dropped is predictable (a repeated name keeps its
+		// last value, as in decoding).
+		slices.SortStableFunc(members, func(a, b member) int { return bytes.Compare(a.key, b.key) })
 	}
-	for k := range keys {
-		v := fields[k]
-		old, exists := d.sizes[k]
-		if v == nil {
-			if exists {
-				delete(d.reported, k)
-				delete(d.sizes, k)
-				d.repBytes -= old
+	for _, m := range members {
+		old := d.reported[string(m.key)]
+		if m.isNull() {
+			if old != nil {
+				delete(d.reported, string(m.key))
+				d.repBytes -= old.size
 			}
 			continue
 		}
-		size := len(k) + jsonSize(v)
-		need := 0
-		if !exists {
+		if old != nil && m.raw != nil && bytes.Equal(old.raw, m.raw) {
+			continue // unchanged
+		}
+		size := len(m.key) + len(m.raw)
+		if m.decoded {
+			size = len(m.key) + jsonSize(m.val)
+		}
+		need, oldSize := 0, 0
+		if old == nil {
 			need++
+		} else {
+			oldSize = old.size
 		}
 		if d.reported == nil {
 			need++ // the reported key itself
 		}
-		if d.keys()+need > MaxStateKeys || d.repBytes-old+size > MaxReportedBytes {
+		if d.keys()+need > MaxStateKeys || d.repBytes-oldSize+size > MaxReportedBytes {
 			s.dropped++
 			continue
 		}
 		if d.reported == nil {
-			d.reported, d.sizes = make(map[string]any), make(map[string]int)
-			d.fields[KeyReported] = d.reported
+			d.reported = make(map[string]*repField)
 		}
-		d.reported[k] = v
-		d.sizes[k] = size
-		d.repBytes += size - old
+		f := &repField{size: size}
+		if m.decoded {
+			f.val, f.decoded = m.val, true
+		} else {
+			f.raw = bytes.Clone(m.raw)
+		}
+		d.reported[string(m.key)] = f
+		d.repBytes += size - oldSize
 	}
 }
 
@@ -280,10 +324,18 @@ func jsonSize(v any) int {
 	}
 }
 
+// copy returns the device's state as a map, reported fields decoded; nothing in it is shared. s.mu is held.
 func (d *deviceState) copy() map[string]any {
-	out := make(map[string]any, len(d.fields))
+	out := make(map[string]any, len(d.fields)+1)
 	for k, v := range d.fields {
 		out[k] = deepCopy(v)
+	}
+	if d.reported != nil {
+		rep := make(map[string]any, len(d.reported))
+		for k, f := range d.reported {
+			rep[k] = deepCopy(f.value())
+		}
+		out[KeyReported] = rep
 	}
 	return out
 }
