@@ -231,7 +231,7 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 	if strings.ContainsAny(device, "+#/") || device == "" || strings.ContainsAny(command, "+#") || command == "" {
 		return nil, fmt.Errorf("ingest: command %q to %q: invalid device or command name", command, device)
 	}
-	topic := strings.NewReplacer("{device}", device, "{command}", command).Replace(b.cfg.CommandTopic)
+	topic := commandTopic(b.cfg.CommandTopic, device, command)
 	w, err := b.hook.expectAck(device, topic)
 	if err != nil {
 		return nil, fmt.Errorf("ingest: command %s to %s: %w", command, device, err)
@@ -361,4 +361,30 @@ type waiter struct {
 	packetID uint16
 	done     chan struct{}
 	once     sync.Once
+}
+
+// commandTopic fills the placeholders {device} and {command} of the command topic template tpl, left to right
+// (as a strings.Replacer would, without building one per command).
+func commandTopic(tpl, device, command string) string {
+	var sb strings.Builder
+	sb.Grow(len(tpl) + len(device) + len(command))
+	for {
+		i := strings.IndexByte(tpl, '{')
+		if i < 0 {
+			sb.WriteString(tpl)
+			return sb.String()
+		}
+		sb.WriteString(tpl[:i])
+		switch rest := tpl[i:]; {
+		case strings.HasPrefix(rest, "{device}"):
+			sb.WriteString(device)
+			tpl = rest[len("{device}"):]
+		case strings.HasPrefix(rest, "{command}"):
+			sb.WriteString(command)
+			tpl = rest[len("{command}"):]
+		default:
+			sb.WriteByte('{')
+			tpl = rest[1:]
+		}
+	}
 }
