@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,8 +45,9 @@ type Engine struct {
 	reloadMu sync.Mutex // one Reload at a time; guards stamp
 	stamp    string     // the rule files as last read (names, sizes, times)
 
-	mu       sync.Mutex // guards m, wakeAt, wakeStop, runCtx
+	mu       sync.Mutex // guards m, wakeAt, wakeStop, runCtx, handoff
 	m        *machine
+	handoff  []commandJob // commands sent during an evaluation, for the workers once it is over
 	wakeAt   time.Time
 	wakeStop Stopper
 	runCtx   context.Context
@@ -157,7 +159,7 @@ func (e *Engine) Submit(ev *event.Event) bool {
 		// Holding mu with nothing queued, every event submitted before this one has been evaluated.
 		if e.runCtx != nil && e.queued.Load() == 0 {
 			e.processLocked(ev)
-			e.mu.Unlock()
+			e.unlockAfterEval()
 			return true
 		}
 		e.mu.Unlock()
@@ -234,7 +236,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	e.mu.Lock()
 	e.m.advance(e.clock.Now()) // absences that fell due while the gateway was down fire once, now
 	e.scheduleWakeLocked()
-	e.mu.Unlock()
+	e.unlockAfterEval()
 
 	ticker := time.NewTicker(e.cfg.PersistInterval)
 	defer ticker.Stop()
@@ -248,14 +250,14 @@ loop:
 		case ev := <-e.queue:
 			e.mu.Lock()
 			e.processLocked(ev)
-			e.mu.Unlock()
+			e.unlockAfterEval()
 			e.queued.Add(-1)
 		case <-e.wake:
 			e.mu.Lock()
 			e.wakeAt = time.Time{}
 			e.m.advance(e.clock.Now())
 			e.scheduleWakeLocked()
-			e.mu.Unlock()
+			e.unlockAfterEval()
 		case <-ticker.C:
 			e.housekeep()
 		}
@@ -266,8 +268,9 @@ loop:
 		e.wakeStop.Stop()
 		e.wakeStop, e.wakeAt = nil, time.Time{}
 	}
+	e.handOffLocked() // to the workers, which make them dead letters now that ctx has ended
 	e.runCtx = nil
-	// The evaluation goroutine is the only sender of commands; closing lets the workers drain and end.
+	// Commands are queued with e.mu held only; closing lets the workers drain and end.
 	e.cmds = make(chan commandJob, e.cfg.CommandQueueSize)
 	e.mu.Unlock()
 	close(cmds)
@@ -278,6 +281,51 @@ loop:
 	e.persist()
 	e.log.Info("rule engine stopped")
 	return nil
+}
+
+// unlockAfterEval releases e.mu after an evaluation. The commands it sent go to the workers (which wait for
+// their acknowledgements) after the processor has been offered to other goroutines: the goroutine that writes a
+// command to its device runs first, rather than behind a worker that would only start waiting.
+func (e *Engine) unlockAfterEval() {
+	sent := len(e.handoff) > 0
+	e.mu.Unlock()
+	if !sent {
+		return
+	}
+	runtime.Gosched()
+	e.mu.Lock()
+	e.handOffLocked()
+	e.mu.Unlock()
+}
+
+// handOffLocked queues the commands sent by evaluations for the workers. e.mu is held.
+func (e *Engine) handOffLocked() {
+	for i, job := range e.handoff {
+		e.handoff[i] = commandJob{}
+		if e.runCtx == nil {
+			release(job)
+			e.met.action(job.rule, actCommand, "failed")
+			e.undelivered(job, "not delivered: the rule engine stopped")
+			continue
+		}
+		select {
+		case e.cmds <- job:
+		default: // not reached: command keeps room for every job in handoff
+			release(job)
+			e.met.action(job.rule, actCommand, "dropped")
+			e.undelivered(job, "command queue full")
+		}
+	}
+	e.handoff = e.handoff[:0]
+}
+
+// release ends the wait for the acknowledgement of a command sent by an evaluation.
+func release(job commandJob) {
+	if job.sent != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_ = job.sent(ctx)
+	}
 }
 
 // processLocked evaluates one event: due timers first, then the event. e.mu is held.
@@ -369,18 +417,20 @@ type engineSink struct{ e *Engine }
 func (s engineSink) command(r *rule, cause *event.Event, device, command string, payload []byte) {
 	e := s.e
 	job := commandJob{rule: r, cause: cause.ID(), device: device, command: command, payload: payload}
-	// Commands are queued with e.mu held only, so room seen here is room at the send below.
-	if cs, ok := e.deps.Commander.(CommandSender); ok && len(e.cmds) < cap(e.cmds) {
+	// Commands are queued with e.mu held only, so room seen here is room when the job is queued.
+	if cs, ok := e.deps.Commander.(CommandSender); ok && len(e.cmds)+len(e.handoff) < cap(e.cmds) {
 		if wait, err := cs.SendCommand(device, command, payload); err == nil {
 			job.sent = wait
+			e.handoff = append(e.handoff, job)
+			return
 		}
 	}
-	select {
-	case e.cmds <- job:
-	default:
+	if len(e.cmds)+len(e.handoff) >= cap(e.cmds) {
 		e.met.action(r, actCommand, "dropped")
 		e.undelivered(job, "command queue full")
+		return
 	}
+	e.cmds <- job // room checked above
 }
 
 func (s engineSink) emit(r *rule, ev *event.Event) {
@@ -422,9 +472,7 @@ func (s engineSink) state(r *rule, device, key string, value any) {
 func (e *Engine) worker(ctx context.Context, cmds <-chan commandJob) {
 	for job := range cmds {
 		if ctx.Err() != nil {
-			if job.sent != nil {
-				_ = job.sent(ctx) // releases the command sent by the evaluation
-			}
+			release(job)
 			e.met.action(job.rule, actCommand, "failed")
 			e.undelivered(job, "not delivered: the rule engine stopped")
 			continue
