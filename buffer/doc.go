@@ -5,7 +5,8 @@
 // # Durability
 //
 // One writer goroutine (Log.Run) commits everything queued in one bbolt transaction (group commit): appends
-// that arrive while a commit runs share the next one, so many devices' appends share one fsync. With
+// that arrive while a commit runs share the next one, so many devices' appends share one fsync; the next
+// transaction also takes in the appends of those the last commit acknowledged, as they come back. With
 // durability "fsync" (the default) Append returns after the commit's fsync: a returned sequence number
 // survives a crash or a power loss. With durability "interval" Append returns once the batch is written to
 // the file and the file is fsync'd at most every fsync_interval: a process crash loses nothing, but a power

@@ -63,6 +63,9 @@ const (
 	maxBatchEntries    = 4096
 	maxBatchBytes      = 4 << 20
 	maxQueueBytes      = 64 << 20
+	arenaChunk         = 64 << 10
+	maxArenaEntry      = arenaChunk / 4
+	maxFreeChunks      = 16
 	openTimeout        = time.Second
 	tickEvery          = 100 * time.Millisecond
 	ttlEvery           = time.Second
@@ -91,6 +94,7 @@ type Log struct {
 	compactMinFile int64
 	compactEvery   time.Duration
 	tickEvery      time.Duration
+	epoch          time.Time // origin of pending.start
 
 	dbMu sync.RWMutex // guards db: readers hold it shared; compaction and close hold it exclusively
 	db   *bolt.DB     // nil once closed
@@ -105,6 +109,8 @@ type Log struct {
 	queue        []*batch
 	queued       int
 	queuedBytes  int64
+	batchHint    int           // entries of the last sealed batch: the initial capacity of the next one
+	chunks       [][]byte      // free arena chunks
 	space        chan struct{} // closed and replaced when the queue shrinks and someone waits
 	spaceWaiters int
 	notify       chan struct{} // closed and replaced when a commit adds records or the log closes
@@ -135,21 +141,37 @@ type cursor struct {
 	pos, saved uint64
 }
 
-// batch is the unit of group commit: the entries queued while the previous commit ran.
+// batch is the unit of group commit: the entries of one transaction. Appends join the oldest queued batch
+// while it has room, also while the writer already puts its first entries into the transaction; the writer
+// seals it (no more appends join it) before it commits.
 type batch struct {
-	recs  []pending
-	bytes int64
-	done  chan struct{}
-	err   error        // set for every entry when the commit failed
-	waits atomic.Int32 // appenders still waiting for done
+	recs   []pending // appended under Log.mu until sealed; read by the writer
+	bytes  int64
+	sealed bool // under Log.mu: removed from the queue, recs is final
+	taken  int  // under Log.mu: entries the writer has taken into the transaction
+	// The encoded entries (pending.val) of up to maxArenaEntry bytes share arena chunks, recycled once the
+	// commit is over; both under Log.mu.
+	arena    []byte
+	chunks   [][]byte
+	waiters  int          // under Log.mu: entries whose appender waits for done
+	returned atomic.Int32 // appenders that returned from Wait
+	done     chan struct{}
+	seqs     []uint64 // written by the writer: the seq given to recs[i], 0 when refused for want of room
+	err      error    // set for every entry when the commit failed
 }
 
+// waiting reports whether some appenders of b, sealed, have not returned from Wait yet.
+func (b *batch) waiting() bool { return b.returned.Load() < int32(b.waiters) }
+
+// full reports whether the batch takes no more entries.
+func (b *batch) full() bool { return len(b.recs) >= maxBatchEntries || b.bytes >= maxBatchBytes }
+
 type pending struct {
-	val  []byte
-	prio uint8
-	time int64
-	seq  uint64 // assigned by the commit
-	full bool   // rejected for want of room
+	val    []byte
+	prio   uint8
+	waited bool          // an appender waits for it: its append duration is observed
+	time   int64         // event time, unix nanoseconds
+	start  time.Duration // when it was appended, since Log.epoch
 }
 
 // state is the committed view of the log, immutable once published.
@@ -229,6 +251,7 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 		compactMinFile: compactMinFile,
 		compactEvery:   compactCheckEvery,
 		tickEvery:      tickEvery,
+		epoch:          time.Now(),
 		space:          make(chan struct{}),
 		notify:         make(chan struct{}),
 		saved:          make(chan struct{}),
@@ -545,9 +568,17 @@ func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool) (*batch, int, er
 	if t.IsZero() {
 		t = l.now()
 	}
-	p := pending{prio: e.Priority, time: t.UnixNano()}
-	p.val = encodeRecord(make([]byte, 0, encodedSize(e)), e, p.time)
-	size := int64(len(p.val) + keySize)
+	p := pending{prio: e.Priority, waited: wait, time: t.UnixNano()}
+	if wait {
+		p.start = time.Since(l.epoch)
+	}
+	// An entry of up to maxArenaEntry bytes is encoded into its batch's arena below, under mu (a copy of a
+	// few hundred bytes); a larger one gets a buffer of its own, encoded here.
+	n := encodedSize(e)
+	size := int64(n + keySize)
+	if n > maxArenaEntry {
+		p.val = encodeRecord(make([]byte, 0, n), e, p.time)
+	}
 
 	l.mu.Lock()
 	for {
@@ -578,45 +609,95 @@ func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool) (*batch, int, er
 		l.spaceWaiters--
 	}
 	var b *batch
-	if n := len(l.queue); n > 0 && len(l.queue[n-1].recs) < maxBatchEntries && l.queue[n-1].bytes < maxBatchBytes {
+	if n := len(l.queue); n > 0 && !l.queue[n-1].full() {
 		b = l.queue[n-1]
 	} else {
-		b = &batch{done: make(chan struct{})}
+		b = &batch{recs: make([]pending, 0, max(l.batchHint, 1)), done: make(chan struct{})}
 		l.queue = append(l.queue, b)
+	}
+	if p.val == nil {
+		p.val = encodeRecord(l.reserve(b, n), e, p.time)
 	}
 	idx := len(b.recs)
 	b.recs = append(b.recs, p)
 	if wait {
-		b.waits.Add(1)
+		b.waiters++
 	}
 	b.bytes += size
 	l.queued++
 	l.queuedBytes += size
+	// The writer is woken by the first entry of a batch and, while it waits for more in an open
+	// transaction (see settle), once per pokeEvery entries it has not taken yet.
+	poke := idx == 0 || len(b.recs)-b.taken == pokeEvery
 	l.mu.Unlock()
-	select {
-	case l.wake <- struct{}{}:
-	default:
+	if poke {
+		l.poke()
 	}
 	return b, idx, nil
 }
 
-// take removes the oldest queued batch.
-func (l *Log) take() *batch {
+// reserve returns room for n bytes (at most maxArenaEntry) in b's arena, as an empty slice of capacity n.
+// The caller holds mu.
+func (l *Log) reserve(b *batch, n int) []byte {
+	if cap(b.arena)-len(b.arena) < n {
+		var c []byte
+		if k := len(l.chunks); k > 0 {
+			c, l.chunks = l.chunks[k-1], l.chunks[:k-1]
+		} else {
+			c = make([]byte, 0, arenaChunk)
+		}
+		b.chunks = append(b.chunks, c)
+		b.arena = c
+	}
+	off := len(b.arena)
+	b.arena = b.arena[:off+n]
+	return b.arena[off : off : off+n]
+}
+
+// recycle keeps the arena chunks of b, committed, for the next batches. The caller holds mu.
+func (l *Log) recycle(b *batch) {
+	for _, c := range b.chunks {
+		if len(l.chunks) < maxFreeChunks {
+			l.chunks = append(l.chunks, c[:0])
+		}
+	}
+	b.chunks, b.arena = nil, nil
+}
+
+// poke wakes the writer.
+func (l *Log) poke() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// head returns the oldest queued batch, nil when none is queued.
+func (l *Log) head() *batch {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.queue) == 0 {
 		return nil
 	}
-	b := l.queue[0]
+	return l.queue[0]
+}
+
+// seal closes b, the oldest queued batch, to appends and removes it from the queue; a sealed batch stays
+// as it is. The caller holds mu.
+func (l *Log) seal(b *batch) {
+	if b.sealed {
+		return
+	}
+	b.sealed = true
 	l.queue[0] = nil
 	l.queue = l.queue[1:]
 	l.queued -= len(b.recs)
 	l.queuedBytes -= b.bytes
+	l.batchHint = min(len(b.recs), maxBatchEntries)
 	if l.spaceWaiters > 0 {
 		close(l.space)
 		l.space = make(chan struct{})
 	}
-	return b
 }
 
 // Read returns up to max committed records with Seq > after, in order. Records removed by acknowledgement or
@@ -830,6 +911,9 @@ func (l *Log) shutdown() error {
 	l.mu.Lock()
 	l.closed = true
 	queue := l.queue
+	for _, b := range queue {
+		b.sealed = true
+	}
 	l.queue, l.queued, l.queuedBytes = nil, 0, 0
 	close(l.space)
 	l.space = make(chan struct{})
@@ -838,7 +922,7 @@ func (l *Log) shutdown() error {
 	l.mu.Unlock()
 	defer l.wakeSaved() // once the last positions are saved
 	for _, b := range queue {
-		l.commit(b)
+		l.commit(b, &settle{})
 	}
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()

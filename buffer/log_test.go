@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -214,4 +215,119 @@ func TestDurabilityInterval(t *testing.T) {
 	if got := len(readAll(t, l2.Log)); got != 50 {
 		t.Fatalf("%d records after reopen, want 50", got)
 	}
+}
+
+// TestClosedLoopAppendersShareCommits: appenders that each append their next event as soon as the last one is
+// durable share commits: the writer waits for the appenders a commit woke instead of committing whoever came
+// first, so the commits hold most of the appenders, not one or two (or two alternating halves).
+func TestClosedLoopAppendersShareCommits(t *testing.T) {
+	l := openTest(t, Config{}, 0)
+	run(t, l.Log)
+	const appenders, per = 32, 40
+	var wg sync.WaitGroup
+	for w := range appenders {
+		wg.Go(func() {
+			var last uint64
+			for i := range per {
+				seq, err := l.Append(context.Background(), ev(w*per+i))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if seq <= last {
+					t.Errorf("appender %d: seq %d after %d", w, seq, last)
+				}
+				last = seq
+			}
+		})
+	}
+	wg.Wait()
+	commits := testutilHistogramCount(t, l, "edgegate_buffer_commit_batch_size")
+	perCommit := float64(appenders*per) / float64(commits)
+	t.Logf("%d commits, %.1f events per commit", commits, perCommit)
+	if perCommit < appenders*0.6 {
+		t.Errorf("%.1f events per commit, want at least %d of the %d appenders in each", perCommit, appenders*6/10,
+			appenders)
+	}
+	if got := l.LastSeq(); got != appenders*per {
+		t.Fatalf("last seq %d, want %d", got, appenders*per)
+	}
+	checkDB(t, l.Log)
+}
+
+// TestUnwaitedPendingDoesNotStall: a Pending that is never waited for holds no later commit back for long.
+func TestUnwaitedPendingDoesNotStall(t *testing.T) {
+	l := openTest(t, Config{}, 0)
+	run(t, l.Log)
+	for i := range 3 {
+		if _, err := l.AppendAsync(context.Background(), ev(i)); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		appendN(t, l.Log, 20, ev)
+		if d := time.Since(start); d > 5*time.Second {
+			t.Fatalf("20 appends after an unwaited Pending took %v", d)
+		}
+	}
+	if got := l.LastSeq(); got != 63 {
+		t.Fatalf("last seq %d, want 63", got)
+	}
+}
+
+// TestPayloadsIntact: concurrent appends of small and large events (encoded into shared, reused buffers or
+// into their own) read back byte for byte, across many commits.
+func TestPayloadsIntact(t *testing.T) {
+	l := openTest(t, Config{MaxBytes: 1 << 30}, 0)
+	run(t, l.Log)
+	const appenders, per = 8, 60
+	payload := func(w, i int) []byte {
+		n := []int{1, 100, 3000, 20_000, 70_000}[(w+i)%5]
+		b := make([]byte, n)
+		for k := range b {
+			b[k] = byte(w*31 + i*7 + k)
+		}
+		return b
+	}
+	want := map[uint64][]byte{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for w := range appenders {
+		wg.Go(func() {
+			for i := range per {
+				data := payload(w, i)
+				e := Entry{Data: data, Type: "t.v", Subject: fmt.Sprint("d", w), Priority: uint8(i % 10)}
+				var seq uint64
+				var err error
+				if i%3 == 0 {
+					err = l.Enqueue(e)
+				} else {
+					seq, err = l.Append(context.Background(), e)
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				clear(data) // the caller may reuse Data once Append or Enqueue returned
+				if seq != 0 {
+					mu.Lock()
+					want[seq] = payload(w, i)
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if err := l.Wait(context.Background(), appenders*per-1); err != nil {
+		t.Fatal(err)
+	}
+	recs := readAll(t, l.Log)
+	if len(recs) != appenders*per {
+		t.Fatalf("read %d records, want %d", len(recs), appenders*per)
+	}
+	for _, r := range recs {
+		if w, ok := want[r.Seq]; ok && !bytes.Equal(r.Data, w) {
+			t.Fatalf("seq %d: %d bytes read back differ from the %d appended", r.Seq, len(r.Data), len(w))
+		}
+	}
+	checkDB(t, l.Log)
 }

@@ -3,15 +3,13 @@ package buffer
 import (
 	"context"
 	"fmt"
-	"time"
 )
 
 // Pending is an event queued by AppendAsync; Wait tells when it is durable.
 type Pending struct {
-	l     *Log
-	b     *batch
-	idx   int
-	start time.Time
+	l   *Log
+	b   *batch
+	idx int
 }
 
 // AppendAsync queues e for the next commit, like Append, but returns as soon as it is queued. A caller that must
@@ -31,32 +29,38 @@ func (l *Log) appendAsync(ctx context.Context, e *Entry) (Pending, error) {
 	if err := ctx.Err(); err != nil {
 		return Pending{}, fmt.Errorf("buffer: append: %w", err)
 	}
-	start := time.Now()
 	b, idx, err := l.enqueue(ctx, e, true)
 	if err != nil {
 		return Pending{}, fmt.Errorf("buffer: append: %w", err)
 	}
-	return Pending{l: l, b: b, idx: idx, start: start}, nil
+	return Pending{l: l, b: b, idx: idx}, nil
 }
 
 // Wait returns the event's sequence number once it is durable (in fsync mode; written in interval mode), or the
 // reason it is not: ErrFull when the log had no room for it under the reject policy, or the commit's error. Call
 // it once.
 func (p *Pending) Wait(ctx context.Context) (uint64, error) {
-	select {
-	case <-p.b.done:
-		p.b.waits.Add(-1)
-	case <-ctx.Done():
-		p.b.waits.Add(-1)
-		return 0, fmt.Errorf("buffer: append: %w", ctx.Err())
+	if c := ctx.Done(); c == nil {
+		<-p.b.done
+	} else {
+		select {
+		case <-p.b.done:
+		case <-c:
+			p.b.returned.Add(1)
+			return 0, fmt.Errorf("buffer: append: %w", ctx.Err())
+		}
+	}
+	// The last appender to return wakes the writer, which may wait for them to queue their next events
+	// (see settle).
+	if p.b.returned.Add(1) == int32(p.b.waiters) {
+		p.l.poke()
 	}
 	if p.b.err != nil {
 		return 0, fmt.Errorf("buffer: append: %w", p.b.err)
 	}
-	r := &p.b.recs[p.idx]
-	if r.full {
+	seq := p.b.seqs[p.idx]
+	if seq == 0 {
 		return 0, fmt.Errorf("buffer: append: %w", ErrFull)
 	}
-	p.l.m.appendDuration.Observe(time.Since(p.start).Seconds())
-	return r.seq, nil
+	return seq, nil
 }

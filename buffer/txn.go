@@ -1,6 +1,7 @@
 package buffer
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math"
 	"slices"
@@ -29,8 +30,10 @@ type txn struct {
 	events, segments *bolt.Bucket
 	owned            map[*segMeta]bool // segments copied in this transaction (safe to modify)
 	dirty            map[uint64]bool   // segments whose metadata must be written
-	tail             *bolt.Bucket
+	tail             *bolt.Bucket      // the bucket put writes to, nil until opened or once deleted
 	tailBase         uint64
+	tailSeg          *segMeta // the metadata of tail's segment: owned, marked dirty
+	key              [8]byte  // put's key (bbolt copies keys)
 	lastSeq0         uint64
 
 	saves       map[string]uint64 // cursor positions to persist
@@ -73,30 +76,40 @@ func (t *txn) count(seq uint64, reason int) {
 	}
 }
 
+// putAll stores recs in order, each where makeRoom finds room, and appends the seq given to each to seqs
+// (0 for one refused for want of room).
+func (t *txn) putAll(recs []pending, seqs *[]uint64) error {
+	for i := range recs {
+		p := &recs[i]
+		size := int64(len(p.val) + keySize)
+		ok, err := t.makeRoom(size, p.prio)
+		if err != nil {
+			return err
+		}
+		var seq uint64
+		if !ok {
+			t.rejected++
+		} else if seq, err = t.put(p.val, p.prio, p.time, size); err != nil {
+			return err
+		}
+		*seqs = append(*seqs, seq)
+	}
+	return nil
+}
+
 // put appends one record with the next sequence number.
 func (t *txn) put(val []byte, prio uint8, tm, size int64) (uint64, error) {
 	seq := t.st.lastSeq + 1
-	base := segBase(seq, t.l.segSize)
-	var seg *segMeta
-	if n := len(t.st.segs); n > 0 && t.st.segs[n-1].Base == base {
-		seg = t.mut(n - 1)
-	} else {
-		seg = &segMeta{Base: base, MinSeq: seq, MinTime: tm, MaxTime: tm}
-		t.owned[seg] = true
-		t.dirty[base] = true
-		t.st.segs = append(t.st.segs, seg)
-	}
-	if t.tail == nil || t.tailBase != base {
-		b, err := t.events.CreateBucketIfNotExists(seqKey(base))
-		if err != nil {
-			return 0, fmt.Errorf("segment %d: %w", base, err)
+	if base := segBase(seq, t.l.segSize); t.tail == nil || t.tailBase != base {
+		if err := t.openTail(base, seq, tm); err != nil {
+			return 0, err
 		}
-		b.FillPercent = 1.0 // keys only grow: pack pages full
-		t.tail, t.tailBase = b, base
 	}
-	if err := t.tail.Put(seqKey(seq), val); err != nil {
+	binary.BigEndian.PutUint64(t.key[:], seq)
+	if err := t.tail.Put(t.key[:], val); err != nil {
 		return 0, fmt.Errorf("put %d: %w", seq, err)
 	}
+	seg := t.tailSeg
 	seg.Count++
 	seg.Bytes += size
 	seg.MaxSeq = seq
@@ -109,6 +122,27 @@ func (t *txn) put(val []byte, prio uint8, tm, size int64) (uint64, error) {
 	t.st.events++
 	t.st.bytes += size
 	return seq, nil
+}
+
+// openTail makes the segment starting at base, which seq (of time tm) opens or continues, the one put
+// writes to.
+func (t *txn) openTail(base, seq uint64, tm int64) error {
+	var seg *segMeta
+	if n := len(t.st.segs); n > 0 && t.st.segs[n-1].Base == base {
+		seg = t.mut(n - 1)
+	} else {
+		seg = &segMeta{Base: base, MinSeq: seq, MinTime: tm, MaxTime: tm}
+		t.owned[seg] = true
+		t.dirty[base] = true
+		t.st.segs = append(t.st.segs, seg)
+	}
+	b, err := t.events.CreateBucketIfNotExists(seqKey(base))
+	if err != nil {
+		return fmt.Errorf("segment %d: %w", base, err)
+	}
+	b.FillPercent = 1.0 // keys only grow: pack pages full
+	t.tail, t.tailBase, t.tailSeg = b, base, seg
+	return nil
 }
 
 // makeRoom decides whether an event of size bytes and priority prio fits, removing events to make room:
@@ -272,7 +306,7 @@ func (t *txn) dropWhole(i int, reason int) (bool, error) {
 		return false, fmt.Errorf("delete segment %d: %w", s.Base, err)
 	}
 	if t.tailBase == s.Base {
-		t.tail = nil
+		t.tail, t.tailSeg = nil, nil
 	}
 	switch {
 	case reason == reasonDelivered:
@@ -349,7 +383,7 @@ func (t *txn) sweep(i int, from, until uint64, need int64, reason int, match fun
 			return 0, false, fmt.Errorf("delete segment %d: %w", s.Base, err)
 		}
 		if t.tailBase == s.Base {
-			t.tail = nil
+			t.tail, t.tailSeg = nil, nil
 		}
 		return last, early, nil
 	}

@@ -13,11 +13,12 @@ import (
 )
 
 // Run is the log's single writer. It commits the queued appends in one transaction per batch (group
-// commit: what queues during a commit goes into the next one), persists moved cursors with the next commit
-// of appends (or in one of their own when no append comes), deletes what every required cursor has passed,
-// applies MaxAge, fsyncs in interval mode and compacts the file when it is mostly free space. When ctx ends
-// it commits what is queued, persists the cursors, closes the file and returns nil. It returns an error only when the file cannot be reopened after a
-// compaction.
+// commit: what queues during a commit goes into the next one; a transaction also takes in the appends that
+// arrive while it is open, until the appenders the previous commit woke have queued again, see settle),
+// persists moved cursors with the next commit of appends (or in one of their own when no append comes),
+// deletes what every required cursor has passed, applies MaxAge, fsyncs in interval mode and compacts the
+// file when it is mostly free space. When ctx ends it commits what is queued, persists the cursors, closes
+// the file and returns nil. It returns an error only when the file cannot be reopened after a compaction.
 func (l *Log) Run(ctx context.Context) error {
 	l.mu.Lock()
 	switch {
@@ -50,6 +51,9 @@ func (l *Log) Run(ctx context.Context) error {
 	grace := time.NewTimer(time.Hour)
 	grace.Stop()
 	defer grace.Stop()
+	settleTimer := time.NewTimer(time.Hour)
+	settleTimer.Stop()
+	defer settleTimer.Stop()
 	var graceC <-chan time.Time
 	for {
 		select {
@@ -58,8 +62,10 @@ func (l *Log) Run(ctx context.Context) error {
 		case <-l.stop:
 			return l.shutdown()
 		case <-l.wake:
-			for b := l.take(); b != nil; b = l.takeNext(b) {
-				l.commit(b) // saves the moved cursors too
+			s := settle{timer: settleTimer}
+			for b := l.next(&s); b != nil; b = l.next(&s) {
+				l.commit(b, &s) // saves the moved cursors too
+				s.after(b)
 				// Housekeeping is not starved by a steady stream of batches.
 				select {
 				case <-tick.C:
@@ -69,6 +75,7 @@ func (l *Log) Run(ctx context.Context) error {
 				default:
 				}
 			}
+			s.timer.Stop()
 			if l.saveAsked.Load() && graceC == nil {
 				if d := l.saveGrace(); time.Since(l.lastAppended) < d {
 					grace.Reset(d)
@@ -97,15 +104,108 @@ func (l *Log) Run(ctx context.Context) error {
 	}
 }
 
-// takeNext takes the batch after prev once the appenders prev woke have run: closed-loop appenders (a
-// device waiting for its PUBACK before the next publish) then share the next commit instead of splitting
-// into two alternating halves, each with its own fsync. It yields the processor; it never sleeps.
-func (l *Log) takeNext(prev *batch) *batch {
-	for i := 0; i < 64 && prev.waits.Load() > 0; i++ {
-		runtime.Gosched()
+// pokeEvery is how many entries the writer leaves queued while it waits in an open transaction before it is
+// woken to take them: it then puts them while the appenders that the previous commit woke still queue theirs.
+const pokeEvery = 32
+
+// settleIdle and settleMax bound how long a commit waits for the appenders that the previous commit woke:
+// settleIdle without a new entry, settleMax in all. An appender that is slow to return from Wait (or a
+// Pending that is never waited for) does not hold the commits back for longer.
+const (
+	settleIdle = 100 * time.Microsecond
+	settleMax  = time.Millisecond
+)
+
+// settle tells how long the writer waits for the appenders that the previous commit woke. Closed-loop
+// appenders (a device waiting for its PUBACK before the next publish) queue their next event right after
+// they return from Wait: when the next commit waits for them, they share it instead of splitting into two
+// alternating halves, each with its own fsync. The writer waits on the wake channel, which the appenders
+// signal with the first entry of a batch, every pokeEvery entries and when the last of them returns from
+// Wait; once they all returned it yields the processor once, for those still on their way to the queue.
+type settle struct {
+	prev     *batch      // the batch of the previous commit; nil: nobody to wait for
+	timer    *time.Timer // fires when nothing was appended for settleIdle, or at the deadline
+	deadline time.Time   // settleMax after the previous commit
+	quiet    bool        // every appender of prev had returned before the last yield, and nothing came since
+	idle     bool        // the timer fired and nothing came since
+}
+
+// after starts the wait for the appenders of b, just committed.
+func (s *settle) after(b *batch) {
+	s.prev, s.quiet, s.idle = b, false, false
+	s.deadline = time.Now().Add(settleMax)
+	s.timer.Reset(settleIdle)
+}
+
+// settled reports whether the writer stops waiting: nobody to wait for, the appenders of prev all returned
+// and a yield since brought nothing, or the timer fired.
+func (s *settle) settled() bool { return s.prev == nil || s.quiet || s.idle }
+
+// wait blocks until something is appended, the last appender of prev returns from Wait or the timer fires;
+// once they all returned, it yields the processor once instead.
+func (s *settle) wait(wake <-chan struct{}) {
+	if s.prev.waiting() {
+		select {
+		case <-wake:
+		case <-s.timer.C:
+			s.idle = true
+		}
+		return
 	}
+	s.quiet = true
 	runtime.Gosched()
-	return l.take()
+}
+
+// arrived notes that entries came: the wait starts over, within the deadline.
+func (s *settle) arrived() {
+	s.quiet, s.idle = false, false
+	if s.prev != nil {
+		s.timer.Reset(min(settleIdle, time.Until(s.deadline)))
+	}
+}
+
+// next returns the oldest queued batch, or nil when none is queued once the appenders of the previous
+// commit have run.
+func (l *Log) next(s *settle) *batch {
+	for {
+		if b := l.head(); b != nil || s.settled() {
+			return b
+		}
+		s.wait(l.wake)
+	}
+}
+
+// fill puts the entries of b, the oldest queued batch, into t as they are appended, and seals b once no
+// more come (see settle) or it is full. It records each entry's seq in b.seqs (0: refused for want of
+// room).
+func (l *Log) fill(t *txn, b *batch, s *settle) error {
+	done := 0
+	for {
+		l.mu.Lock()
+		recs := b.recs
+		b.taken = len(recs)
+		if len(recs) == done && (b.sealed || b.full() || s.settled()) {
+			l.seal(b)
+			l.mu.Unlock()
+			return nil
+		}
+		l.mu.Unlock()
+		if len(recs) == done {
+			s.wait(l.wake)
+			continue
+		}
+		s.arrived()
+		if b.seqs == nil {
+			b.seqs = make([]uint64, 0, cap(recs))
+		}
+		if err := t.putAll(recs[done:], &b.seqs); err != nil {
+			l.mu.Lock()
+			l.seal(b) // later appends go to the next batch, not to this failed commit
+			l.mu.Unlock()
+			return err
+		}
+		done = len(recs)
+	}
 }
 
 // saveGrace is how long a moved cursor waits for a commit of appends to carry it: the last commit's duration,
@@ -139,31 +239,18 @@ func (l *Log) saveCursors() {
 	}
 }
 
-// commit makes one batch durable and wakes its appenders.
-func (l *Log) commit(b *batch) {
+// commit makes one batch durable and wakes its appenders. It starts the transaction with the entries
+// queued so far and puts those appended meanwhile too, until fill seals the batch (see settle).
+func (l *Log) commit(b *batch, s *settle) {
 	defer close(b.done)
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
 	start := time.Now()
-	t, err := l.update(func(t *txn) error {
-		for i := range b.recs {
-			p := &b.recs[i]
-			size := int64(len(p.val) + keySize)
-			ok, err := t.makeRoom(size, p.prio)
-			if err != nil {
-				return err
-			}
-			if !ok {
-				p.full = true
-				t.rejected++
-				continue
-			}
-			if p.seq, err = t.put(p.val, p.prio, p.time, size); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	t, err := l.update(func(t *txn) error { return l.fill(t, b, s) })
+	l.mu.Lock()
+	l.seal(b) // when the transaction failed before fill sealed it
+	l.recycle(b)
+	l.mu.Unlock()
 	l.lastAppended = time.Now()
 	l.lastCommit = l.lastAppended.Sub(start)
 	l.m.commitDuration.Observe(l.lastCommit.Seconds())
@@ -176,6 +263,12 @@ func (l *Log) commit(b *batch) {
 		l.limiter.failed(err, len(b.recs))
 		return
 	}
+	end := time.Since(l.epoch)
+	for i, seq := range b.seqs {
+		if r := &b.recs[i]; seq != 0 && r.waited {
+			l.m.appendDuration.Observe((end - r.start).Seconds())
+		}
+	}
 	l.m.batchSize.Observe(float64(len(b.recs)))
 	l.m.appended.Add(float64(len(b.recs) - t.rejected))
 	if t.rejected > 0 {
@@ -183,7 +276,7 @@ func (l *Log) commit(b *batch) {
 		l.limiter.rejected += int64(t.rejected)
 		if l.cfg.WhenFull == WhenFullReject && t.rejected > t.oversized {
 			for i := range b.recs {
-				if size := int64(len(b.recs[i].val) + keySize); b.recs[i].full && size <= l.cfg.MaxBytes &&
+				if size := int64(len(b.recs[i].val) + keySize); b.seqs[i] == 0 && size <= l.cfg.MaxBytes &&
 					(l.fullProbe == 0 || size < l.fullProbe) {
 					l.fullProbe = size
 				}
