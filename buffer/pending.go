@@ -36,6 +36,9 @@ func (l *Log) appendAsync(ctx context.Context, e *Entry) (Pending, error) {
 	return Pending{l: l, b: b, idx: idx}, nil
 }
 
+// Done is closed once the commit that holds the event has ended: Wait then returns without blocking.
+func (p *Pending) Done() <-chan struct{} { return p.b.done }
+
 // Wait returns the event's sequence number once it is durable (in fsync mode; written in interval mode), or the
 // reason it is not: ErrFull when the log had no room for it under the reject policy, or the commit's error. Call
 // it once.

@@ -33,16 +33,16 @@ func (c consumer) Consume(ctx context.Context, r ingest.Result, durable bool) er
 	return fullErr(err)
 }
 
-// ConsumeAsync queues a QoS 1 event; the device's PUBACK waits for wait, while its next publishes go on.
-func (c consumer) ConsumeAsync(ctx context.Context, r ingest.Result) (func(context.Context) error, error) {
+// ConsumeAsync queues a QoS 1 event; the device's PUBACK waits for its commit, while its next publishes go on.
+func (c consumer) ConsumeAsync(ctx context.Context, r ingest.Result) (ingest.Durability, error) {
 	p, err := c.g.events.AppendAsync(ctx, c.see(r))
 	if err != nil {
-		return nil, fullErr(err)
+		return ingest.Durability{}, fullErr(err)
 	}
-	return func(ctx context.Context) error {
+	return ingest.Durability{Done: p.Done(), Wait: func(ctx context.Context) error {
 		_, err := p.Wait(ctx)
 		return fullErr(err)
-	}, nil
+	}}, nil
 }
 
 // see shows the event to the state view and the rules as it enters the log's commit queue, and returns its entry.

@@ -16,9 +16,18 @@ import (
 // commits instead of taking one commit each. Local subscribers get the message when it is queued.
 type AsyncConsumer interface {
 	Consumer
-	// ConsumeAsync queues r as Consume does with durable set. wait returns once the event is durable, or the
-	// reason it is not (ErrFull: no room for it); it is called once, from another goroutine.
-	ConsumeAsync(ctx context.Context, r Result) (wait func(context.Context) error, err error)
+	// ConsumeAsync queues r as Consume does with durable set, and tells when the event is durable.
+	ConsumeAsync(ctx context.Context, r Result) (Durability, error)
+}
+
+// Durability tells when an event queued by ConsumeAsync is durable.
+type Durability struct {
+	// Wait returns once the event is durable, or the reason it is not (ErrFull: no room for it). It is called
+	// once, from another goroutine.
+	Wait func(context.Context) error
+	// Done, when not nil, is closed once Wait no longer blocks: the PUBACKs of events that are already durable
+	// go out together, in one write.
+	Done <-chan struct{}
 }
 
 // maxPendingAcks bounds the QoS 1 publishes of one connection that wait for their events to become durable;
@@ -29,9 +38,29 @@ const maxPendingAcks = 256
 type ackJob struct {
 	id     uint16
 	wait   func(context.Context) error
+	done   <-chan struct{} // closed once wait no longer blocks; nil: unknown
 	refuse bool
 	code   packets.Code
 }
+
+// ready reports whether the job's PUBACK can be written without waiting.
+func (j *ackJob) ready() bool {
+	if j.refuse || j.wait == nil {
+		return true
+	}
+	if j.done == nil {
+		return false
+	}
+	select {
+	case <-j.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// maxAckBatch bounds the PUBACKs written in one write.
+const maxAckBatch = 256
 
 // acker writes one connection's PUBACKs in the order of its publishes.
 type acker struct {
@@ -58,38 +87,91 @@ func stopAcker(st *clientState) {
 	}
 }
 
+// runAcker writes the connection's PUBACKs in order: each once its event is durable, and those that are ready
+// together in one write (after a commit, most of a busy connection's are).
 func (h *hook) runAcker(cl *mqtt.Client, version byte, a *acker) {
 	defer h.ackers.Done()
-	for j := range a.jobs {
-		code := packets.CodeSuccess
-		switch {
-		case j.refuse:
-			code = j.code
-		case j.wait != nil:
-			if err := j.wait(*h.b.ctx.Load()); err != nil {
-				reason := "error"
-				code = packets.ErrUnspecifiedError
-				if errors.Is(err, ErrFull) {
-					reason, code = "full", packets.ErrQuotaExceeded
+	var batch []byte
+	var next *ackJob
+	for {
+		j := next
+		next = nil
+		if j == nil {
+			jj, ok := <-a.jobs
+			if !ok {
+				return
+			}
+			j = &jj
+		}
+		batch = h.ack(cl, version, *j, batch[:0])
+	more:
+		for n := 1; n < maxAckBatch; n++ {
+			select {
+			case jj, ok := <-a.jobs:
+				if !ok {
+					writeAcks(cl, batch)
+					return
 				}
-				h.b.m.rejected.WithLabelValues(reason).Inc()
-				h.b.log.Debug("event not stored: no acknowledgement", "client_id", cl.ID, "error", err)
+				if !jj.ready() {
+					next = &jj
+					break more
+				}
+				batch = h.ack(cl, version, jj, batch)
+			default:
+				break more
 			}
 		}
-		if code.Code >= packets.ErrUnspecifiedError.Code && version != 5 {
-			continue // MQTT 3.1.1 has no refusal: no PUBACK, and the device sends again later
-		}
-		pk := packets.Packet{
-			FixedHeader: packets.FixedHeader{Type: packets.Puback},
-			PacketID:    j.id,
-			ReasonCode:  code.Code,
-			Created:     time.Now().Unix(),
-		}
-		if code.Code >= packets.ErrUnspecifiedError.Code {
-			pk.Properties.ReasonString = code.Reason
-		}
-		_ = cl.WritePacket(pk) // fails only on a closed connection
+		writeAcks(cl, batch)
 	}
+}
+
+// ack waits for j's event and appends its PUBACK to batch. A refusal (MQTT 5; MQTT 3.1.1 has none) is written
+// at once, after what batch holds, through mochi, which encodes its reason; it returns the empty batch then.
+func (h *hook) ack(cl *mqtt.Client, version byte, j ackJob, batch []byte) []byte {
+	code := packets.CodeSuccess
+	switch {
+	case j.refuse:
+		code = j.code
+	case j.wait != nil:
+		if err := j.wait(*h.b.ctx.Load()); err != nil {
+			reason := "error"
+			code = packets.ErrUnspecifiedError
+			if errors.Is(err, ErrFull) {
+				reason, code = "full", packets.ErrQuotaExceeded
+			}
+			h.b.m.rejected.WithLabelValues(reason).Inc()
+			h.b.log.Debug("event not stored: no acknowledgement", "client_id", cl.ID, "error", err)
+		}
+	}
+	if code.Code == packets.CodeSuccess.Code {
+		// A PUBACK with reason Success and no properties is the same in MQTT 3.1.1 and 5.
+		return append(batch, packets.Puback<<4, 2, byte(j.id>>8), byte(j.id))
+	}
+	if version != 5 {
+		return batch // no PUBACK: the device sends again later
+	}
+	writeAcks(cl, batch)
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Puback},
+		PacketID:    j.id,
+		ReasonCode:  code.Code,
+		Created:     time.Now().Unix(),
+	}
+	pk.Properties.ReasonString = code.Reason
+	_ = cl.WritePacket(pk) // fails only on a closed connection
+	return batch[:0]
+}
+
+// writeAcks writes encoded PUBACKs to the connection, holding the client's lock as mochi's own writes do, so
+// that whole packets never interleave. A failed write means a closed connection: the device resends what was
+// not acknowledged when it reconnects.
+func writeAcks(cl *mqtt.Client, b []byte) {
+	if len(b) == 0 || cl.Net.Conn == nil {
+		return
+	}
+	cl.Lock()
+	defer cl.Unlock()
+	_, _ = cl.Net.Conn.Write(b)
 }
 
 // publishPipelined handles a QoS 1 publish when the consumer is an AsyncConsumer: the event is queued now, the
@@ -99,7 +181,7 @@ func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Pac
 	a := h.ackerOf(cl, st)
 	job := ackJob{id: pk.PacketID}
 	if res != nil {
-		wait, err := ac.ConsumeAsync(*h.b.ctx.Load(), *res)
+		d, err := ac.ConsumeAsync(*h.b.ctx.Load(), *res)
 		if err != nil {
 			reason := "error"
 			job.refuse, job.code = true, packets.ErrUnspecifiedError
@@ -112,7 +194,7 @@ func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Pac
 			return packets.ErrRejectPacket
 		}
 		h.b.m.events.Inc()
-		job.wait = wait
+		job.wait, job.done = d.Wait, d.Done
 	}
 	// Local subscribers (and the retained store) get the message as mochi would have delivered it.
 	if err := h.b.srv.Publish(pk.TopicName, pk.Payload, pk.FixedHeader.Retain, pk.FixedHeader.Qos); err != nil {

@@ -18,7 +18,7 @@ import (
 type asyncConsumer struct {
 	*consumer
 	mu      sync.Mutex
-	settle  []chan error // one per queued event, in order
+	settle  []settle // one per queued event, in order
 	queued  chan struct{}
 	syncUse int // calls of the blocking Consume (it must not be used for QoS 1)
 }
@@ -36,23 +36,29 @@ func (a *asyncConsumer) Consume(ctx context.Context, r ingest.Result, durable bo
 	return a.consumer.Consume(ctx, r, durable)
 }
 
-func (a *asyncConsumer) ConsumeAsync(ctx context.Context, r ingest.Result) (func(context.Context) error, error) {
+// settle is how a queued event's outcome reaches its Wait: err is sent on ch, then done is closed.
+type settle struct {
+	ch   chan error
+	done chan struct{}
+}
+
+func (a *asyncConsumer) ConsumeAsync(ctx context.Context, r ingest.Result) (ingest.Durability, error) {
 	if err := a.consumer.Consume(ctx, r, true); err != nil {
-		return nil, err
+		return ingest.Durability{}, err
 	}
-	ch := make(chan error, 1)
+	s := settle{ch: make(chan error, 1), done: make(chan struct{})}
 	a.mu.Lock()
-	a.settle = append(a.settle, ch)
+	a.settle = append(a.settle, s)
 	a.mu.Unlock()
 	a.queued <- struct{}{}
-	return func(ctx context.Context) error {
+	return ingest.Durability{Done: s.done, Wait: func(ctx context.Context) error {
 		select {
-		case err := <-ch:
+		case err := <-s.ch:
 			return err
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-	}, nil
+	}}, nil
 }
 
 // waitQueued waits until n events were queued.
@@ -70,9 +76,10 @@ func (a *asyncConsumer) waitQueued(t *testing.T, n int) {
 // finish settles the i-th queued event (0-based) with err.
 func (a *asyncConsumer) finish(i int, err error) {
 	a.mu.Lock()
-	ch := a.settle[i]
+	s := a.settle[i]
 	a.mu.Unlock()
-	ch <- err
+	s.ch <- err
+	close(s.done)
 }
 
 func startAsync(t *testing.T, devs []dev) (*testBroker, *asyncConsumer) {
