@@ -38,7 +38,7 @@ func newMetrics(l *Log, reg prometheus.Registerer) (*metrics, error) {
 		}),
 		commitDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "edgegate_buffer_commit_duration_seconds",
-			Help:    "Duration of one commit transaction, fsync included in fsync mode.",
+			Help:    "Duration of one commit transaction: from its first event to the end of the commit, the appends it takes in while open and the fsync (in fsync mode) included.",
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
 		}),
 		fsyncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
