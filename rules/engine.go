@@ -22,6 +22,10 @@ import (
 // ErrRunning is returned by Run when the engine is already running.
 var ErrRunning = errors.New("rules: engine is already running")
 
+// ErrEvalPanic marks the evaluation error of a rule whose handling of an event panicked; the panic is contained
+// to that rule and that event.
+var ErrEvalPanic = errors.New("rules: evaluation panicked")
+
 // reloadSettle is how long the watcher waits after the last change of a rule file before reloading (editors
 // write a file in several steps).
 const reloadSettle = 250 * time.Millisecond

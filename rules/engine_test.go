@@ -577,3 +577,47 @@ rules:
 		t.Fatalf("queue_dropped_total = %v", got)
 	}
 }
+
+// panicStore panics on Set for the device "boom".
+type panicStore struct{ orderStore }
+
+func (s *panicStore) Set(device, key string, value any) {
+	if device == "boom" {
+		panic("state store fault")
+	}
+	s.orderStore.Set(device, key, value)
+}
+
+// A panic while a rule handles an event (here in its state action, evaluated inline on the submitter's
+// goroutine) is that rule's evaluation error: the engine keeps evaluating the next events.
+func TestEngineContainsPanics(t *testing.T) {
+	dir := writeRules(t, map[string]string{"p.yaml": `
+rules:
+  - name: record
+    on: tick
+    actions: [{state: {device: '{{ event.subject }}', key: i, value: '{{ data.i }}'}}]
+`})
+	cfg := DefaultConfig()
+	cfg.Dir = dir
+	no := false
+	cfg.Watch = &no
+	store := &panicStore{orderStore{seen: map[string][]int{}}}
+	e, err := New(cfg, Deps{State: store, Clock: NewSimClock(t0)}, nil, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	startEngine(t, e)
+	for i, dev := range []string{"ok", "boom", "ok", "boom", "ok"} {
+		done := make(chan bool, 1)
+		go func() { done <- e.Submit(newEvent("tick", dev, t0, map[string]any{"i": i})) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("Submit %d did not return: the engine is stuck", i)
+		}
+	}
+	waitFor(t, 5*time.Second, "the good events evaluated", func() bool { return store.total() == 3 })
+	if got := testutil.ToFloat64(e.met.errors.WithLabelValues("record")); got != 2 {
+		t.Fatalf("errors_total{record} = %v, want 2", got)
+	}
+}

@@ -227,6 +227,18 @@ func (m *machine) handle(ev *event.Event, now time.Time) {
 	}
 }
 
+// contain turns a panic while r handles ev (a fault in an action's dependency, or a bug) into an evaluation
+// error of r: the event goes on to the other rules, and the engine's lock is released as usual. It is deferred.
+func (m *machine) contain(r *rule, ev *event.Event) {
+	if p := recover(); p != nil {
+		if ev == nil {
+			e := event.New()
+			ev = &e
+		}
+		m.fail(r, ev, fmt.Errorf("%w: %v", ErrEvalPanic, p))
+	}
+}
+
 func (m *machine) fail(r *rule, ev *event.Event, err error) {
 	if m.met != nil {
 		m.met.rule(r).errors.Inc()
@@ -273,6 +285,7 @@ func (c *evalCtx) check(mt *matcher) (string, error) {
 }
 
 func (m *machine) evalRule(r *rule, c *evalCtx) {
+	defer m.contain(r, c.ev)
 	if m.met != nil {
 		m.met.rule(r).evaluated.Inc()
 	}
@@ -652,6 +665,11 @@ func (m *machine) fireNext(now time.Time) bool {
 func (m *machine) fireTimer(it *timerItem) {
 	st := it.st
 	r := st.rule
+	var cause *event.Event
+	if pend, ok := st.pending[it.key]; ok {
+		cause = pend.ev
+	}
+	defer m.contain(r, cause)
 	switch it.kind {
 	case timerAbsence, timerSequence:
 		pend, ok := st.pending[it.key]
