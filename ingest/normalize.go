@@ -1,19 +1,20 @@
 package ingest
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"math"
 	"mime"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 	"unsafe"
 
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/cloudevents/sdk-go/v2/types"
-	"github.com/google/uuid"
 )
 
 // Message is one accepted PUBLISH.
@@ -127,6 +128,7 @@ type Normalizer struct {
 	connected string // presence types, with the prefix
 	discon    string
 	newID     func(*[36]byte) // writes a new id; replaced by tests
+	ids       idGen
 	sources   sourceCache
 }
 
@@ -147,9 +149,9 @@ func NewNormalizer(gatewayID string, cfg NormalizeConfig) (*Normalizer, error) {
 		srcPrefix: "/gateways/" + gatewayID + "/devices/",
 		connected: cfg.TypePrefix + "device.connected",
 		discon:    cfg.TypePrefix + "device.disconnected",
-		newID:     newUUIDv7,
 		sources:   sourceCache{max: maxCachedSources},
 	}
+	n.newID = n.ids.next
 	if n.timeField == "-" {
 		n.timeField = ""
 	}
@@ -159,10 +161,31 @@ func NewNormalizer(gatewayID string, cfg NormalizeConfig) (*Normalizer, error) {
 	return n, nil
 }
 
-// newUUIDv7 writes a new UUIDv7 in its canonical string form (as uuid.UUID.String). The uuid package keeps
-// them strictly increasing within the process. It reads crypto/rand, which does not fail.
-func newUUIDv7(dst *[36]byte) {
-	u := uuid.Must(uuid.NewV7())
+// idGen makes UUIDv7 event ids (RFC 9562): a millisecond timestamp, a 12-bit counter that keeps the ids of one
+// generator strictly increasing (within a millisecond too), and 62 random bits from crypto/rand, which does not
+// fail. It needs no lock and no allocation.
+type idGen struct {
+	last atomic.Uint64 // ms<<12 | counter, of the last id made
+}
+
+// next writes a new id in its canonical string form (as uuid.UUID.String).
+func (g *idGen) next(dst *[36]byte) {
+	now := uint64(time.Now().UnixMilli()) << 12
+	var v uint64
+	for {
+		last := g.last.Load()
+		v = max(now, last+1) // more than 4096 ids in a millisecond borrow from the next one
+		if g.last.CompareAndSwap(last, v) {
+			break
+		}
+	}
+	var u [16]byte
+	_, _ = rand.Read(u[8:])
+	ms := v >> 12
+	u[0], u[1], u[2], u[3], u[4], u[5] = byte(ms>>40), byte(ms>>32), byte(ms>>24), byte(ms>>16), byte(ms>>8), byte(ms)
+	u[6] = 0x70 | byte(v>>8)&0x0f // version 7, counter high bits
+	u[7] = byte(v)
+	u[8] = 0x80 | u[8]&0x3f // variant 10
 	const hex = "0123456789abcdef"
 	j := 0
 	for i, c := range u {

@@ -385,9 +385,10 @@ func TestNormalizeIDs(t *testing.T) {
 	const count = 100_000
 	var prev [36]byte
 	seen := make(map[[36]byte]bool, count)
+	var g idGen
 	for i := range count {
 		var id [36]byte
-		newUUIDv7(&id)
+		g.next(&id)
 		if seen[id] {
 			t.Fatalf("id %s repeated after %d ids", id[:], i)
 		}
