@@ -360,7 +360,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			h.b.log.Debug("publish refused: rate limit", "device_id", st.device.id, "topic", pk.TopicName)
 			if pipelined {
 				h.ackerOf(cl, st).jobs <- ackJob{id: pk.PacketID, refuse: true, code: packets.ErrMessageRateTooHigh}
-				return pk, packets.ErrRejectPacket
+				return handled(pk)
 			}
 			return pk, refuse(st.version, qos, packets.ErrMessageRateTooHigh)
 		}
@@ -388,12 +388,12 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		h.b.deps.DeadLetters.DeadLetter(reason, detail, st.device.id, pk.TopicName, pk.Payload)
 		// Kept as a dead letter: acknowledged, and routed to local subscribers as any MQTT message.
 		if pipelined {
-			return pk, h.publishPipelined(cl, st, pk, nil, ac)
+			return h.publishPipelined(cl, st, pk, nil, ac)
 		}
 		return pk, nil
 	}
 	if pipelined {
-		return pk, h.publishPipelined(cl, st, pk, &res, ac)
+		return h.publishPipelined(cl, st, pk, &res, ac)
 	}
 	if err := h.b.deps.Consumer.Consume(*h.b.ctx.Load(), res, qos > 0); err != nil {
 		reason := "error"

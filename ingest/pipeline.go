@@ -176,8 +176,8 @@ func writeAcks(cl *mqtt.Client, b []byte) {
 
 // publishPipelined handles a QoS 1 publish when the consumer is an AsyncConsumer: the event is queued now, the
 // message goes to local subscribers now, and the PUBACK follows in order once the event is durable. mochi is
-// told to do nothing more with the packet.
-func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Packet, res *Result, ac AsyncConsumer) error {
+// told to do nothing more with the packet (see handled).
+func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Packet, res *Result, ac AsyncConsumer) (packets.Packet, error) {
 	a := h.ackerOf(cl, st)
 	job := ackJob{id: pk.PacketID}
 	if res != nil {
@@ -191,7 +191,7 @@ func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Pac
 			h.b.m.rejected.WithLabelValues(reason).Inc()
 			h.b.log.Debug("event not accepted: no acknowledgement", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
 			a.jobs <- job
-			return packets.ErrRejectPacket
+			return handled(pk)
 		}
 		h.b.m.events.Inc()
 		job.wait, job.done = d.Wait, d.Done
@@ -201,5 +201,15 @@ func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Pac
 		h.b.log.Debug("local delivery failed", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
 	}
 	a.jobs <- job
-	return packets.ErrRejectPacket
+	return handled(pk)
+}
+
+// handled tells mochi that a publish needs nothing more from it: no PUBACK (the acker writes it), no retained
+// message and no delivery (publishPipelined did both). mochi does nothing for an ignored QoS 0 message. This
+// is what packets.ErrRejectPacket means too, but mochi logs a rejection at debug level with the whole packet,
+// which costs an allocation of the packet for every publish even when debug logging is off.
+func handled(pk packets.Packet) (packets.Packet, error) {
+	pk.FixedHeader.Qos = 0
+	pk.Ignore = true
+	return pk, nil
 }
