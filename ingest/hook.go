@@ -46,8 +46,11 @@ type hook struct {
 
 	mu      sync.Mutex
 	devices map[string]*deviceState
-	pending atomic.Int64   // commands waiting for an acknowledgement
-	ackers  sync.WaitGroup // running ackers (pipeline.go)
+	pending atomic.Int64 // commands waiting for an acknowledgement
+	// subscribed is set by the first SUBSCRIBE and stays set: until then no client can receive a message, so
+	// pipelined publishes skip local delivery (see publishPipelined).
+	subscribed atomic.Bool
+	ackers     sync.WaitGroup // running ackers (pipeline.go)
 
 	messagesIn [3]prometheus.Counter // edgegate_ingest_messages_total by QoS, resolved once
 }
@@ -209,6 +212,7 @@ const (
 // new filters beyond maxSubscriptions and maxSubscriptionBytes: it blanks them, which mochi answers as an invalid
 // filter (0x8F; 0x80 on MQTT 3.1.1).
 func (h *hook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	h.subscribed.Store(true)
 	st := h.state(cl)
 	if st == nil {
 		return pk

@@ -196,9 +196,12 @@ func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Pac
 		h.b.m.events.Inc()
 		job.wait, job.done = d.Wait, d.Done
 	}
-	// Local subscribers (and the retained store) get the message as mochi would have delivered it.
-	if err := h.b.srv.Publish(pk.TopicName, pk.Payload, pk.FixedHeader.Retain, pk.FixedHeader.Qos); err != nil {
-		h.b.log.Debug("local delivery failed", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
+	// Local subscribers (and the retained store) get the message as mochi would have delivered it; while no
+	// client ever subscribed, only a retained message needs mochi.
+	if pk.FixedHeader.Retain || h.subscribed.Load() {
+		if err := h.b.srv.Publish(pk.TopicName, pk.Payload, pk.FixedHeader.Retain, pk.FixedHeader.Qos); err != nil {
+			h.b.log.Debug("local delivery failed", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
+		}
 	}
 	a.jobs <- job
 	return handled(pk)

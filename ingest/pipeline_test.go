@@ -261,3 +261,46 @@ func TestRetainedMessages(t *testing.T) {
 		})
 	}
 }
+
+// Before any client subscribed, pipelined publishes skip local delivery; a retained one is still kept, and once a
+// client subscribes it gets both the retained message and the next publishes.
+func TestPipelinedDeliveryAfterFirstSubscriber(t *testing.T) {
+	tb, ac := startAsync(t, []dev{{id: "sensor-1"}, {id: "watcher", subscribe: []string{"devices/#"}}})
+	rc := dialRaw(t, tb.addr, 4)
+	rc.mustConnect("sensor-1")
+	rc.publish("devices/sensor-1/events/motion", 1, []byte(`{"n":1}`))
+	rc.nextID++
+	rc.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1, Retain: true},
+		TopicName: "devices/sensor-1/events/mode", Payload: []byte(`{"mode":"eco"}`), PacketID: rc.nextID})
+	ac.waitQueued(t, 2)
+	ac.finish(0, nil)
+	ac.finish(1, nil)
+	rc.expect(packets.Puback)
+	rc.expect(packets.Puback)
+
+	got := make(chan string, 10)
+	w, err := pahoConnect(t, "tcp://"+tb.addr, pahoOpts{user: "watcher", pass: password("watcher")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tok := w.Subscribe("devices/sensor-1/#", 1, func(_ paho.Client, m paho.Message) {
+		got <- m.Topic() + " " + string(m.Payload())
+	}); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	rc.publish("devices/sensor-1/events/motion", 1, []byte(`{"n":2}`))
+	ac.waitQueued(t, 1)
+	ac.finish(2, nil)
+	want := map[string]bool{`devices/sensor-1/events/mode {"mode":"eco"}`: true, `devices/sensor-1/events/motion {"n":2}`: true}
+	for len(want) > 0 {
+		select {
+		case m := <-got:
+			if !want[m] {
+				t.Fatalf("subscriber got %q, want one of %v", m, want)
+			}
+			delete(want, m)
+		case <-time.After(waitTimeout):
+			t.Fatalf("subscriber did not get %v", want)
+		}
+	}
+}
