@@ -164,9 +164,10 @@ func TestPipelinedRefusal(t *testing.T) {
 	}
 }
 
-// Local subscribers get a pipelined message (once), and a dead letter is acknowledged in its turn.
-func TestPipelinedLocalDeliveryAndDeadLetter(t *testing.T) {
-	tb, ac := startAsync(t, []dev{{id: "sensor-1"}, {id: "watcher", subscribe: []string{"devices/#"}}})
+// watchSensor connects the device "watcher", subscribed to devices/sensor-1/#; each message it gets comes out of
+// the channel as "topic payload".
+func watchSensor(t *testing.T, tb *testBroker) <-chan string {
+	t.Helper()
 	got := make(chan string, 10)
 	w, err := pahoConnect(t, "tcp://"+tb.addr, pahoOpts{user: "watcher", pass: password("watcher")})
 	if err != nil {
@@ -177,6 +178,13 @@ func TestPipelinedLocalDeliveryAndDeadLetter(t *testing.T) {
 	}); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
 		t.Fatalf("subscribe: %v", tok.Error())
 	}
+	return got
+}
+
+// Local subscribers get a pipelined message (once), and a dead letter is acknowledged in its turn.
+func TestPipelinedLocalDeliveryAndDeadLetter(t *testing.T) {
+	tb, ac := startAsync(t, []dev{{id: "sensor-1"}, {id: "watcher", subscribe: []string{"devices/#"}}})
+	got := watchSensor(t, tb)
 
 	rc := dialRaw(t, tb.addr, 5)
 	rc.mustConnect("sensor-1")
@@ -278,16 +286,7 @@ func TestPipelinedDeliveryAfterFirstSubscriber(t *testing.T) {
 	rc.expect(packets.Puback)
 	rc.expect(packets.Puback)
 
-	got := make(chan string, 10)
-	w, err := pahoConnect(t, "tcp://"+tb.addr, pahoOpts{user: "watcher", pass: password("watcher")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if tok := w.Subscribe("devices/sensor-1/#", 1, func(_ paho.Client, m paho.Message) {
-		got <- m.Topic() + " " + string(m.Payload())
-	}); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
-		t.Fatalf("subscribe: %v", tok.Error())
-	}
+	got := watchSensor(t, tb)
 	rc.publish("devices/sensor-1/events/motion", 1, []byte(`{"n":2}`))
 	ac.waitQueued(t, 1)
 	ac.finish(2, nil)

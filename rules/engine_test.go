@@ -526,26 +526,33 @@ func (s *orderStore) total() int {
 	return s.n
 }
 
-// Events are evaluated at once on the submitter's goroutine when the engine is idle and queued when it is
-// busy; either way each submitter's events are evaluated exactly once and in the order it submitted them.
-func TestEngineSubmitKeepsOrderInlineAndQueued(t *testing.T) {
-	dir := writeRules(t, map[string]string{"order.yaml": `
+// startRecorder runs an engine with one rule, record, that sets state key i of each tick's subject to its
+// data.i in store.
+func startRecorder(t *testing.T, store StateStore) *Engine {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"record.yaml": `
 rules:
   - name: record
     on: tick
     actions: [{state: {device: '{{ event.subject }}', key: i, value: '{{ data.i }}'}}]
 `})
-	cfg := DefaultConfig()
-	cfg.Dir = dir
 	cfg.QueueSize = 100000
 	no := false
 	cfg.Watch = &no
-	store := &orderStore{seen: map[string][]int{}}
 	e, err := New(cfg, Deps{State: store, Clock: NewSimClock(t0)}, nil, prometheus.NewRegistry())
 	if err != nil {
 		t.Fatal(err)
 	}
 	startEngine(t, e)
+	return e
+}
+
+// Events are evaluated at once on the submitter's goroutine when the engine is idle and queued when it is
+// busy; either way each submitter's events are evaluated exactly once and in the order it submitted them.
+func TestEngineSubmitKeepsOrderInlineAndQueued(t *testing.T) {
+	store := &orderStore{seen: map[string][]int{}}
+	e := startRecorder(t, store)
 	const submitters, events = 4, 3000
 	var wg sync.WaitGroup
 	for s := range submitters {
@@ -591,22 +598,8 @@ func (s *panicStore) Set(device, key string, value any) {
 // A panic while a rule handles an event (here in its state action, evaluated inline on the submitter's
 // goroutine) is that rule's evaluation error: the engine keeps evaluating the next events.
 func TestEngineContainsPanics(t *testing.T) {
-	dir := writeRules(t, map[string]string{"p.yaml": `
-rules:
-  - name: record
-    on: tick
-    actions: [{state: {device: '{{ event.subject }}', key: i, value: '{{ data.i }}'}}]
-`})
-	cfg := DefaultConfig()
-	cfg.Dir = dir
-	no := false
-	cfg.Watch = &no
 	store := &panicStore{orderStore{seen: map[string][]int{}}}
-	e, err := New(cfg, Deps{State: store, Clock: NewSimClock(t0)}, nil, prometheus.NewRegistry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	startEngine(t, e)
+	e := startRecorder(t, store)
 	for i, dev := range []string{"ok", "boom", "ok", "boom", "ok"} {
 		done := make(chan bool, 1)
 		go func() { done <- e.Submit(newEvent("tick", dev, t0, map[string]any{"i": i})) }()
