@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/rand"
 	"encoding/base64"
@@ -10,12 +9,12 @@ import (
 	"os"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/edgegate/edgegate/devices"
+	"github.com/edgegate/edgegate/internal/passwordfile"
 )
 
 // loadDevices reads the simulated devices from a registry file: ids, kinds and rooms from the registry, the
@@ -28,7 +27,7 @@ func loadDevices(registry, passwordFile string) ([]simDevice, error) {
 	}
 	var pw map[string]string
 	if passwordFile != "" {
-		if pw, err = readPasswords(passwordFile); err != nil {
+		if pw, err = passwordfile.Read(passwordFile); err != nil {
 			return nil, err
 		}
 	}
@@ -52,30 +51,6 @@ func loadDevices(registry, passwordFile string) ([]simDevice, error) {
 		return nil, fmt.Errorf("%s: no motion-sensor, light or thermometer devices", registry)
 	}
 	return out, nil
-}
-
-// readPasswords reads a password file: one "id password" per line; blank lines and lines starting with # are
-// skipped.
-func readPasswords(path string) (map[string]string, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("password file: %w", err)
-	}
-	pw := map[string]string{}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for n := 1; sc.Scan(); n++ {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		id, p, ok := strings.Cut(line, " ")
-		p = strings.TrimSpace(p)
-		if !ok || p == "" {
-			return nil, fmt.Errorf("%s:%d: want \"id password\"", path, n)
-		}
-		pw[id] = p
-	}
-	return pw, sc.Err()
 }
 
 // generatedDevices returns n devices of the given kinds with generated ids, in rooms of one of each kind,

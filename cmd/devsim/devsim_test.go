@@ -16,6 +16,7 @@ import (
 	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/gateway"
 	"github.com/edgegate/edgegate/ingest"
+	"github.com/edgegate/edgegate/internal/passwordfile"
 )
 
 // startGateway runs an in-process gateway on free ports with the given registry and the reference rules.
@@ -122,7 +123,7 @@ func TestGenDevicesRegistryLoadsAndConnects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pw, err := readPasswords(reg + ".passwords")
+	pw, err := passwordfile.Read(reg + ".passwords")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,14 +3,12 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/url"
-	"os"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -18,6 +16,8 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/edgegate/edgegate/internal/passwordfile"
 )
 
 // probeDevices are the sensor and the light of the one-room registry the probe uses (devsim gen-devices 2
@@ -45,7 +45,7 @@ type commandSeen struct {
 func (h *harness) probeOnce(ctx context.Context, system, reg, pwFile, rulesDir string, n int,
 	gap time.Duration) (Sample, error) {
 	var smp Sample
-	passwords, err := readPasswords(pwFile)
+	passwords, err := passwordfile.Read(pwFile)
 	if err != nil {
 		return smp, err
 	}
@@ -201,28 +201,4 @@ func parseCommandLine(line string) (commandSeen, bool) {
 		return commandSeen{}, false
 	}
 	return commandSeen{ts: ts, at: time.Unix(s, ns)}, true
-}
-
-// readPasswords reads a devsim password file: lines "id password", # comments.
-func readPasswords(path string) (map[string]string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("passwords: %w", err)
-	}
-	defer f.Close()
-	out := map[string]string{}
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		if id, pw, ok := strings.Cut(line, " "); ok {
-			out[id] = strings.TrimSpace(pw)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("passwords: %w", err)
-	}
-	return out, nil
 }
