@@ -422,17 +422,17 @@ func (s engineSink) command(r *rule, cause *event.Event, device, command string,
 	e := s.e
 	job := commandJob{rule: r, cause: cause.ID(), device: device, command: command, payload: payload}
 	// Commands are queued with e.mu held only, so room seen here is room when the job is queued.
-	if cs, ok := e.deps.Commander.(CommandSender); ok && len(e.cmds)+len(e.handoff) < cap(e.cmds) {
+	if len(e.cmds)+len(e.handoff) >= cap(e.cmds) {
+		e.met.action(r, actCommand, "dropped")
+		e.undelivered(job, "command queue full")
+		return
+	}
+	if cs, ok := e.deps.Commander.(CommandSender); ok {
 		if wait, err := cs.SendCommand(device, command, payload); err == nil {
 			job.sent = wait
 			e.handoff = append(e.handoff, job)
 			return
 		}
-	}
-	if len(e.cmds)+len(e.handoff) >= cap(e.cmds) {
-		e.met.action(r, actCommand, "dropped")
-		e.undelivered(job, "command queue full")
-		return
 	}
 	e.cmds <- job // room checked above
 }

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -500,23 +502,24 @@ func TestEngineRunTwice(t *testing.T) {
 	}
 }
 
-// orderStore records, per device, the values set in order; every 64th Set is slow, so that submitters find
-// the engine busy and queue their events while others are evaluated inline.
+// orderStore records, per device, the values set in order. When hold is set, every 64th Set calls it (outside
+// mu), while the engine is evaluating: the test keeps the engine busy there until submitters queue behind it.
 type orderStore struct {
 	mu   sync.Mutex
 	n    int
 	seen map[string][]int
+	hold func()
 }
 
 func (s *orderStore) Set(device, key string, value any) {
 	s.mu.Lock()
 	s.n++
-	slow := s.n%64 == 0
+	hold := s.hold != nil && s.n%64 == 0
 	v, _ := value.(float64)
 	s.seen[device] = append(s.seen[device], int(v))
 	s.mu.Unlock()
-	if slow {
-		time.Sleep(200 * time.Microsecond)
+	if hold {
+		s.hold()
 	}
 }
 func (s *orderStore) Get(string) (map[string]any, bool) { return nil, false }
@@ -554,9 +557,26 @@ func TestEngineSubmitKeepsOrderInlineAndQueued(t *testing.T) {
 	store := &orderStore{seen: map[string][]int{}}
 	e := startRecorder(t, store)
 	const submitters, events = 4, 3000
+	var submitting, queuedBehind atomic.Int32
+	submitting.Store(submitters)
+	store.hold = func() {
+		// Busy evaluating: wait until another submitter has queued an event (or all are done), within 5s.
+		deadline := time.Now().Add(5 * time.Second)
+		for e.queued.Load() == 0 && submitting.Load() > 0 {
+			if time.Now().After(deadline) {
+				t.Error("no event was queued while the engine was busy for 5s")
+				return
+			}
+			runtime.Gosched()
+		}
+		if e.queued.Load() > 0 {
+			queuedBehind.Add(1)
+		}
+	}
 	var wg sync.WaitGroup
 	for s := range submitters {
 		wg.Go(func() {
+			defer submitting.Add(-1)
 			for i := range events {
 				ev := newEvent("tick", fmt.Sprintf("d%d", s), t0, map[string]any{"i": i})
 				if !e.Submit(ev) {
@@ -582,6 +602,9 @@ func TestEngineSubmitKeepsOrderInlineAndQueued(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(e.met.dropped); got != 0 {
 		t.Fatalf("queue_dropped_total = %v", got)
+	}
+	if queuedBehind.Load() == 0 {
+		t.Fatal("no event was ever queued behind a busy engine: only the inline path was exercised")
 	}
 }
 

@@ -665,17 +665,13 @@ func (m *machine) fireNext(now time.Time) bool {
 func (m *machine) fireTimer(it *timerItem) {
 	st := it.st
 	r := st.rule
-	var cause *event.Event
-	if pend, ok := st.pending[it.key]; ok {
-		cause = pend.ev
-	}
-	defer m.contain(r, cause)
 	switch it.kind {
 	case timerAbsence, timerSequence:
 		pend, ok := st.pending[it.key]
 		if !ok || pend.timer != it {
 			return
 		}
+		defer m.contain(r, pend.ev)
 		delete(st.pending, it.key)
 		if it.kind == timerSequence {
 			m.note(r, "sequence expired for key %q: no %s within %s of %s", it.key, r.pair.b.typeDesc(), r.pair.within, pend.ev.Type())
@@ -684,6 +680,7 @@ func (m *machine) fireTimer(it *timerItem) {
 		m.note(r, "absence fired for key %q: no %s within %s after %s %s", it.key, r.pair.b.typeDesc(), r.pair.within, pend.ev.Type(), pend.ev.ID())
 		m.fire(st, m.newCtx(pend.ev, it.at), it.key)
 	case timerWindowClose:
+		defer m.contain(r, nil)
 		m.closeWindows(st, it.at)
 	}
 }
