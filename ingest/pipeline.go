@@ -92,18 +92,18 @@ func stopAcker(st *clientState) {
 func (h *hook) runAcker(cl *mqtt.Client, version byte, a *acker) {
 	defer h.ackers.Done()
 	var batch []byte
-	var next *ackJob
+	var next ackJob // a job taken from jobs that was not ready yet: the first of the next batch
+	held := false
 	for {
 		j := next
-		next = nil
-		if j == nil {
-			jj, ok := <-a.jobs
-			if !ok {
+		if !held {
+			var ok bool
+			if j, ok = <-a.jobs; !ok {
 				return
 			}
-			j = &jj
 		}
-		batch = h.ack(cl, version, *j, batch[:0])
+		held = false
+		batch = h.ack(cl, version, j, batch[:0])
 	more:
 		for n := 1; n < maxAckBatch; n++ {
 			select {
@@ -113,7 +113,7 @@ func (h *hook) runAcker(cl *mqtt.Client, version byte, a *acker) {
 					return
 				}
 				if !jj.ready() {
-					next = &jj
+					next, held = jj, true
 					break more
 				}
 				batch = h.ack(cl, version, jj, batch)
