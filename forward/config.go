@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 )
@@ -73,8 +74,18 @@ type SinkConfig struct {
 	// acknowledged and not yet stored (default 256). After a reconnect, or a restart after a crash, at most this
 	// many events are sent again.
 	Window int `yaml:"window"`
-	// RateLimit caps the events sent per second (0, the default: no cap).
+	// RateLimit caps the events sent per second (0, the default: no cap); the sink's priority lanes share it.
 	RateLimit float64 `yaml:"rate_limit"`
+	// PriorityLanes, when set, sends higher-priority events first: each number (1-9) starts a lane that
+	// carries the events of at least that priority and below the next higher lane's, on a connection and
+	// through a cursor of its own ("sink:<name>@p<n>"), so they never wait behind a backlog of lower-priority
+	// events. The sink itself carries the priorities below its lowest lane. Order is kept within a lane: per
+	// device, the events of one lane arrive in order. Every event is still carried once, and the sink's cursor
+	// passes an event of a lane only after that lane has carried it, so adding, changing or removing lanes
+	// later loses nothing (a change may send some events again). With MQTT, a lane's client id is the sink's
+	// with "-p<n>" appended; only the sink itself subscribes to commands. Empty (the default): one connection,
+	// every event in log order.
+	PriorityLanes []int `yaml:"priority_lanes"`
 	// AckTimeout is how long the sink waits for an acknowledgement while events are in flight before it
 	// declares the upstream stalled, drops the connection and reconnects (default 10s).
 	AckTimeout time.Duration `yaml:"ack_timeout"`
@@ -192,6 +203,39 @@ func (s *Secret) UnmarshalText(b []byte) error { *s = Secret(b); return nil }
 // CursorName is the name of the log cursor a sink reads with.
 func CursorName(sink string) string { return "sink:" + sink }
 
+// LaneName is the name of a sink's priority lane starting at priority lo: "<sink>@p<lo>". It names the
+// lane in health, metrics and its log cursor.
+func LaneName(sink string, lo uint8) string { return fmt.Sprintf("%s@p%d", sink, lo) }
+
+// lane returns the configuration of the sink's lane starting at priority lo: the sink's, with its own MQTT
+// client id (the sink's with "-p<lo>" appended).
+func (c SinkConfig) lane(gatewayID string, lo uint8) SinkConfig {
+	if c.MQTT != nil {
+		m := *c.MQTT
+		if m.ClientID == "" {
+			m.ClientID = mqttClientID(gatewayID, c.Name)
+		}
+		m.ClientID += fmt.Sprintf("-p%d", lo)
+		c.MQTT = &m
+	}
+	c.PriorityLanes = nil
+	return c
+}
+
+// maxPriority is the highest event priority (priorities go from 0, the lowest, to 9).
+const maxPriority = 9
+
+// lanes returns the lower bounds of the sink's priority lanes, highest first.
+func (c SinkConfig) lanes() []uint8 {
+	out := make([]uint8, 0, len(c.PriorityLanes))
+	for _, p := range c.PriorityLanes {
+		out = append(out, uint8(p))
+	}
+	slices.Sort(out)
+	slices.Reverse(out)
+	return slices.Compact(out)
+}
+
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 // withDefaults fills the zero fields of a sink's configuration.
@@ -299,6 +343,14 @@ func (c SinkConfig) validate(key string) error {
 	}
 	if c.RateLimit < 0 {
 		add("%s.rate_limit: must be >= 0, got %g", key, c.RateLimit)
+	}
+	for i, p := range c.PriorityLanes {
+		switch {
+		case p < 1 || p > maxPriority:
+			add("%s.priority_lanes[%d]: %d is not a priority from 1 to %d", key, i, p, maxPriority)
+		case slices.Contains(c.PriorityLanes[:i], p):
+			add("%s.priority_lanes[%d]: %d is listed twice", key, i, p)
+		}
 	}
 	for _, d := range []struct {
 		name string

@@ -65,6 +65,14 @@ func describe(s SinkConfig) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "- %s (%s) types=%v batch=%d window=%d rate=%g ack_timeout=%s backoff=%s..%s cursor=%s\n",
 		s.Name, s.Type, s.Types, s.BatchSize, s.Window, s.RateLimit, s.AckTimeout, s.BackoffMin, s.BackoffMax, CursorName(s.Name))
+	for _, lo := range s.lanes() {
+		l := s.lane("gw1", lo)
+		fmt.Fprintf(&b, "  lane %s cursor=%s", LaneName(s.Name, lo), CursorName(LaneName(s.Name, lo)))
+		if l.MQTT != nil {
+			fmt.Fprintf(&b, " client_id=%s", l.MQTT.ClientID)
+		}
+		fmt.Fprintln(&b)
+	}
 	switch {
 	case s.MQTT != nil:
 		fmt.Fprintf(&b, "  mqtt %+v", *s.MQTT)

@@ -15,8 +15,20 @@
 // (JetStream does so by Nats-Msg-Id).
 //
 // Order: a sink sends in log order on one connection, so the events of one device (subject) arrive in order; a
-// reconnect may repeat events already sent, never bring a newer one before an older one. Priority affects
-// retention in the log only, not the order of sending.
+// reconnect may repeat events already sent, never bring a newer one before an older one.
+//
+// # Priority lanes
+//
+// By default priority affects retention in the log only. A sink with priority_lanes sends higher-priority
+// events first: each lane (e.g. priority_lanes: [5] makes "cloud@p5", for priorities 5 to 9) reads the log
+// through a cursor of its own ("sink:cloud@p5") and sends its events on a connection of its own, while the
+// sink itself ("cloud") carries the lower priorities. After an outage an alarm therefore goes out at once
+// instead of after the backlog of telemetry queued before it. Order holds within a lane; across lanes a newer
+// high-priority event may arrive before an older low-priority one of the same device. The sink's cursor
+// passes an event of a lane only once the lane has carried it (the sink goes on sending its own events, up
+// to its window, meanwhile), so its cursor always means "everything before this went upstream": lanes can be
+// added, changed or removed between runs without losing an event; a change may send some again. The lanes
+// share the sink's rate_limit and appear in health and the metrics under their own names.
 //
 // A connection that has events in flight and receives no acknowledgement within ack_timeout is declared
 // stalled (health, edgegate_forward_stalled, a log line), dropped and replaced.
@@ -40,6 +52,7 @@
 //	      type: mqtt
 //	      types: ["sensor.*", door.opened]   # optional filter
 //	      window: 256                 # events in flight
+//	      priority_lanes: [5]         # optional: priorities 5-9 go first, on a connection of their own
 //	      ack_timeout: 10s            # stall detection
 //	      mqtt:
 //	        url: ssl://broker.example.com:8883

@@ -123,7 +123,13 @@ func New(cfg Config, gatewayID string, src Source, cmds CommandSink, dl DeadLett
 	}
 	f := &Forwarder{metrics: m, log: log, rateEvery: time.Second}
 	for _, sc := range cfg.Sinks {
-		s, err := newSink(sc.withDefaults(), gatewayID, src, cmds, dl, log.With("sink", sc.Name), m)
+		sc = sc.withDefaults()
+		lanes := sc.lanes()
+		hi := uint8(maxPriority + 1)
+		if len(lanes) > 0 {
+			hi = lanes[len(lanes)-1]
+		}
+		s, err := newSink(sc, sc.Name, 0, hi, gatewayID, src, cmds, dl, log.With("sink", sc.Name), m)
 		if err != nil {
 			return nil, fmt.Errorf("forward: sink %s: %w", sc.Name, err)
 		}
@@ -131,12 +137,31 @@ func New(cfg Config, gatewayID string, src Source, cmds CommandSink, dl DeadLett
 			return nil, fmt.Errorf("forward: sink %s: %w", sc.Name, err)
 		}
 		f.sinks = append(f.sinks, s)
+		if len(lanes) > 0 {
+			s.moved = make(chan struct{}, 1)
+		}
+		top := uint8(maxPriority + 1)
+		for _, lo := range lanes {
+			name := LaneName(sc.Name, lo)
+			ls, err := newSink(sc.lane(gatewayID, lo), name, lo, top, gatewayID, src, nil, dl, log.With("sink", name), m)
+			if err != nil {
+				return nil, fmt.Errorf("forward: sink %s: %w", name, err)
+			}
+			if err := m.addSink(reg, ls); err != nil {
+				return nil, fmt.Errorf("forward: sink %s: %w", name, err)
+			}
+			ls.lim, ls.base = s.lim, s.cursor
+			ls.pub = &lane{lo: lo, hi: top, notify: s.moved}
+			s.lanes = append(s.lanes, ls.pub)
+			f.sinks = append(f.sinks, ls)
+			top = lo
+		}
 	}
 	return f, nil
 }
 
-// CursorNames returns the log cursors of the sinks ("sink:<name>"); the log keeps an event until all of them
-// have passed it.
+// CursorNames returns the log cursors of the sinks and their priority lanes ("sink:<name>",
+// "sink:<name>@p<n>"); the log keeps an event until all of them have passed it.
 func (f *Forwarder) CursorNames() []string {
 	names := make([]string, len(f.sinks))
 	for i, s := range f.sinks {

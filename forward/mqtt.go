@@ -43,6 +43,10 @@ type mqttTransport struct {
 	bg sync.WaitGroup // publishers of closed connections that are still inside paho's Publish
 }
 
+// mqttClientID is the client id of a sink that does not set one: stable, so its persistent session survives
+// restarts.
+func mqttClientID(gatewayID, sink string) string { return "edgegate-" + gatewayID + "-" + sink }
+
 func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl DeadLetterer, log *slog.Logger) (*mqttTransport, error) {
 	mc := *cfg.MQTT
 	t := &mqttTransport{
@@ -57,7 +61,7 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 		sinkName:   cfg.Name,
 	}
 	if t.clientID == "" {
-		t.clientID = "edgegate-" + gatewayID + "-" + cfg.Name
+		t.clientID = mqttClientID(gatewayID, cfg.Name)
 	}
 	topic, err := parseTemplate(mc.Topic, eventFields, mqttTopicCheck)
 	if err != nil {

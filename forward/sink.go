@@ -77,7 +77,15 @@ type sink struct {
 	log               *slog.Logger
 	m                 sinkMetrics
 	filter            typeFilter
-	lim               *rate.Limiter // nil: no rate cap
+	lim               *rate.Limiter // nil: no rate cap; a sink's lanes share its limiter
+
+	// The priorities this sink carries: lo <= p < hi. A lane of a sink carries those of its own range and
+	// passes over the others; the sink itself leaves those of its lanes to them (see lane).
+	lo, hi uint8
+	lanes  []*lane       // the sink's lanes, highest first (none for a lane)
+	moved  chan struct{} // signalled when one of the sink's lanes moves its cursor
+	pub    *lane         // for a lane: where it publishes its cursor
+	base   string        // for a lane: the cursor of its sink, where a new lane starts
 
 	ackedCount atomic.Uint64 // events acknowledged, for the drain rate
 
@@ -110,17 +118,36 @@ type sinkState struct {
 	inFlight           int
 }
 
-func newSink(cfg SinkConfig, gatewayID string, src Source, cmds CommandSink, dl DeadLetterer, log *slog.Logger, m *metrics) (*sink, error) {
+// lane is a sink's priority lane as the sink sees it: the priorities it carries and how far its cursor is.
+type lane struct {
+	lo, hi uint8
+	done   atomic.Uint64 // the lane's cursor: every event of its priorities up to it is carried
+	notify chan struct{} // the sink's moved channel
+}
+
+// publish records the lane's cursor and tells its sink.
+func (l *lane) publish(done uint64) {
+	l.done.Store(done)
+	select {
+	case l.notify <- struct{}{}:
+	default:
+	}
+}
+
+// newSink builds a sink named name (cfg.Name, or a lane's name) carrying the priorities lo <= p < hi.
+func newSink(cfg SinkConfig, name string, lo, hi uint8, gatewayID string, src Source, cmds CommandSink, dl DeadLetterer, log *slog.Logger, m *metrics) (*sink, error) {
 	s := &sink{
-		name:   cfg.Name,
+		name:   name,
 		typ:    cfg.Type,
-		cursor: CursorName(cfg.Name),
+		cursor: CursorName(name),
 		cfg:    cfg,
 		src:    src,
 		dl:     dl,
 		log:    log,
-		m:      m.forSink(cfg.Name),
+		m:      m.forSink(name),
 		filter: newTypeFilter(cfg.Types),
+		lo:     lo,
+		hi:     hi,
 	}
 	var err error
 	switch cfg.Type {
@@ -145,6 +172,18 @@ func newSink(cfg SinkConfig, gatewayID string, src Source, cmds CommandSink, dl 
 // run connects, drains and reconnects with backoff until ctx ends.
 func (s *sink) run(ctx context.Context) error {
 	s.done = s.src.Cursor(s.cursor)
+	if s.pub != nil {
+		// The sink's cursor passes an event of a lane only once the lane carried it: a lane that is new, or
+		// behind its sink after a crash, starts where its sink is.
+		if b := s.src.Cursor(s.base); b > s.done {
+			if err := s.src.Ack(s.cursor, b); err != nil {
+				s.log.Warn("lane starts at its own cursor, not its sink's", "cursor", s.done, "sink_cursor", b, "error", err)
+			} else {
+				s.done = b
+			}
+		}
+		s.pub.publish(s.done)
+	}
 	s.handed = s.done
 	s.persisted = s.src.Persisted(s.cursor)
 	if s.done > s.persisted {
@@ -231,6 +270,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	defer s.setInFlight(0)
 	next := s.done // the last Seq read (sent or passed over)
 	var pending []Record
+	var held []heldEvent // events of the lanes the cursor waits for
 	s.forgetUnacked()
 	s.learnPersisted()
 
@@ -295,13 +335,18 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 		}
 
 		for len(pending) > 0 && s.unsavedN < s.cfg.Window {
-			if !s.filter.match(pending[0].Type) {
-				tr.skip(pending[0].Seq)
-				next, pending = pending[0].Seq, pending[1:]
+			if r := &pending[0]; !s.carries(r) {
+				if l := s.laneOf(r); l != nil && l.done.Load() < r.Seq {
+					tr.hold(r.Seq) // the cursor passes it once the lane has carried it
+					held = append(held, heldEvent{l, r.Seq})
+				} else {
+					tr.skip(r.Seq)
+				}
+				next, pending = r.Seq, pending[1:]
 				continue
 			}
 			n, limit := 1, min(s.tr.unitSize(), s.cfg.Window-s.unsavedN)
-			for n < len(pending) && n < limit && s.filter.match(pending[n].Type) {
+			for n < len(pending) && n < limit && s.carries(&pending[n]) {
 				n++
 			}
 			if s.lim != nil {
@@ -411,6 +456,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				res.err = errStalled
 				return res
 			}
+		case <-s.moved:
+			held = s.release(&tr, held)
+			s.advance(&tr)
 		case <-holdC:
 			holdC = nil
 		case <-ctx.Done():
@@ -418,6 +466,44 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			return res
 		}
 	}
+}
+
+// heldEvent is an event of a lane that the sink's cursor may pass only once the lane has carried it.
+type heldEvent struct {
+	lane *lane
+	seq  uint64
+}
+
+// carries reports whether the sink sends r: its type passes the filter and its priority is in the sink's range.
+func (s *sink) carries(r *Record) bool {
+	return r.Priority >= s.lo && r.Priority < s.hi && s.filter.match(r.Type)
+}
+
+// laneOf returns the lane of the sink that carries r, or nil (r is not carried by this sink's lanes, or this
+// sink is a lane).
+func (s *sink) laneOf(r *Record) *lane {
+	if !s.filter.match(r.Type) {
+		return nil
+	}
+	for _, l := range s.lanes {
+		if r.Priority >= l.lo && r.Priority < l.hi {
+			return l
+		}
+	}
+	return nil
+}
+
+// release lets the cursor pass the held events that their lanes have carried; it returns those still held.
+func (s *sink) release(tr *tracker, held []heldEvent) []heldEvent {
+	keep := held[:0]
+	for _, h := range held {
+		if h.lane.done.Load() >= h.seq {
+			tr.ack(h.seq, false)
+		} else {
+			keep = append(keep, h)
+		}
+	}
+	return keep
 }
 
 // finish waits a moment for the acknowledgements of events in flight when the sink stops, so fewer are sent
@@ -516,6 +602,9 @@ func (s *sink) learnPersisted() {
 func (s *sink) advance(tr *tracker) {
 	if tr.done > s.done {
 		s.done = tr.done
+		if s.pub != nil {
+			s.pub.publish(s.done)
+		}
 	}
 	s.mu.Lock()
 	s.st.cursor = s.done

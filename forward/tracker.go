@@ -36,6 +36,12 @@ func (t *tracker) push(recs []Record) {
 	t.unacked += len(recs)
 }
 
+// hold records an event this sink does not carry and its cursor may pass only later, when ack(seq) is called
+// (an event of one of its priority lanes, not carried by the lane yet).
+func (t *tracker) hold(seq uint64) {
+	t.q = append(t.q, unit{last: seq, upTo: seq})
+}
+
 // skip passes over an event this sink does not carry: the cursor moves past it with the units before it.
 func (t *tracker) skip(seq uint64) {
 	if t.empty() {
