@@ -23,7 +23,8 @@ func (m member) isNull() bool {
 }
 
 // objectMembers appends the top-level members of the JSON object b to dst, in document order, their values
-// raw. b must be valid JSON (json.Valid) whose first byte is '{'; the values alias b.
+// raw. b must be valid JSON (json.Valid) whose first byte is '{'; the values alias b. Given anything else that
+// starts with '{' it returns some members (or none) without panicking.
 func objectMembers(b []byte, dst []member) []member {
 	i := skipWS(b, 1)
 	if i < len(b) && b[i] == '}' {
@@ -31,6 +32,9 @@ func objectMembers(b []byte, dst []member) []member {
 	}
 	for i < len(b) {
 		end := skipString(b, i)
+		if end < i+2 {
+			return dst // not JSON: an unterminated name
+		}
 		key := b[i+1 : end-1]
 		if bytes.IndexByte(key, '\\') >= 0 || !utf8.Valid(key) {
 			// As encoding/json: escapes decoded, invalid UTF-8 replaced by U+FFFD.
@@ -40,7 +44,9 @@ func objectMembers(b []byte, dst []member) []member {
 			}
 			key = []byte(k)
 		}
-		i = skipWS(b, end)
+		if i = skipWS(b, end); i >= len(b) {
+			return dst // not JSON: a name without a value
+		}
 		i = skipWS(b, i+1) // past ':'
 		vend := skipValue(b, i)
 		dst = append(dst, member{key: key, raw: b[i:vend]})

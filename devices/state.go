@@ -79,7 +79,7 @@ type repField struct {
 func (f *repField) value() any {
 	if !f.decoded {
 		if err := json.Unmarshal(f.raw, &f.val); err != nil {
-			f.val = string(f.raw) // not reached: raw comes from a payload json.Valid accepted
+			f.val = string(f.raw) // not reached unless ApplyChecked was given data that is not JSON
 		}
 		f.decoded = true
 	}
@@ -103,6 +103,18 @@ func NewStateView() *StateView {
 // online (their data, which describes the connection, is not merged); the top-level fields of other events' JSON
 // object data are merged into reported. Events without a subject are ignored.
 func (s *StateView) Apply(ev *event.Event) {
+	s.apply(ev, false)
+}
+
+// ApplyChecked is Apply for an event whose data the caller has already checked: when the event's content type is
+// JSON, its data must be valid JSON (as json.Valid reports), and ApplyChecked does not check it again. Data that
+// breaks this promise may be merged as members other than a JSON decoder would find.
+func (s *StateView) ApplyChecked(ev *event.Event) {
+	s.apply(ev, true)
+}
+
+// apply implements Apply and ApplyChecked; checked skips the validation of JSON data.
+func (s *StateView) apply(ev *event.Event, checked bool) {
 	if ev == nil || ev.Subject() == "" {
 		return
 	}
@@ -115,7 +127,7 @@ func (s *StateView) Apply(ev *event.Event) {
 	var members []member
 	var size int
 	if isJSON(ev.DataContentType()) {
-		if data := bytes.TrimSpace(ev.Data()); len(data) > 0 && data[0] == '{' && json.Valid(data) {
+		if data := bytes.TrimSpace(ev.Data()); len(data) > 0 && data[0] == '{' && (checked || json.Valid(data)) {
 			members = objectMembers(data, membersBuf[:0])
 			size = len(data)
 		}
@@ -126,7 +138,9 @@ func (s *StateView) Apply(ev *event.Event) {
 	if last, ok := d.fields[KeyLastSeen].(time.Time); !ok || at.After(last) {
 		s.setField(d, KeyLastSeen, at)
 	}
-	s.setField(d, KeyLastEvent, typ)
+	if last, ok := d.fields[KeyLastEvent].(string); !ok || last != typ {
+		s.setField(d, KeyLastEvent, typ) // boxing the type allocates: skipped when it is the same
+	}
 	switch {
 	case isPresence(typ, PresenceConnected):
 		s.setField(d, KeyOnline, true)
@@ -287,15 +301,31 @@ func (s *StateView) merge(d *deviceState, members []member, incoming int) {
 		if d.reported == nil {
 			d.reported = make(map[string]*repField)
 		}
-		f := &repField{size: size}
-		if m.decoded {
-			f.val, f.decoded = m.val, true
-		} else {
-			f.raw = bytes.Clone(m.raw)
+		f := old
+		if f == nil {
+			f = &repField{}
+			d.reported[string(m.key)] = f
 		}
-		d.reported[string(m.key)] = f
+		// An existing field is updated in place: nothing outside the view holds its raw bytes or its decoded
+		// value (copy decodes and deep-copies), so they may be overwritten.
+		f.size = size
+		if m.decoded {
+			f.raw, f.val, f.decoded = nil, m.val, true
+		} else {
+			f.raw, f.val, f.decoded = reuseBytes(f.raw, m.raw), nil, false
+		}
 		d.repBytes += size - oldSize
 	}
+}
+
+// reuseBytes returns a copy of src, in buf's memory when it fits. A buffer more than twice as large as needed
+// (plus a little) is let go, so that the memory a device's fields hold stays near MaxReportedBytes even after a
+// field shrinks.
+func reuseBytes(buf, src []byte) []byte {
+	if cap(buf) > 2*len(src)+64 {
+		buf = nil
+	}
+	return append(buf[:0], src...)
 }
 
 // jsonSize estimates the size of v encoded as JSON (exact for ASCII strings without escapes, 8 bytes per number).

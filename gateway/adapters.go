@@ -47,7 +47,11 @@ func (c consumer) ConsumeAsync(ctx context.Context, r ingest.Result) (ingest.Dur
 
 // see shows the event to the state view and the rules as it enters the log's commit queue, and returns its entry.
 func (c consumer) see(r ingest.Result) buffer.Entry {
-	c.g.state.Apply(r.Event)
+	if r.DataJSON {
+		c.g.state.ApplyChecked(r.Event) // the normalizer validated the JSON data
+	} else {
+		c.g.state.Apply(r.Event)
+	}
 	// With the engine idle the rules run here, and their commands are written before the log writer is woken.
 	c.g.rules.Submit(r.Event)
 	return buffer.Entry{Data: r.JSON, Type: r.Event.Type(), Subject: r.Event.Subject(), Time: r.Event.Time(), Priority: r.Priority}

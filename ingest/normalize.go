@@ -36,6 +36,10 @@ type Result struct {
 	Priority uint8
 	// JSON is Event in CloudEvents JSON structured mode, encoded once with Event.MarshalJSON; the log stores it.
 	JSON []byte
+	// DataJSON reports that Event's data is JSON that the normalizer checked (valid JSON in UTF-8) and that its
+	// content type says JSON, so consumers need not validate it again. It is false for events without data,
+	// for other data (text, binary, JSON under a non-JSON content type) and for CloudEvents published as is.
+	DataJSON bool
 }
 
 // Dead-letter reasons: the values of DeadLetterError.Reason. The set is fixed, so the broker may use it as a
@@ -380,7 +384,11 @@ func (n *Normalizer) Normalize(m Message) (Result, error) {
 	if strings.TrimSpace(typ[mp.prefix:]) == "" {
 		return deadLetter(ReasonEmptyType, "mapping %s: the event type is blank", mp.name)
 	}
-	return n.newResult(typ, m.DeviceID, subject, dct, at, data, base64, mp.priority), nil
+	r := n.newResult(typ, m.DeviceID, subject, dct, at, data, base64, mp.priority)
+	// data is the payload scanJSON accepted, trimmed of JSON white space; its content type is JSON unless one
+	// given with the message names another type.
+	r.DataJSON = isJSON && (media == "" || jsonMedia)
+	return r, nil
 }
 
 // mediaType returns the media type of an MQTT 5 content type, lower case without parameters, or "" when it

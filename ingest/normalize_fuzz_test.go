@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -75,6 +76,13 @@ func FuzzNormalize(f *testing.F) {
 			json.Unmarshal(payload, &probe) == nil && probe.SpecVersion != nil
 		if !passthrough && !bytes.Equal(ev.Data(), trimJSONSpace(payload)) && !bytes.Equal(ev.Data(), payload) {
 			t.Fatalf("data %q is not the payload %q", ev.Data(), payload)
+		}
+		if r.DataJSON {
+			mt := mediaType(ev.DataContentType())
+			if passthrough || !json.Valid(ev.Data()) || !utf8.Valid(ev.Data()) ||
+				mt != event.ApplicationJSON && mt != event.TextJSON && !strings.HasSuffix(mt, "+json") {
+				t.Fatalf("DataJSON set for data %q of type %q (passthrough %v)", ev.Data(), ev.DataContentType(), passthrough)
+			}
 		}
 	})
 }

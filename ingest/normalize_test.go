@@ -694,3 +694,53 @@ func TestDeadLetterDetailBounded(t *testing.T) {
 		t.Errorf("detail (%d bytes) not bounded to one line: %q", len(dl.Detail), dl.Detail)
 	}
 }
+
+// Result.DataJSON is set exactly for data the normalizer checked as JSON under a JSON content type.
+func TestNormalizeDataJSON(t *testing.T) {
+	n := testNormalizer(t, NormalizeConfig{Mappings: []Mapping{
+		{Topic: "raw/{device}/#", Type: "raw.{rest}", Format: FormatBinary},
+		{Topic: "text/{device}/{type}", Type: "{type}", Format: FormatText},
+	}})
+	ce := `{"specversion":"1.0","id":"dev-1","source":"/hall","type":"room.entered","datacontenttype":"application/json",` +
+		`"data":{"room":"hall"}}`
+	cases := []struct {
+		name    string
+		topic   string
+		payload string
+		ct      string
+		want    bool
+	}{
+		{"json object", "devices/d/events/x", ` {"room":"hall","n":1} `, "", true},
+		{"json scalar", "devices/d/events/x", `21.5`, "", true},
+		{"json content type", "devices/d/events/x", `{"a":1}`, "application/json; charset=utf-8", true},
+		{"vendor json content type", "devices/d/events/x", `{"a":1}`, "application/vnd.example+json", true},
+		{"invalid content type ignored", "devices/d/events/x", `{"a":1}`, "not a content type", true},
+		{"text", "devices/d/events/x", `hello`, "", false},
+		{"broken json is text", "devices/d/events/x", `{"a":`, "", false},
+		{"text mapping", "text/d/x", `{"a":1}`, "", false},
+		{"binary", "devices/d/events/x", "\x89PNG\xff", "", false},
+		{"binary mapping", "raw/d/x", `{"a":1}`, "", false},
+		{"json under text content type", "devices/d/events/x", `{"a":1}`, "text/plain", false},
+		{"json under binary content type", "devices/d/events/x", `{"a":1}`, "application/octet-stream", false},
+		{"empty", "devices/d/events/x", ``, "", false},
+		{"cloudevent", "devices/d/events/x", ce, "", false},
+		{"cloudevent content type", "devices/d/events/x", ce, "application/cloudevents+json", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r, err := n.Normalize(Message{DeviceID: "d", Topic: c.topic, Payload: []byte(c.payload), ContentType: c.ct,
+				Received: received})
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkResult(t, r)
+			if r.DataJSON != c.want {
+				t.Fatalf("DataJSON = %v, want %v (data %q, content type %q)", r.DataJSON, c.want, r.Event.Data(),
+					r.Event.DataContentType())
+			}
+			if r.DataJSON && !json.Valid(r.Event.Data()) {
+				t.Fatalf("DataJSON set for data %q that is not JSON", r.Event.Data())
+			}
+		})
+	}
+}
