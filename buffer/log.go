@@ -706,25 +706,9 @@ func (l *Log) Read(after uint64, max int) (out []Record, err error) {
 	if max <= 0 {
 		return nil, fmt.Errorf("buffer: read: max must be > 0, got %d", max)
 	}
-	l.dbMu.RLock()
-	defer l.dbMu.RUnlock()
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		// bbolt panics on a damaged page (or faults, reading past the file).
-		if r := recover(); r != nil {
-			err = fmt.Errorf("buffer: read: %w: %s: %v", ErrCorrupt, l.path, r)
-		}
-		if errors.Is(err, ErrCorrupt) {
-			l.damaged.Store(true)
-		}
-	}()
-	if l.db == nil {
-		return nil, fmt.Errorf("buffer: read: %w", ErrClosed)
-	}
-	limit := l.state.Load().lastSeq // published after the commit: records up to it are committed
-	err = l.db.View(func(tx *bolt.Tx) error {
+	err = l.readView(func(tx *bolt.Tx, st *state) error {
 		return l.scan(tx, after, func(seq uint64, v []byte) (bool, error) {
-			if seq > limit {
+			if seq > st.lastSeq {
 				return false, nil
 			}
 			r, err := toRecord(seq, v)
@@ -739,6 +723,94 @@ func (l *Log) Read(after uint64, max int) (out []Record, err error) {
 		return out, fmt.Errorf("buffer: read: %w", err)
 	}
 	return out, nil
+}
+
+// ReadPriority is Read for the records whose priority p is lo <= p < hi (a reader that carries only some
+// priorities): it returns up to most of them, in order, and scanned, the last seq it looked at: every committed
+// record with after < seq <= scanned that it did not return has another priority. Segments that hold no record
+// of those priorities are passed over without reading them (their counts per priority are kept in memory).
+func (l *Log) ReadPriority(after uint64, most int, lo, hi uint8) (out []Record, scanned uint64, err error) {
+	if most <= 0 {
+		return nil, after, fmt.Errorf("buffer: read: max must be > 0, got %d", most)
+	}
+	scanned = after
+	err = l.readView(func(tx *bolt.Tx, st *state) error {
+		events := tx.Bucket(bucketEvents)
+		if events == nil {
+			return fmt.Errorf("%w: events bucket missing", ErrCorrupt)
+		}
+		for _, m := range st.segs {
+			if m.MaxSeq <= scanned {
+				continue
+			}
+			end := min(m.MaxSeq, st.lastSeq)
+			var n int64
+			for p := int(lo); p < int(hi) && p <= maxPriority; p++ {
+				n += m.Prio[p]
+			}
+			if n == 0 {
+				scanned = max(scanned, end)
+				continue
+			}
+			seg := events.Bucket(seqKey(m.Base))
+			if seg == nil { // removed by a commit after the state was loaded
+				scanned = max(scanned, end)
+				continue
+			}
+			c := seg.Cursor()
+			for k, v := c.Seek(seqKey(scanned + 1)); k != nil; k, v = c.Next() {
+				seq, err := decodeSeqKey(k)
+				if err != nil {
+					return fmt.Errorf("%w: %w", ErrCorrupt, err)
+				}
+				if seq > end {
+					break
+				}
+				prio, _, ok := recordPriorityTime(v)
+				if !ok {
+					return fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, errBadRecord)
+				}
+				if prio >= lo && prio < hi {
+					r, err := toRecord(seq, v)
+					if err != nil {
+						return fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, err)
+					}
+					out = append(out, r)
+				}
+				scanned = seq
+				if len(out) == most {
+					return nil
+				}
+			}
+			scanned = max(scanned, end)
+		}
+		return nil
+	})
+	if err != nil {
+		return out, after, fmt.Errorf("buffer: read: %w", err)
+	}
+	return out, scanned, nil
+}
+
+// readView runs fn in a read transaction with the state published last (records up to its lastSeq are
+// committed). A damaged page (bbolt panics, or the read faults past the file) becomes ErrCorrupt.
+func (l *Log) readView(fn func(tx *bolt.Tx, st *state) error) (err error) {
+	l.dbMu.RLock()
+	defer l.dbMu.RUnlock()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %s: %v", ErrCorrupt, l.path, r)
+		}
+		if errors.Is(err, ErrCorrupt) {
+			l.damaged.Store(true)
+		}
+	}()
+	if l.db == nil {
+		return ErrClosed
+	}
+	st := l.state.Load() // published after the commit: records up to its lastSeq are committed
+	return l.db.View(func(tx *bolt.Tx) error { return fn(tx, st) })
 }
 
 // scan calls fn for each stored record with seq > after, in order, until fn returns false.

@@ -41,6 +41,15 @@ type Source interface {
 	WaitPersisted(ctx context.Context, name string, after uint64) error
 }
 
+// PriorityReader is what a Source may also offer: reading only the records of some priorities. A priority
+// lane uses it to pass over the others without reading them.
+type PriorityReader interface {
+	// ReadPriority returns up to max committed records with Seq > after and priority p, lo <= p < hi, in
+	// order, and scanned: every record with after < Seq <= scanned that it did not return has another
+	// priority.
+	ReadPriority(after uint64, max int, lo, hi uint8) (recs []Record, scanned uint64, err error)
+}
+
 // CommandSink delivers cloud-to-device commands locally. It returns an error wrapping ErrUnknownDevice for a
 // device it does not know; the sink dead-letters those (reason unknown_device).
 type CommandSink interface {

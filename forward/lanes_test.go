@@ -25,6 +25,30 @@ func (l *memLog) addPrio(typ, subject string, n int, prio uint8) uint64 {
 	return seq
 }
 
+// ReadPriority makes memLog a PriorityReader, as the gateway's log is.
+func (l *memLog) ReadPriority(after uint64, max int, lo, hi uint8) ([]Record, uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []Record
+	scanned := after
+	for _, r := range l.recs {
+		if r.Seq <= after {
+			continue
+		}
+		if r.Priority >= lo && r.Priority < hi {
+			out = append(out, r)
+		}
+		scanned = r.Seq
+		if len(out) == max {
+			break
+		}
+	}
+	return out, scanned, nil
+}
+
+// plainSource hides the PriorityReader of a Source: lanes then read every record and pass over the others.
+type plainSource struct{ Source }
+
 // mixedLog fills a log with total events: subject "temp" (priority 0) and, every alarmEvery-th event, subject
 // "alarm" (priority 7). It returns the Seq of the first alarm.
 func mixedLog(t *testing.T, total, alarmEvery int) (*memLog, uint64) {
@@ -105,7 +129,7 @@ func TestPriorityLanesHoldTheCursor(t *testing.T) {
 	log, firstAlarm := mixedLog(t, 400, 10)
 	up := newLaneUpstream(t)
 	up.alarmsDown.Store(true)
-	r := startForwarder(t, Config{Sinks: []SinkConfig{laneSink(up.srv.URL, 5)}}, log, nil)
+	r := startForwarder(t, Config{Sinks: []SinkConfig{laneSink(up.srv.URL, 5)}}, plainSource{log}, nil)
 
 	if got := r.f.CursorNames(); !slices.Equal(got, []string{"sink:up", "sink:up@p5"}) {
 		t.Fatalf("CursorNames = %v", got)

@@ -299,9 +299,10 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 		}
 	}()
 
+	var skipTo uint64 // a priority read scanned up to here: what is not pending up to it is passed over
 	for {
 		if len(pending) == 0 && !waiting {
-			recs, err := s.src.Read(next, s.cfg.BatchSize)
+			recs, scanned, err := s.read(next)
 			if err != nil {
 				res.err = fmt.Errorf("forward: read the log after %d: %w", next, err)
 				return res
@@ -309,9 +310,14 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			for len(recs) > 0 && recs[0].Seq <= next {
 				recs = recs[1:]
 			}
-			if len(recs) > 0 {
-				pending, spurious = recs, 0
-			} else {
+			switch {
+			case len(recs) > 0:
+				pending, spurious, skipTo = recs, 0, scanned
+			case scanned > next:
+				tr.skip(scanned) // only records of other priorities: nothing to wait for
+				next, spurious = scanned, 0
+				continue
+			default:
 				if woke {
 					spurious++ // the log said there is more, but nothing is readable yet
 				}
@@ -391,6 +397,10 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			next, pending = u[n-1].Seq, pending[n:]
 			s.log.Debug("sent", "seq", u[n-1].Seq, "events", n)
 		}
+		if len(pending) == 0 && skipTo > next {
+			tr.skip(skipTo)
+			next = skipTo
+		}
 		s.advance(&tr)
 		if !storing && s.handed > s.persisted {
 			storing = true
@@ -466,6 +476,16 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			return res
 		}
 	}
+}
+
+// read reads the log after next: a lane reads only its priorities when the source can (scanned then says how
+// far it looked); otherwise every record, scanned = next.
+func (s *sink) read(next uint64) ([]Record, uint64, error) {
+	if pr, ok := s.src.(PriorityReader); ok && s.pub != nil {
+		return pr.ReadPriority(next, s.cfg.BatchSize, s.lo, s.hi)
+	}
+	recs, err := s.src.Read(next, s.cfg.BatchSize)
+	return recs, next, err
 }
 
 // heldEvent is an event of a lane that the sink's cursor may pass only once the lane has carried it.

@@ -134,14 +134,21 @@ type logSource struct{ log *buffer.Log }
 
 func (s *logSource) Read(after uint64, max int) ([]forward.Record, error) {
 	recs, err := s.log.Read(after, max)
-	if err != nil {
-		return nil, err
-	}
+	return forwardRecords(recs), err
+}
+
+// ReadPriority lets a priority lane read only its priorities (forward.PriorityReader).
+func (s *logSource) ReadPriority(after uint64, max int, lo, hi uint8) ([]forward.Record, uint64, error) {
+	recs, scanned, err := s.log.ReadPriority(after, max, lo, hi)
+	return forwardRecords(recs), scanned, err
+}
+
+func forwardRecords(recs []buffer.Record) []forward.Record {
 	out := make([]forward.Record, len(recs))
 	for i, r := range recs {
 		out[i] = forward.Record{Seq: r.Seq, Type: r.Type, Subject: r.Subject, Priority: r.Priority, Data: r.Data}
 	}
-	return out, nil
+	return out
 }
 
 func (s *logSource) Wait(ctx context.Context, after uint64) error { return s.log.Wait(ctx, after) }
