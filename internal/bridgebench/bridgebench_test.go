@@ -20,6 +20,7 @@ var (
 	flagDefaults = flag.Bool("bridge-defaults", true, "BenchmarkDrain also runs the bridge at mosquitto's default queue limit, once")
 	flagDurable  = flag.String("durability", "fsync", "the gateway log's buffer.durability: fsync or interval")
 	flagWindow   = flag.Int("window", 0, "the gateway sink's window (0: the forward default)")
+	flagLivePrio = flag.Int("live-priority", 0, "BenchmarkDrain: the live device's priority, with a priority lane for it at the gateway (0: none)")
 	flagProgress = flag.Bool("progress", false, "log each run's progress (the benchmark log keeps only its first lines)")
 	flagEdgegate = flag.String("edgegate", "", "a built edgegate binary to measure (default: build cmd/edgegate)")
 	flagKeep     = flag.Bool("keep", false, "keep each run's directory (configurations, logs, data)")
@@ -165,7 +166,8 @@ func benchOptions(b *testing.B, bin string) Options {
 		logf = b.Logf
 	}
 	return Options{Devices: *flagDevices, Messages: *flagMessages, Backlog: *flagDrain, LiveRate: *flagLive,
-		GatewayBinary: bin, KeepDir: *flagKeep, Logf: logf, Durability: *flagDurable, Window: *flagWindow}
+		GatewayBinary: bin, KeepDir: *flagKeep, Logf: logf, Durability: *flagDurable, Window: *flagWindow,
+		LivePriority: *flagLivePrio}
 }
 
 // compare runs run for the gateway and the bridge alternately, b.N rounds, and reports each system's median

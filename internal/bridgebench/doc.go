@@ -12,7 +12,10 @@
 // Options.Backlog messages, the cloud broker is started again on the same port with the same persistence (the
 // subscriber's persistent session and the bridge's survive), and the time to deliver the last backlog message
 // is measured from that moment, while one more device publishes live traffic at Options.LiveRate messages per
-// second whose end-to-end latency (publish to arrival at the subscriber) is measured.
+// second whose end-to-end latency (publish to arrival at the subscriber) is measured. The gateway sends in log
+// order, so by default live messages wait behind the backlog, as with the bridge; with Options.LivePriority
+// the live device's messages get that priority and the gateway's sink a priority lane for it, which carries
+// them on a connection of its own, ahead of the backlog.
 //
 // # Systems
 //
@@ -33,7 +36,8 @@
 //	go test -run '^$' -bench Drain -benchtime 1x ./internal/bridgebench/ -drain 1000000
 //
 // Flags of the benchmarks: -devices, -messages (per device, online), -drain (the backlog), -live-rate,
-// -durability (the gateway log's fsync or interval), -window (the gateway sink's window), -edgegate (a built
+// -live-priority (the live device's priority, with a lane for it), -durability (the gateway log's fsync or
+// interval), -window (the gateway sink's window), -edgegate (a built
 // binary instead of building cmd/edgegate), -bridge-defaults=false (skip the lossy bridge run), -progress,
 // -keep (keep each run's directory). They report each system's median rate, the ratio gateway/bridge of the
 // medians, and per system the lost messages, the latency p99, the CPU share and the peak RSS. On a machine

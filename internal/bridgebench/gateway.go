@@ -91,9 +91,16 @@ func writeGatewayConfig(dir string, ids []string, cloudURL string, o Options) (*
 	fmt.Fprintf(&c, "devices: {registry: %s}\n", regPath)
 	fmt.Fprintf(&c, "buffer:\n  durability: %s\n  max_bytes: %d\n", o.Durability, int64(4)<<30)
 	fmt.Fprintf(&c, "rules: {dir: \"\"}\n")
+	if o.LivePriority > 0 {
+		fmt.Fprintf(&c, "ingest:\n  mappings:\n    - {name: live, topic: \"devices/%s/telemetry\", type: telemetry, priority: %d}\n",
+			liveDeviceID, o.LivePriority)
+	}
 	fmt.Fprintf(&c, "forward:\n  sinks:\n    - name: cloud\n      type: mqtt\n")
 	if o.Window > 0 {
 		fmt.Fprintf(&c, "      window: %d\n", o.Window)
+	}
+	if o.LivePriority > 0 {
+		fmt.Fprintf(&c, "      priority_lanes: [%d]\n", o.LivePriority)
 	}
 	fmt.Fprintf(&c, "      backoff_min: 100ms\n      backoff_max: 1s\n")
 	fmt.Fprintf(&c, "      mqtt: {url: %q}\n", cloudURL)

@@ -16,6 +16,9 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 )
 
+// liveDeviceID is the device that publishes the live traffic of RunDrain.
+const liveDeviceID = "bench-live"
+
 // probeDevice is the device index carried by probe messages (sent to see that the path is up; not counted).
 const probeDevice = -1
 

@@ -81,6 +81,10 @@ type Options struct {
 	Durability string
 	// Window is the gateway sink's window (0: the forward package's default).
 	Window int
+	// LivePriority, when above 0, gives the live device's messages this priority (an ingest mapping) and the
+	// gateway's sink a priority lane from it (forward priority_lanes), so that live traffic does not queue
+	// behind the backlog in RunDrain. The bridge has nothing like it and ignores it. 0: one lane, log order.
+	LivePriority int
 	// BridgeInflight is the edge mosquitto's max_inflight_messages, which bounds the bridge's unacknowledged
 	// QoS 1 messages (0: mosquitto's default, 20; -1: no limit).
 	BridgeInflight int
@@ -152,6 +156,9 @@ func (o Options) validate() error {
 	}
 	if o.Inflight < 1 {
 		errs = append(errs, fmt.Errorf("inflight: %d is less than 1", o.Inflight))
+	}
+	if o.LivePriority < 0 || o.LivePriority > 9 {
+		errs = append(errs, fmt.Errorf("live_priority: %d is not in 0..9", o.LivePriority))
 	}
 	if o.Durability != "fsync" && o.Durability != "interval" {
 		errs = append(errs, fmt.Errorf("durability: %q is not fsync or interval", o.Durability))

@@ -68,7 +68,7 @@ func setup(ctx context.Context, o Options, live bool) (_ *env, err error) {
 		ids = append(ids, fmt.Sprintf("bench-%03d", i))
 	}
 	if live {
-		ids = append(ids, "bench-live")
+		ids = append(ids, liveDeviceID)
 	}
 
 	var deviceURL, filter string
