@@ -22,6 +22,8 @@ broker starts again and the time until the last backlog message arrives is measu
 more device publishes live traffic whose latency is measured (live_p99_ms: until the backlog drained).
 transfer_rate is the backlog over the time from its first to its last arrival. bridge-defaults is the bridge
 with mosquitto's default limit of 1000 queued messages, which loses most of the backlog (see delivered).
+gateway-live-lane is the gateway with the live device's messages at priority 5 and its sink configured with
+priority_lanes: [5]: they go up on a connection of their own instead of waiting behind the backlog.
 Measured by internal/bridgebench.RunDrain.`
 
 func bridgeOptions(h *harness, system bridgebench.System) bridgebench.Options {
@@ -78,20 +80,44 @@ func runDrain(ctx context.Context, h *harness, res *Result) error {
 	res.Params["devices"] = strconv.Itoa(o.Devices)
 	res.Params["backlog"] = strconv.Itoa(o.Backlog)
 	group := fmt.Sprintf("backlog of %d", o.Backlog)
+	runs := []struct {
+		name string
+		o    bridgebench.Options
+	}{}
+	for _, system := range bridgebench.Systems {
+		runs = append(runs, struct {
+			name string
+			o    bridgebench.Options
+		}{system.String(), bridgeOptions(h, system)})
+	}
+	// The gateway again, its live device's messages at priority 5 with a priority lane for them.
+	lane := bridgeOptions(h, bridgebench.Gateway)
+	lane.LivePriority = liveLanePriority
+	runs = append(runs, struct {
+		name string
+		o    bridgebench.Options
+	}{liveLaneSystem, lane})
 	return h.forRounds(ctx, func(round int) error {
-		for _, system := range bridgebench.Systems {
-			r, err := bridgebench.RunDrain(ctx, bridgeOptions(h, system))
+		for _, run := range runs {
+			r, err := bridgebench.RunDrain(ctx, run.o)
 			if err != nil {
-				return fmt.Errorf("%s: %w", system, err)
+				return fmt.Errorf("%s: %w", run.name, err)
 			}
 			s := bridgeSample(r)
 			s.Round, s.Value = round, r.Duration.Seconds()
 			s.Extra = map[string]float64{"transfer_rate": r.TransferRate, "first_delivery_ms": msOf(r.FirstDelivery),
 				"live_p99_ms": msOf(r.LatencyP99), "live_lost": float64(r.LiveLost), "duplicates": float64(r.Duplicates)}
-			row := res.row(group, system.String(), "s to drain", true)
+			row := res.row(group, run.name, "s to drain", true)
 			row.Samples = append(row.Samples, s)
-			h.logf("drain: round %d %s", round, r)
+			h.logf("drain: round %d %s %s", round, run.name, r)
 		}
 		return nil
 	})
 }
+
+// The drain's extra gateway run: the live device's messages at liveLanePriority, the sink with a priority
+// lane from it (forward priority_lanes), so they do not wait behind the backlog.
+const (
+	liveLanePriority = 5
+	liveLaneSystem   = "gateway-live-lane"
+)
