@@ -310,15 +310,14 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			for len(recs) > 0 && recs[0].Seq <= next {
 				recs = recs[1:]
 			}
-			switch {
-			case len(recs) > 0:
+			if len(recs) > 0 {
 				pending, spurious, skipTo = recs, 0, scanned
-			case scanned > next:
-				tr.skip(scanned) // only records of other priorities: nothing to wait for
-				next, spurious = scanned, 0
-				continue
-			default:
-				if woke {
+			} else {
+				switch {
+				case scanned > next: // only records of other priorities: passed over
+					tr.skip(scanned)
+					next, spurious = scanned, 0
+				case woke:
 					spurious++ // the log said there is more, but nothing is readable yet
 				}
 				waiting = true
