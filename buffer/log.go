@@ -539,7 +539,7 @@ func (l *Log) reloadState() {
 // filesystem is full, ErrClosed after the log stopped, and the write or fsync error of a failed commit (the
 // event is then not stored). When ctx ends first the event may still be stored.
 func (l *Log) Append(ctx context.Context, e Entry) (uint64, error) {
-	p, err := l.appendAsync(ctx, &e)
+	p, err := l.appendAsync(ctx, &e, nil)
 	if err != nil {
 		return 0, err
 	}
@@ -550,13 +550,20 @@ func (l *Log) Append(ctx context.Context, e Entry) (uint64, error) {
 // (reject policy) is full and ErrClosed after the log stopped. A queued event is lost if that commit fails or
 // finds no room (counted in edgegate_buffer_rejected_total or edgegate_buffer_commit_errors_total).
 func (l *Log) Enqueue(e Entry) error {
-	if _, _, err := l.enqueue(context.Background(), &e, false); err != nil {
+	return l.EnqueueFunc(e, nil)
+}
+
+// EnqueueFunc is Enqueue calling queued (when not nil) once the event is queued, before the writer is woken for
+// it; queued is not called for an event the log refuses.
+func (l *Log) EnqueueFunc(e Entry, queued func()) error {
+	if _, _, err := l.enqueue(context.Background(), &e, false, queued); err != nil {
 		return fmt.Errorf("buffer: enqueue: %w", err)
 	}
 	return nil
 }
 
-func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool) (*batch, int, error) {
+// enqueue queues e for the next commit and calls queued (when not nil) before it wakes the writer.
+func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool, queued func()) (*batch, int, error) {
 	if e.Priority > maxPriority {
 		return nil, 0, fmt.Errorf("priority %d is above %d", e.Priority, maxPriority)
 	}
@@ -630,6 +637,9 @@ func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool) (*batch, int, er
 	// transaction (see settle), once per pokeEvery entries it has not taken yet.
 	poke := idx == 0 || len(b.recs)-b.taken == pokeEvery
 	l.mu.Unlock()
+	if queued != nil {
+		queued()
+	}
 	if poke {
 		l.poke()
 	}

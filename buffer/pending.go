@@ -17,19 +17,27 @@ type Pending struct {
 // that its events share commits instead of taking one commit each. The events are committed in the order they
 // were queued. When the queue is full AppendAsync waits for room, like Append.
 func (l *Log) AppendAsync(ctx context.Context, e Entry) (*Pending, error) {
-	p, err := l.appendAsync(ctx, &e)
+	return l.AppendAsyncFunc(ctx, e, nil)
+}
+
+// AppendAsyncFunc is AppendAsync calling queued (when not nil) once the event is queued, before the writer is
+// woken for it (a commit already running may take it in, though): a reader that reacts to events as they enter
+// the log (the rules) acts before the commit's fsync starts, and never for an event the log refused outright.
+// An event queued and then refused by its commit (no room under the reject policy) has been seen by queued.
+func (l *Log) AppendAsyncFunc(ctx context.Context, e Entry, queued func()) (*Pending, error) {
+	p, err := l.appendAsync(ctx, &e, queued)
 	if err != nil {
 		return nil, err
 	}
 	return &p, nil
 }
 
-// appendAsync is AppendAsync returning the Pending by value (Append keeps it on its stack).
-func (l *Log) appendAsync(ctx context.Context, e *Entry) (Pending, error) {
+// appendAsync is AppendAsyncFunc returning the Pending by value (Append keeps it on its stack).
+func (l *Log) appendAsync(ctx context.Context, e *Entry, queued func()) (Pending, error) {
 	if err := ctx.Err(); err != nil {
 		return Pending{}, fmt.Errorf("buffer: append: %w", err)
 	}
-	b, idx, err := l.enqueue(ctx, e, true)
+	b, idx, err := l.enqueue(ctx, e, true, queued)
 	if err != nil {
 		return Pending{}, fmt.Errorf("buffer: append: %w", err)
 	}

@@ -482,3 +482,35 @@ func TestMinFree(t *testing.T) {
 		})
 	}
 }
+
+// TestQueuedCallback: AppendAsyncFunc and EnqueueFunc call queued once for an event the log queues, before it is
+// durable, and never for one the log refuses (full under the reject policy).
+func TestQueuedCallback(t *testing.T) {
+	size := recSize(ev(0))
+	l := openTest(t, Config{MaxBytes: 5 * size, Cursors: []string{"sink"}}, 4)
+	run(t, l.Log)
+	calls := 0
+	p, err := l.AppendAsyncFunc(context.Background(), ev(0), func() { calls++ })
+	if err != nil || calls != 1 {
+		t.Fatalf("AppendAsyncFunc: %v, queued called %d times, want 1", err, calls)
+	}
+	if _, err := p.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.EnqueueFunc(ev(1), func() { calls++ }); err != nil || calls != 2 {
+		t.Fatalf("EnqueueFunc: %v, queued called %d times, want 2", err, calls)
+	}
+	appendN(t, l.Log, 3, ev)
+	if _, err := l.Append(context.Background(), ev(5)); !errors.Is(err, ErrFull) {
+		t.Fatalf("append to a full log = %v, want ErrFull", err)
+	}
+	if _, err := l.AppendAsyncFunc(context.Background(), ev(6), func() { calls++ }); !errors.Is(err, ErrFull) {
+		t.Fatalf("AppendAsyncFunc on a full log = %v, want ErrFull", err)
+	}
+	if err := l.EnqueueFunc(ev(7), func() { calls++ }); !errors.Is(err, ErrFull) {
+		t.Fatalf("EnqueueFunc on a full log = %v, want ErrFull", err)
+	}
+	if calls != 2 {
+		t.Errorf("queued called %d times, want 2: it ran for a refused event", calls)
+	}
+}

@@ -17,25 +17,26 @@ import (
 )
 
 // consumer takes each event from ingest: the state view and the rules see it as it enters the log's commit
-// queue; the log makes it durable (QoS 1) or queues it (QoS 0).
+// queue (not an event the log refuses); the log makes it durable (QoS 1) or queues it (QoS 0).
 type consumer struct{ g *Gateway }
 
 var _ ingest.AsyncConsumer = consumer{}
 
 func (c consumer) Consume(ctx context.Context, r ingest.Result, durable bool) error {
-	e := c.see(r)
-	var err error
-	if durable {
-		_, err = c.g.events.Append(ctx, e)
-	} else {
-		err = c.g.events.Enqueue(e)
+	e, see := c.entry(r), func() { c.see(r) }
+	if !durable {
+		return fullErr(c.g.events.EnqueueFunc(e, see))
+	}
+	p, err := c.g.events.AppendAsyncFunc(ctx, e, see)
+	if err == nil {
+		_, err = p.Wait(ctx)
 	}
 	return fullErr(err)
 }
 
 // ConsumeAsync queues a QoS 1 event; the device's PUBACK waits for its commit, while its next publishes go on.
 func (c consumer) ConsumeAsync(ctx context.Context, r ingest.Result) (ingest.Durability, error) {
-	p, err := c.g.events.AppendAsync(ctx, c.see(r))
+	p, err := c.g.events.AppendAsyncFunc(ctx, c.entry(r), func() { c.see(r) })
 	if err != nil {
 		return ingest.Durability{}, fullErr(err)
 	}
@@ -45,16 +46,20 @@ func (c consumer) ConsumeAsync(ctx context.Context, r ingest.Result) (ingest.Dur
 	}}, nil
 }
 
-// see shows the event to the state view and the rules as it enters the log's commit queue, and returns its entry.
-func (c consumer) see(r ingest.Result) buffer.Entry {
+// entry is the log entry of an event.
+func (c consumer) entry(r ingest.Result) buffer.Entry {
+	return buffer.Entry{Data: r.JSON, Type: r.Event.Type(), Subject: r.Event.Subject(), Time: r.Event.Time(), Priority: r.Priority}
+}
+
+// see shows the event to the state view and the rules once the log has queued it. With the engine idle the rules
+// run here, and their commands are written before the log writer is woken for the event.
+func (c consumer) see(r ingest.Result) {
 	if r.DataJSON {
 		c.g.state.ApplyChecked(r.Event) // the normalizer validated the JSON data
 	} else {
 		c.g.state.Apply(r.Event)
 	}
-	// With the engine idle the rules run here, and their commands are written before the log writer is woken.
 	c.g.rules.Submit(r.Event)
-	return buffer.Entry{Data: r.JSON, Type: r.Event.Type(), Subject: r.Event.Subject(), Time: r.Event.Time(), Priority: r.Priority}
 }
 
 // fullErr marks the log's ErrFull as ingest's, so that the device is refused the way its protocol allows.
