@@ -10,8 +10,9 @@ import (
 const (
 	// DurabilityFsync makes Append return only after the batch holding the event is written and fsync'd.
 	DurabilityFsync = "fsync"
-	// DurabilityInterval makes Append return once the batch is written to the file; the file is fsync'd at most
-	// every FsyncInterval, so a power loss may lose up to FsyncInterval of acknowledged events.
+	// DurabilityInterval makes Append return once the batch is written to the file; the file is fsync'd every
+	// FsyncInterval, so a power loss may lose up to FsyncInterval of acknowledged events, or damage the file (see
+	// Config.Durability).
 	DurabilityInterval = "interval"
 )
 
@@ -29,8 +30,11 @@ type Config struct {
 	// Path is the bbolt file (<data_dir>/events.db); set by the gateway, not read from YAML.
 	Path string `yaml:"-"`
 	// Durability is "fsync" (default): Append returns after the batch is fsync'd, or "interval": Append returns
-	// after the batch is written and the file is fsync'd at most every FsyncInterval. In interval mode a power
-	// loss (not a process crash) may lose the events acknowledged during the last FsyncInterval.
+	// after the batch is written and the file is fsync'd FsyncInterval after the previous fsync. In interval mode
+	// a process crash loses nothing, but a power loss (or kernel crash) may lose the events acknowledged during
+	// the last FsyncInterval plus the time of one fsync, and, because the writes between two fsyncs reach the disk
+	// in no fixed order, it may leave the file damaged: the gateway then refuses to start, naming the file and
+	// `edgegate backlog recover`, which moves it aside (its events are not forwarded unless imported again).
 	Durability string `yaml:"durability"`
 	// FsyncInterval is the longest time between fsyncs in interval mode (default 200ms).
 	FsyncInterval time.Duration `yaml:"fsync_interval"`

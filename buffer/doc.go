@@ -9,8 +9,10 @@
 // transaction also takes in the appends of those the last commit acknowledged, as they come back. With
 // durability "fsync" (the default) Append returns after the commit's fsync: a returned sequence number
 // survives a crash or a power loss. With durability "interval" Append returns once the batch is written to
-// the file and the file is fsync'd at most every fsync_interval: a process crash loses nothing, but a power
-// loss or kernel crash may lose the events acknowledged during the last fsync_interval (default 200ms).
+// the file and the file is fsync'd fsync_interval after the previous fsync: a process crash loses nothing, but a
+// power loss or kernel crash may lose the events acknowledged during the last fsync_interval (default 200ms) and
+// may leave the file damaged, since the writes between two fsyncs reach the disk in no fixed order (the gateway
+// then refuses to start and names `edgegate backlog recover`, which moves the file aside).
 // A failed commit (write or fsync error, full filesystem) acknowledges none of its events: each appender gets
 // the error, and the next batch is tried afresh.
 //

@@ -217,6 +217,43 @@ func TestDurabilityInterval(t *testing.T) {
 	}
 }
 
+// TestDurabilitySyncsCommits: in fsync mode every commit is fsync'd by bbolt (NoSync off), which a kill -9 test
+// cannot show (the page cache survives it); interval mode leaves the fsync to the writer.
+func TestDurabilitySyncsCommits(t *testing.T) {
+	for mode, noSync := range map[string]bool{DurabilityFsync: false, DurabilityInterval: true} {
+		l := openTest(t, Config{Durability: mode}, 0)
+		if l.db.NoSync != noSync || l.db.NoGrowSync {
+			t.Errorf("durability %s: NoSync %v, NoGrowSync %v; want NoSync %v, NoGrowSync false", mode, l.db.NoSync,
+				l.db.NoGrowSync, noSync)
+		}
+	}
+}
+
+// TestIntervalFsyncOnTime: in interval mode a write is fsync'd FsyncInterval after the previous fsync, even when
+// that fsync happened at a commit, off the housekeeping ticks (which would otherwise leave it unsynced for up
+// to two intervals).
+func TestIntervalFsyncOnTime(t *testing.T) {
+	const interval = 500 * time.Millisecond
+	l := openTest(t, Config{Durability: DurabilityInterval, FsyncInterval: interval}, 0)
+	l.tickEvery = time.Hour // the ticks then come every FsyncInterval, from the start of Run
+	start := time.Now()
+	run(t, l.Log)
+	syncs := func() uint64 { return testutilHistogramCount(t, l, "edgegate_buffer_fsync_duration_seconds") }
+	// Idle past the first interval: the next commit fsyncs at once, between two ticks.
+	time.Sleep(time.Until(start.Add(interval * 11 / 10)))
+	appendN(t, l.Log, 1, ev)
+	after := time.Now()
+	n := syncs()
+	if n != 1 {
+		t.Fatalf("%d fsyncs after the first commit past the interval, want 1 (at the commit)", n)
+	}
+	appendN(t, l.Log, 1, ev) // not fsync'd: the last fsync was just now
+	waitFor(t, 5*time.Second, "the fsync of the second write", func() bool { return syncs() > n })
+	if d := time.Since(after); d > interval*14/10 {
+		t.Errorf("the second write was fsync'd %s after the previous fsync, want about %s", d.Round(time.Millisecond), interval)
+	}
+}
+
 // TestClosedLoopAppendersShareCommits: appenders that each append their next event as soon as the last one is
 // durable share commits: the writer waits for the appenders a commit woke instead of committing whoever came
 // first, so the commits hold most of the appenders, not one or two (or two alternating halves).

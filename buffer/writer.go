@@ -55,7 +55,17 @@ func (l *Log) Run(ctx context.Context) error {
 	settleTimer.Stop()
 	defer settleTimer.Stop()
 	var graceC <-chan time.Time
+	// In interval mode a write that is not fsync'd yet is fsync'd FsyncInterval after the previous fsync, to the
+	// timer, not at the next tick after that.
+	syncTimer := time.NewTimer(time.Hour)
+	syncTimer.Stop()
+	defer syncTimer.Stop()
+	var syncC <-chan time.Time
 	for {
+		if l.unsynced && syncC == nil {
+			syncTimer.Reset(time.Until(l.lastSync.Add(l.cfg.FsyncInterval)))
+			syncC = syncTimer.C
+		}
 		select {
 		case <-ctx.Done():
 			return l.shutdown()
@@ -96,11 +106,23 @@ func (l *Log) Run(ctx context.Context) error {
 					}
 				}
 			}
+		case <-syncC:
+			syncC = nil
+			l.syncDue()
 		case <-tick.C:
 			if err := l.housekeep(); err != nil {
 				return errors.Join(err, l.shutdown())
 			}
 		}
+	}
+}
+
+// syncDue fsyncs, in interval mode, what was written since the last fsync if FsyncInterval has passed since.
+func (l *Log) syncDue() {
+	l.writeMu.Lock()
+	defer l.writeMu.Unlock()
+	if l.db != nil && l.unsynced && time.Since(l.lastSync) >= l.cfg.FsyncInterval {
+		l.sync()
 	}
 }
 
