@@ -22,7 +22,8 @@ func longTests() bool { return os.Getenv("EDGEGATE_LONG") == "1" }
 
 // TestCrash kills a real child process (this test binary running TestCrashChild) with SIGKILL while it appends
 // from many goroutines, then reopens the log: the file passes bbolt's check, every acknowledged append is
-// there with its payload, in order, and no event is stored twice. Each round continues the same file: the
+// there with its payload, in order (each appending goroutine's events in the order it appended them), and no
+// event is stored twice. Each round continues the same file: the
 // reopen after the kill takes the full check and free list rebuild, and the next child, started after that
 // reopen's Close, opens the file the clean way. EDGEGATE_LONG=1 runs 30 rounds instead of 5.
 func TestCrash(t *testing.T) {
@@ -129,6 +130,8 @@ func verifyAfterCrash(t *testing.T, path string, acked map[uint64]string, cursor
 	}
 	stored := map[uint64]string{}
 	ids := map[string]uint64{}
+	lastI := map[[2]int]int{} // per round and appender, the last event index seen
+	lastRound := 0
 	var prev uint64
 	for _, r := range readAll(t, l.Log) {
 		if r.Seq <= prev {
@@ -142,6 +145,20 @@ func verifyAfterCrash(t *testing.T, path string, acked map[uint64]string, cursor
 		if other, dup := ids[p.ID]; dup {
 			t.Fatalf("event %s stored twice, at %d and %d", p.ID, other, r.Seq)
 		}
+		// Each appender's events are stored in the order it appended them, and a round's after the last.
+		var round, g, i int
+		if _, err := fmt.Sscanf(p.ID, "r%d-g%d-%d", &round, &g, &i); err != nil {
+			t.Fatalf("seq %d: id %q: %v", r.Seq, p.ID, err)
+		}
+		if round < lastRound {
+			t.Fatalf("seq %d: an event of round %d after one of round %d", r.Seq, round, lastRound)
+		}
+		lastRound = round
+		key := [2]int{round, g}
+		if prevI, ok := lastI[key]; ok && i <= prevI {
+			t.Fatalf("seq %d: appender %d of round %d: event %d stored after its event %d", r.Seq, g, round, i, prevI)
+		}
+		lastI[key] = i
 		ids[p.ID] = r.Seq
 		stored[r.Seq] = p.ID
 	}
