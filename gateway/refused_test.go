@@ -1,10 +1,16 @@
 package gateway_test
 
 import (
+	"bufio"
+	"bytes"
 	"fmt"
+	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/forward"
@@ -46,5 +52,102 @@ func TestRefusedEventTriggersNothing(t *testing.T) {
 	}
 	if n := metricSum(t, gw.Reg, "edgegate_rules_evaluated_total", nil); n != 0 {
 		t.Errorf("rules evaluated %v events; the refused event reached them", n)
+	}
+}
+
+// TestFullLogRefusesMQTT5WithQuotaExceeded: with the real log full under the reject policy, an MQTT 5 device's
+// QoS 1 publish gets PUBACK reason 0x97 (quota exceeded), so it keeps the event and retries later.
+func TestFullLogRefusesMQTT5WithQuotaExceeded(t *testing.T) {
+	t.Parallel()
+	port, err := freeport.Get() // nothing listens there
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw := startGateway(t, func(c *gateway.Config) {
+		c.Buffer.MaxBytes = 8 << 10
+		c.Buffer.WhenFull = buffer.WhenFullReject
+		c.Forward.Sinks = []forward.SinkConfig{{Name: "cloud", Type: forward.TypeMQTT,
+			MQTT: &forward.MQTTConfig{URL: fmt.Sprintf("tcp://127.0.0.1:%d", port), ConnectTimeout: 100 * time.Millisecond}}}
+	})
+	addr := gw.MQTTAddr("tcp")
+	filler := connectDevice(t, addr, "hall-motion")
+	waitFor(t, 10*time.Second, "the log full", func() bool {
+		publish(t, filler, "devices/hall-motion/telemetry", 0, `{"pad":"`+strings.Repeat("x", 200)+`"}`)
+		return gw.Log().Stats().Full
+	})
+
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	send := func(pk packets.Packet) {
+		t.Helper()
+		pk.ProtocolVersion = 5
+		var buf bytes.Buffer
+		var err error
+		switch pk.FixedHeader.Type {
+		case packets.Connect:
+			err = pk.ConnectEncode(&buf)
+		case packets.Publish:
+			err = pk.PublishEncode(&buf)
+		}
+		if err == nil {
+			_ = c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			_, err = c.Write(buf.Bytes())
+		}
+		if err != nil {
+			t.Fatalf("send packet type %d: %v", pk.FixedHeader.Type, err)
+		}
+	}
+	expect := func(typ byte) packets.Packet {
+		t.Helper()
+		for {
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			var pk packets.Packet
+			b, err := r.ReadByte()
+			if err == nil {
+				err = pk.FixedHeader.Decode(b)
+			}
+			var n int
+			if err == nil {
+				n, _, err = packets.DecodeLength(r)
+			}
+			body := make([]byte, n)
+			if err == nil {
+				_, err = io.ReadFull(r, body)
+			}
+			if err != nil {
+				t.Fatalf("waiting for packet type %d: %v", typ, err)
+			}
+			if pk.FixedHeader.Type != typ {
+				continue
+			}
+			pk.ProtocolVersion, pk.FixedHeader.Remaining = 5, n
+			switch typ {
+			case packets.Connack:
+				err = pk.ConnackDecode(body)
+			case packets.Puback:
+				err = pk.PubackDecode(body)
+			}
+			if err != nil {
+				t.Fatalf("decode packet type %d: %v", typ, err)
+			}
+			return pk
+		}
+	}
+	send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
+		ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "kitchen-motion",
+		UsernameFlag: true, Username: []byte("kitchen-motion"), PasswordFlag: true, Password: []byte("kitchen-motion-pw")}})
+	if ack := expect(packets.Connack); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK reason 0x%02x", ack.ReasonCode)
+	}
+	send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7,
+		// Larger than the events the log refused: a smaller one may still fit.
+		TopicName: "devices/kitchen-motion/events/room.entered", Payload: []byte(`{"room":"kitchen","pad":"` + strings.Repeat("x", 1000) + `"}`)})
+	if ack := expect(packets.Puback); ack.PacketID != 7 || ack.ReasonCode != packets.ErrQuotaExceeded.Code {
+		t.Errorf("PUBACK id %d reason 0x%02x, want id 7 reason 0x%02x (quota exceeded)", ack.PacketID, ack.ReasonCode,
+			packets.ErrQuotaExceeded.Code)
 	}
 }
