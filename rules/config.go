@@ -40,7 +40,8 @@ type Config struct {
 	// is not emitted (counted in edgegate_rules_actions_total{outcome="loop"}). Default 8.
 	MaxChainDepth int `yaml:"max_chain_depth"`
 	// PersistInterval is how often changed state is written to StateFile while running (it is also written on
-	// stop). Default 10s.
+	// stop): a crash (kill -9, power loss) loses at most the state changes of the last PersistInterval. The file
+	// is written only when something changed. Default 1s.
 	PersistInterval time.Duration `yaml:"persist_interval"`
 }
 
@@ -54,7 +55,7 @@ const (
 	DefaultCommandQueueSize = 1000
 	DefaultQueueSize        = 10000
 	DefaultMaxChainDepth    = 8
-	DefaultPersistInterval  = 10 * time.Second
+	DefaultPersistInterval  = time.Second
 )
 
 // DefaultConfig returns the configuration with every default spelled out and no rule directory.

@@ -97,8 +97,9 @@
 // debounce state of every rule whose name and pattern are unchanged. Derived events carry the extensions
 // causationid, correlationid, chaindepth and rule; an event more than max_chain_depth derivations deep is not
 // emitted (loop guard). Timers, windows, debounce and sequence state are saved to Config.StateFile (atomically,
-// periodically and on stop) and restored by New; an absence that fell due while the gateway was down fires once
-// when Run starts.
+// within persist_interval of a change, default 1s, and on stop) and restored by New; an absence that fell due
+// while the gateway was down fires once when Run starts. A crash loses at most the last persist_interval of
+// state changes.
 //
 // DryRun runs the same evaluation over recorded events on a simulated clock (event time) and explains every
 // decision without side effects.
