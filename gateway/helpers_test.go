@@ -221,11 +221,20 @@ func connectDevice(t testing.TB, addr, id string) paho.Client {
 
 func connectClient(t testing.TB, addr, clientID, user, password string) paho.Client {
 	t.Helper()
+	return connectClientWith(t, addr, clientID, user, password, nil)
+}
+
+// connectClientWith connects as connectClient does, with the client options changed by mutate (if not nil).
+func connectClientWith(t testing.TB, addr, clientID, user, password string, mutate func(*paho.ClientOptions)) paho.Client {
+	t.Helper()
 	opts := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(clientID).
 		SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
 		SetConnectTimeout(10 * time.Second).SetWriteTimeout(5 * time.Second).SetKeepAlive(30 * time.Second)
 	if user != "" {
 		opts.SetUsername(user).SetPassword(password)
+	}
+	if mutate != nil {
+		mutate(opts)
 	}
 	c := paho.NewClient(opts)
 	tok := c.Connect()
@@ -247,9 +256,12 @@ func publish(t testing.TB, c paho.Client, topic string, qos byte, payload string
 
 // message is one message a test client received.
 type message struct {
-	Topic   string
-	Payload []byte
-	At      time.Time
+	Topic     string
+	Payload   []byte
+	At        time.Time
+	QoS       byte
+	Duplicate bool   // the DUP flag
+	MessageID uint16 // the packet id (QoS > 0)
 }
 
 // inbox collects what a client receives on its subscriptions.
@@ -261,7 +273,8 @@ type inbox struct {
 func (in *inbox) handler(_ paho.Client, m paho.Message) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	in.msgs = append(in.msgs, message{Topic: m.Topic(), Payload: append([]byte(nil), m.Payload()...), At: time.Now()})
+	in.msgs = append(in.msgs, message{Topic: m.Topic(), Payload: append([]byte(nil), m.Payload()...), At: time.Now(),
+		QoS: m.Qos(), Duplicate: m.Duplicate(), MessageID: m.MessageID()})
 }
 
 func (in *inbox) all() []message {
