@@ -12,12 +12,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/term"
 
 	"github.com/edgegate/edgegate/buffer"
+	"github.com/edgegate/edgegate/forward"
 	"github.com/edgegate/edgegate/gateway"
 )
 
@@ -97,7 +99,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 			return err
 		}
 		defer lg.Close()
-		return printJSON(stdout, lg.Stats())
+		return printJSON(stdout, withSinkCursors(lg.Stats(), cfg.Forward, time.Now()))
 	case "export":
 		since := fs.String("since", "", "only events at or after T")
 		until := fs.String("until", "", "only events before T")
@@ -132,7 +134,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 			prog = stderr
 		}
 		bw := bufio.NewWriterSize(w, 1<<16)
-		if err := exportLog(ctx, lg, s, u, bw, prog); err != nil {
+		if err := exportLog(ctx, lg, s, u, nil, bw, prog); err != nil {
 			return err
 		}
 		return bw.Flush()
@@ -202,6 +204,38 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 	}
 }
 
+// withSinkCursors adds to st the cursors of the configured sinks and priority lanes that the log has not stored:
+// those of sinks that have not had an event acknowledged yet (a cursor is stored once it moves). Such a cursor is
+// at 0, where the gateway starts it: every stored event waits for it.
+func withSinkCursors(st buffer.Stats, fcfg forward.Config, now time.Time) buffer.Stats {
+	have := make(map[string]bool, len(st.Cursors))
+	for _, c := range st.Cursors {
+		have[c.Name] = true
+	}
+	add := func(name string) {
+		if have[name] {
+			return
+		}
+		have[name] = true
+		c := buffer.CursorStats{Name: name, Required: true, Backlog: st.Events, BacklogBytes: st.Bytes}
+		if st.Events > 0 && !st.Oldest.IsZero() {
+			c.OldestUnacked = st.Oldest
+			c.OldestUnackedAge = max(0, now.Sub(st.Oldest).Seconds())
+		}
+		st.Cursors = append(st.Cursors, c)
+	}
+	for _, s := range fcfg.Sinks {
+		add(forward.CursorName(s.Name))
+		for _, lo := range s.PriorityLanes {
+			if lo >= 1 && lo <= 9 {
+				add(forward.CursorName(forward.LaneName(s.Name, uint8(lo))))
+			}
+		}
+	}
+	slices.SortFunc(st.Cursors, func(a, b buffer.CursorStats) int { return strings.Compare(a.Name, b.Name) })
+	return st
+}
+
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -223,8 +257,10 @@ func parseWhen(s string) (time.Time, error) {
 	return t, nil
 }
 
-// exportLog writes the log's events in [since, until) as CloudEvents JSON lines, in order.
-func exportLog(ctx context.Context, lg *buffer.Log, since, until time.Time, w io.Writer, progress io.Writer) error {
+// exportLog writes the log's events in [since, until) as CloudEvents JSON lines, in order. keep, when not nil,
+// chooses among them: an event it returns false for is left out.
+func exportLog(ctx context.Context, lg *buffer.Log, since, until time.Time, keep func(data []byte) bool, w io.Writer,
+	progress io.Writer) error {
 	st := lg.Stats()
 	total := st.Events
 	var after uint64
@@ -248,7 +284,11 @@ func exportLog(ctx context.Context, lg *buffer.Log, since, until time.Time, w io
 			if (!since.IsZero() && r.Time.Before(since)) || (!until.IsZero() && !r.Time.Before(until)) {
 				continue
 			}
-			buf = append(append(buf[:0], bytes.TrimSpace(r.Data)...), '\n')
+			data := bytes.TrimSpace(r.Data)
+			if keep != nil && !keep(data) {
+				continue
+			}
+			buf = append(append(buf[:0], data...), '\n')
 			if _, err := w.Write(buf); err != nil {
 				return err
 			}

@@ -4,11 +4,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/buffer"
 )
 
 // repo is the repository root, relative to this package.
@@ -241,5 +246,287 @@ func TestRulesTestCommand(t *testing.T) {
 	code, _, errOut = runCmd(t, "rules", "test", "--rules", filepath.Join(repo, "configs/rules.d"))
 	if code != 2 || !strings.Contains(errOut, "--events") {
 		t.Fatalf("rules test without --events: exit %d: %s", code, errOut)
+	}
+}
+
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
+
+// setRules replaces the rules section of the configuration at path with body (indented YAML keys).
+func setRules(t *testing.T, path, body string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	re := regexp.MustCompile(`(?m)^rules:\n  dir: .*\n`)
+	if !re.Match(data) {
+		t.Fatalf("no rules section in %s:\n%s", path, data)
+	}
+	data = re.ReplaceAllLiteral(data, []byte("rules:\n"+body))
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeLog appends CloudEvents (JSON objects) to the log in dataDir through the buffer package, as the gateway
+// stores them, with the named cursors (sinks' cursors: they hold events) moved to the given positions.
+func writeLog(t *testing.T, dataDir string, cursors map[string]uint64, events ...string) {
+	t.Helper()
+	if err := os.MkdirAll(dataDir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	bcfg := buffer.DefaultConfig()
+	bcfg.Path = filepath.Join(dataDir, "events.db")
+	for name := range cursors {
+		bcfg.Cursors = append(bcfg.Cursors, name)
+	}
+	lg, err := buffer.Open(bcfg, discardLogger(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- lg.Run(ctx) }()
+	for i, data := range events {
+		ev, err := validateEvent([]byte(data))
+		if err != nil {
+			t.Fatalf("event %d: %v", i+1, err)
+		}
+		if _, err := lg.Append(ctx, buffer.Entry{Data: []byte(data), Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()}); err != nil {
+			t.Fatalf("append event %d: %v", i+1, err)
+		}
+	}
+	for name, pos := range cursors {
+		if pos > 0 {
+			if err := lg.Ack(name, pos); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("log run: %v", err)
+	}
+}
+
+func TestCheckConfigRules(t *testing.T) {
+	rulesDir := t.TempDir()
+	write := func(name, body string) {
+		if err := os.WriteFile(filepath.Join(rulesDir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("a-good.yaml", "rules:\n  - name: fine\n    on: {type: a.b}\n    actions:\n      - state: {key: seen, value: '1'}\n")
+	path, _ := writeConfig(t, "")
+	setRules(t, path, "  dir: "+rulesDir+"\n")
+
+	code, out, errOut := runCmd(t, "check-config", "--config", path)
+	if code != 0 || !strings.Contains(out, "ok (1 rules)") {
+		t.Fatalf("good rules: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+
+	// Three mistakes in one file (the third names a device the registry does not know), and one in the
+	// configuration itself: every one is reported, the rules' with file and line.
+	write("b-bad.yaml", `rules:
+  - name: first
+    on: {type: a.b}
+    actions:
+      - explode: {}
+  - name: second
+    on: {type: a.b}
+    actions:
+      - command: {device: no-such-device, command: x}
+      - state: {key: k}
+`)
+	bad := filepath.Join(rulesDir, "b-bad.yaml")
+	for _, extra := range []string{"", "log:\n  level: loud\n"} {
+		path, _ := writeConfig(t, extra)
+		setRules(t, path, "  dir: "+rulesDir+"\n")
+		code, out, errOut := runCmd(t, "check-config", "--config", path)
+		if code != 1 || strings.Contains(out, "ok") {
+			t.Fatalf("bad rules: exit %d, want 1\nstdout: %s\nstderr: %s", code, out, errOut)
+		}
+		for _, want := range []string{
+			bad + ":5: rules[0].actions[0].explode",
+			bad + `:9: rules[1].actions[0].command.device: unknown device "no-such-device"`,
+			bad + ":10: rules[1].actions[1].state.value: missing",
+		} {
+			if !strings.Contains(errOut, want) {
+				t.Errorf("error does not report %q:\n%s", want, errOut)
+			}
+		}
+		if extra != "" && !strings.Contains(errOut, "log.level") {
+			t.Errorf("a configuration problem is not reported next to the rules' ones:\n%s", errOut)
+		}
+	}
+}
+
+// TestBacklogStats checks the counts `backlog stats` shows offline: the events, each sink's backlog after its
+// cursor (a priority lane's too, and that of a lane that has not acknowledged anything yet, whose cursor the log
+// has not stored) and the age of its oldest waiting event.
+func TestBacklogStats(t *testing.T) {
+	cfg, dataDir := writeConfig(t, `forward:
+  sinks:
+    - name: cloud
+      type: mqtt
+      priority_lanes: [5]
+      mqtt: {url: "tcp://127.0.0.1:1"}
+    - name: archive
+      type: http
+      http: {url: "http://127.0.0.1:1/events"}
+`)
+	base := time.Now().Add(-100 * time.Minute).Truncate(time.Second).UTC()
+	at := func(i int) time.Time { return base.Add(time.Duration(i) * time.Minute) } // event i+1 (seq i+1)
+	var evs []string
+	for i := range 10 {
+		evs = append(evs, fmt.Sprintf(`{"specversion":"1.0","id":"e%d","source":"/s","type":"telemetry.temperature",`+
+			`"subject":"thermo-1","time":%q,"data":{"celsius":%d}}`, i, at(i).Format(time.RFC3339Nano), i))
+	}
+	writeLog(t, dataDir, map[string]uint64{"sink:cloud": 4, "sink:cloud@p5": 0, "sink:archive": 10}, evs...)
+
+	start := time.Now()
+	code, out, errOut := runCmd(t, "backlog", "stats", "--config", cfg)
+	if code != 0 {
+		t.Fatalf("backlog stats: exit %d: %s", code, errOut)
+	}
+	var st buffer.Stats
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("backlog stats output is not the log's stats: %v\n%s", err, out)
+	}
+	if st.Events != 10 || st.FirstSeq != 1 || st.LastSeq != 10 || !st.Oldest.Equal(at(0)) {
+		t.Errorf("events %d seq %d-%d oldest %s; want 10, 1-10, %s", st.Events, st.FirstSeq, st.LastSeq, st.Oldest, at(0))
+	}
+	// The age is measured when the command runs: between the age before it and the age now.
+	ageOK := func(age float64, of time.Time) bool {
+		lo, hi := start.Sub(of).Seconds()-1, time.Since(of).Seconds()+1
+		return age >= lo && age <= hi
+	}
+	want := map[string]struct {
+		backlog int64
+		oldest  time.Time // zero: nothing waits
+	}{
+		"sink:cloud":    {6, at(4)},
+		"sink:cloud@p5": {10, at(0)},
+		"sink:archive":  {0, time.Time{}},
+	}
+	if len(st.Cursors) != len(want) {
+		t.Fatalf("cursors %+v, want %d", st.Cursors, len(want))
+	}
+	for _, c := range st.Cursors {
+		w, ok := want[c.Name]
+		if !ok {
+			t.Errorf("unexpected cursor %q", c.Name)
+			continue
+		}
+		if !c.Required || c.Backlog != w.backlog {
+			t.Errorf("%s: required %v backlog %d; want required, backlog %d", c.Name, c.Required, c.Backlog, w.backlog)
+		}
+		if w.oldest.IsZero() {
+			if !c.OldestUnacked.IsZero() || c.OldestUnackedAge != 0 {
+				t.Errorf("%s: nothing waits, but oldest %s age %v", c.Name, c.OldestUnacked, c.OldestUnackedAge)
+			}
+			continue
+		}
+		if !c.OldestUnacked.Equal(w.oldest) || !ageOK(c.OldestUnackedAge, w.oldest) {
+			t.Errorf("%s: oldest waiting %s, %.0fs old; want %s, %.0fs old", c.Name, c.OldestUnacked,
+				c.OldestUnackedAge, w.oldest, time.Since(w.oldest).Seconds())
+		}
+	}
+}
+
+// TestBacklogRecover damages the log's file: the tools refuse it and name `backlog recover`, which moves it aside
+// (kept as it was) so that a new log can be made and used.
+func TestBacklogRecover(t *testing.T) {
+	cfg, dataDir := writeConfig(t, "")
+	in, _ := events(t, 20)
+	if code, _, errOut := runCmd(t, "backlog", "import", "--config", cfg, "--in", in); code != 0 {
+		t.Fatalf("import: exit %d: %s", code, errOut)
+	}
+	path := filepath.Join(dataDir, "events.db")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Garbage over both meta pages (pages 0 and 1).
+	for i := range min(len(data), 2*os.Getpagesize()) {
+		data[i] = byte(i*7 + 3)
+	}
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	code, _, errOut := runCmd(t, "backlog", "stats", "--config", cfg)
+	if code != 1 || !strings.Contains(errOut, `"edgegate backlog recover"`) || !strings.Contains(errOut, path) {
+		t.Fatalf("stats of a damaged log: exit %d, want 1 and a message naming the file and the recovery:\n%s", code, errOut)
+	}
+
+	code, out, errOut := runCmd(t, "backlog", "recover", "--config", cfg)
+	if code != 0 {
+		t.Fatalf("recover: exit %d: %s", code, errOut)
+	}
+	m := regexp.MustCompile(`moved the damaged log aside to (\S+);`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("recover does not say where the file went:\n%s", out)
+	}
+	moved := m[1]
+	if filepath.Dir(moved) != dataDir || !strings.HasPrefix(filepath.Base(moved), "events.db.corrupt-") {
+		t.Errorf("moved to %s, want %s/events.db.corrupt-<time>", moved, dataDir)
+	}
+	kept, err := os.ReadFile(moved)
+	if err != nil || !bytes.Equal(kept, data) {
+		t.Fatalf("the damaged file is not kept as it was at %s (err %v)", moved, err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("%s still exists after recover: %v", path, err)
+	}
+
+	// A new log is made and works.
+	in, _ = events(t, 5)
+	if code, _, errOut := runCmd(t, "backlog", "import", "--config", cfg, "--in", in); code != 0 {
+		t.Fatalf("import into a new log: exit %d: %s", code, errOut)
+	}
+	if n := backlogEvents(t, cfg); n != 5 {
+		t.Fatalf("the new log has %v events, want 5", n)
+	}
+	code, out, errOut = runCmd(t, "backlog", "export", "--config", cfg)
+	if code != 0 || strings.Count(out, "\n") != 5 {
+		t.Fatalf("export of the new log: exit %d, %d lines: %s", code, strings.Count(out, "\n"), errOut)
+	}
+}
+
+// TestRulesReplay replays a log written as the gateway writes it, with the configuration's rules settings
+// (max_chain_depth 1 stops the rules' second derivation) and without the stored events that rules derived (the
+// dry run derives them again). testdata/replay.golden is the expected output (-update rewrites it).
+func TestRulesReplay(t *testing.T) {
+	rulesDir, err := filepath.Abs("testdata/replay/rules")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, dataDir := writeConfig(t, "")
+	setRules(t, cfg, "  dir: "+rulesDir+"\n  max_chain_depth: 1\n")
+	raw, err := os.ReadFile("testdata/replay/events.jsonl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeLog(t, dataDir, nil, strings.Split(strings.TrimSpace(string(raw)), "\n")...)
+
+	// Events since 1990 are left out (the first one is of 1990); 200000h reaches back to about 2003 in 2026.
+	code, out, errOut := runCmd(t, "rules", "replay", "--config", cfg, "--since", "200000h")
+	if code != 0 {
+		t.Fatalf("replay: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	out = strings.ReplaceAll(out, rulesDir, "testdata/replay/rules")
+	const golden = "testdata/replay.golden"
+	if *update {
+		if err := os.WriteFile(golden, []byte(out), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(golden)
+	if err != nil {
+		t.Fatalf("%v (run with -update to create it)", err)
+	}
+	if out != string(want) {
+		t.Errorf("output differs from %s (run with -update to accept):\n%s", golden, out)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -423,5 +424,116 @@ func TestPasswdHashesStdin(t *testing.T) {
 	cmd.Stdin = strings.NewReader("\n")
 	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "empty password") {
 		t.Fatalf("an empty password was hashed: %v %s", err, out)
+	}
+}
+
+// TestStatusShowsSinks runs the gateway with a sink whose upstream does not answer: `edgegate status` shows one
+// row per sink and priority lane, the sink unhealthy with the events published since it started as its backlog
+// and its last error with its age.
+func TestStatusShowsSinks(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	upstream := ln.Addr().String()
+	ln.Close() // nothing listens there: every connection attempt is refused
+	cfg, _ := writeConfig(t, fmt.Sprintf(`forward:
+  sinks:
+    - name: cloud
+      type: mqtt
+      priority_lanes: [5]
+      backoff_min: 50ms
+      backoff_max: 200ms
+      mqtt:
+        url: tcp://%s
+        connect_timeout: 1s
+`, upstream))
+	d := startDaemon(t, cfg)
+
+	opts := paho.NewClientOptions().AddBroker("tcp://" + d.mqtt).SetClientID("thermo-1").
+		SetUsername("thermo-1").SetPassword("thermo-1-pw").SetAutoReconnect(false).SetConnectRetry(false)
+	cl := paho.NewClient(opts)
+	if tok := cl.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("connect: %v", tok.Error())
+	}
+	defer cl.Disconnect(0)
+	const published = 7
+	for i := range published {
+		tok := cl.Publish("devices/thermo-1/telemetry/temperature", 1, false, fmt.Sprintf(`{"seq":%d}`, i))
+		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("publish %d: %v", i, tok.Error())
+		}
+	}
+
+	// SINK TYPE TARGET STATE BACKLOG OLDEST-WAITING IN-FLIGHT LAST-ACK LAST-ERROR
+	row := regexp.MustCompile(`(?m)^cloud +mqtt +tcp://` + regexp.QuoteMeta(upstream) +
+		` +(\S.*?) {2,}(\S+) +(.+?) {2,}(\d+) +(never|\S+ ago) +(.*)$`)
+	status := func() (string, []string) {
+		out, err := exec.Command(binary(t), "status", "--addr", d.http).CombinedOutput()
+		if err != nil {
+			t.Fatalf("status: %v\n%s", err, out)
+		}
+		return string(out), row.FindStringSubmatch(string(out))
+	}
+	var (
+		out string
+		m   []string
+	)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, m = status()
+		if m != nil && m[2] != "0" && m[6] != "-" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no row for sink cloud with a backlog and a last error within 10s:\n%s", out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("edgegate status:\n%s", out)
+	state, backlog, oldest, lastAck, lastErr := m[1], m[2], m[3], m[5], m[6]
+	if state != "unhealthy (disconnected)" {
+		t.Errorf("state %q, want unhealthy (disconnected):\n%s", state, out)
+	}
+	if n, err := strconv.Atoi(backlog); err != nil || n < published {
+		t.Errorf("backlog %q, want at least the %d published events:\n%s", backlog, published, out)
+	}
+	if !regexp.MustCompile(`^\d+(\.\d+)?[a-z]+ ago$`).MatchString(oldest) {
+		t.Errorf("oldest waiting event %q, want its age:\n%s", oldest, out)
+	}
+	if lastAck != "never" {
+		t.Errorf("last ack %q, want never:\n%s", lastAck, out)
+	}
+	if !regexp.MustCompile(`^\d+[a-z]+ ago: .*refused`).MatchString(lastErr) {
+		t.Errorf("last error %q, want its age and the refused connection:\n%s", lastErr, out)
+	}
+	for _, want := range []string{"healthy=false", "problem: sink cloud unhealthy", "\ncloud@p5 ", "log: "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status does not show %q:\n%s", want, out)
+		}
+	}
+
+	// --json keeps the API's document.
+	raw, err := exec.Command(binary(t), "status", "--addr", d.http, "--json").Output()
+	if err != nil {
+		t.Fatalf("status --json: %v", err)
+	}
+	var st struct {
+		Healthy bool `json:"healthy"`
+		Sinks   []struct {
+			Name      string `json:"name"`
+			Healthy   bool   `json:"healthy"`
+			LastError string `json:"last_error"`
+		} `json:"sinks"`
+		Backlog struct {
+			Events int64 `json:"events"`
+		} `json:"backlog"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, raw)
+	}
+	if st.Healthy || len(st.Sinks) != 2 || st.Sinks[0].Name != "cloud" || st.Sinks[0].Healthy ||
+		st.Sinks[0].LastError == "" || st.Backlog.Events < published {
+		t.Errorf("status --json: %s", raw)
 	}
 }

@@ -17,7 +17,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/gateway"
+	"github.com/edgegate/edgegate/rules"
 )
 
 const defaultConfig = "configs/edgegate.yaml"
@@ -133,13 +135,53 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 }
 
 func cmdCheckConfig(_ context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("check-config", "[--config FILE]", stderr)
+	fs := newFlagSet("check-config", "[--config FILE]   (also loads the device registry and checks the rule files of rules.dir)", stderr)
 	path := fs.String("config", defaultConfig, "configuration file (YAML)")
-	if _, err := parseValidConfig(fs, args, path); err != nil {
+	if err := parse(fs, args); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "%s: ok\n", *path)
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	if err := cfg.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	n, err := checkRules(cfg)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%s is not valid:\n%s", *path, indent(errors.Join(errs...).Error()))
+	}
+	fmt.Fprintf(stdout, "%s: ok (%d rules)\n", *path, n)
 	return nil
+}
+
+// checkRules loads the device registry and the rule files of cfg's rules.dir as the gateway would, without running
+// anything, and returns the number of rules in force or every problem, each with its file and line. A registry or
+// rules directory that does not exist is left to Config.Validate, which reports it.
+func checkRules(cfg gateway.Config) (int, error) {
+	var errs []error
+	var dir rules.Directory
+	if _, err := os.Stat(cfg.Devices.Registry); err == nil {
+		reg, err := devices.LoadRegistry(cfg.Devices.Registry)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("devices.registry: %w", err))
+		} else {
+			dir = gateway.Directory(reg) // rules naming a device are checked against the registry
+		}
+	}
+	n := 0
+	if fi, err := os.Stat(cfg.Rules.Dir); cfg.Rules.Dir != "" && err == nil && fi.IsDir() {
+		infos, err := rules.Check(cfg.Rules.Dir, dir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("rules.dir %s: %w", cfg.Rules.Dir, err))
+		}
+		n = len(infos)
+	}
+	return n, errors.Join(errs...)
 }
 
 // parseValidConfig parses the flags, then loads and validates the configuration they name.

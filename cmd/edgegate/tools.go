@@ -18,8 +18,10 @@ import (
 	"github.com/cloudevents/sdk-go/v2/event"
 	"golang.org/x/term"
 
+	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/deadletter"
 	"github.com/edgegate/edgegate/devices"
+	"github.com/edgegate/edgegate/forward"
 	"github.com/edgegate/edgegate/gateway"
 	"github.com/edgegate/edgegate/rules"
 )
@@ -108,32 +110,149 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if *addr == "" {
 		*addr = adminAddr(*path)
 	}
-	var st map[string]any
-	if err := getJSON(ctx, "http://"+*addr+"/api/status", &st); err != nil {
+	var raw json.RawMessage
+	if err := getJSON(ctx, "http://"+*addr+"/api/status", &raw); err != nil {
 		return err
 	}
 	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(st)
+		var st map[string]any
+		if err := json.Unmarshal(raw, &st); err != nil {
+			return fmt.Errorf("decode status: %w", err)
+		}
+		return printJSON(stdout, st)
 	}
-	fmt.Fprintf(stdout, "gateway %v  ready=%v healthy=%v uptime=%v clients=%v devices=%v\n",
-		st["id"], st["ready"], st["healthy"], st["uptime"], st["clients"], st["devices"])
-	if p, ok := st["problems"].([]any); ok {
-		for _, x := range p {
-			fmt.Fprintf(stdout, "  problem: %v\n", x)
+	var st statusView
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return fmt.Errorf("decode status: %w", err)
+	}
+	return printStatus(stdout, st, time.Now())
+}
+
+// statusView is the part of GET /api/status (gateway.Status) that `edgegate status` shows.
+type statusView struct {
+	ID       string               `json:"id"`
+	Ready    bool                 `json:"ready"`
+	Healthy  bool                 `json:"healthy"`
+	Uptime   string               `json:"uptime"`
+	Clients  int                  `json:"clients"`
+	Devices  int                  `json:"devices"`
+	Problems []string             `json:"problems"`
+	Backlog  buffer.Stats         `json:"backlog"`
+	Sinks    []forward.SinkHealth `json:"sinks"`
+}
+
+// printStatus writes the gateway's state, a line on the log and one row per sink (and priority lane): its
+// state, its backlog (the stored events after its cursor), the age of the oldest of them, and its last error.
+func printStatus(w io.Writer, st statusView, now time.Time) error {
+	fmt.Fprintf(w, "gateway %s  ready=%v healthy=%v uptime=%s clients=%d devices=%d\n",
+		st.ID, st.Ready, st.Healthy, st.Uptime, st.Clients, st.Devices)
+	for _, p := range st.Problems {
+		fmt.Fprintf(w, "  problem: %s\n", oneLine(p))
+	}
+	b := st.Backlog
+	fmt.Fprintf(w, "log: %d events, %s", b.Events, fmtBytes(b.Bytes))
+	if b.MaxBytes > 0 {
+		fmt.Fprintf(w, " of %s", fmtBytes(b.MaxBytes))
+	}
+	if !b.Oldest.IsZero() {
+		fmt.Fprintf(w, ", oldest %s (%s ago)", b.Oldest.Format(time.RFC3339), fmtAge(now.Sub(b.Oldest)))
+	}
+	if b.Full {
+		fmt.Fprint(w, ", FULL: new events are refused")
+	}
+	fmt.Fprintln(w)
+
+	cursors := make(map[string]buffer.CursorStats, len(b.Cursors))
+	for _, c := range b.Cursors {
+		cursors[c.Name] = c
+	}
+	if len(st.Sinks) == 0 {
+		fmt.Fprintln(w, "sinks: none configured")
+	} else {
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "SINK\tTYPE\tTARGET\tSTATE\tBACKLOG\tOLDEST WAITING\tIN FLIGHT\tLAST ACK\tLAST ERROR")
+		for _, s := range st.Sinks {
+			backlog, oldest := "?", "-" // "?": the log has no cursor of that name
+			if c, ok := cursors[forward.CursorName(s.Name)]; ok {
+				backlog = fmt.Sprint(c.Backlog)
+				if c.Backlog > 0 && !c.OldestUnacked.IsZero() {
+					oldest = fmtAge(now.Sub(c.OldestUnacked)) + " ago"
+				}
+				delete(cursors, c.Name)
+			}
+			lastAck := "never"
+			if !s.LastAck.IsZero() {
+				lastAck = fmtAge(now.Sub(s.LastAck)) + " ago"
+			}
+			lastErr := "-"
+			if s.LastError != "" {
+				lastErr = oneLine(s.LastError)
+				if !s.LastErrorTime.IsZero() {
+					lastErr = fmtAge(now.Sub(s.LastErrorTime)) + " ago: " + lastErr
+				}
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", s.Name, s.Type, oneLine(s.Target), sinkState(s),
+				backlog, oldest, s.InFlight, lastAck, lastErr)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
 		}
 	}
-	b, _ := json.MarshalIndent(st["backlog"], "  ", "  ")
-	fmt.Fprintf(stdout, "backlog:\n  %s\n", b)
-	if sinks, ok := st["sinks"].([]any); ok && len(sinks) > 0 {
-		fmt.Fprintln(stdout, "sinks:")
-		for _, s := range sinks {
-			sb, _ := json.Marshal(s)
-			fmt.Fprintf(stdout, "  %s\n", sb)
+	// Cursors no sink uses: readers' cursors, or those of sinks removed from the configuration.
+	var other []buffer.CursorStats
+	for _, c := range b.Cursors {
+		if _, ok := cursors[c.Name]; ok {
+			other = append(other, c)
 		}
+	}
+	for _, c := range other {
+		hold := "holds no events"
+		if c.Required {
+			hold = "holds its events"
+		}
+		fmt.Fprintf(w, "cursor %s (no sink; %s): backlog %d\n", c.Name, hold, c.Backlog)
 	}
 	return nil
+}
+
+// sinkState is a sink's state in a word or two: healthy, or why it is not.
+func sinkState(s forward.SinkHealth) string {
+	switch {
+	case s.Healthy:
+		return "healthy"
+	case s.Stalled && !s.Connected:
+		return "unhealthy (stalled, disconnected)"
+	case s.Stalled:
+		return "unhealthy (stalled)"
+	case !s.Connected:
+		return "unhealthy (disconnected)"
+	default:
+		return "unhealthy"
+	}
+}
+
+// oneLine makes s fit in one cell of a table: line breaks and tabs become spaces.
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// fmtAge shows a duration to the second (negative ones, from clock skew, as 0s).
+func fmtAge(d time.Duration) string {
+	return max(d, 0).Round(time.Second).String()
+}
+
+// fmtBytes shows a size in B, KiB, MiB or GiB.
+func fmtBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 2; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMG"[exp])
 }
 
 func cmdDeadLetter(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -210,9 +329,14 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 		defer f.Close()
-		return dryRun(*dir, *devs, f, stdout)
+		cfg := rules.DefaultConfig()
+		cfg.Dir = *dir
+		return dryRun(cfg, *devs, f, stdout)
 	case "replay":
-		fs := newFlagSet("rules replay", "--since DURATION [--config FILE] [--rules DIR]", stderr)
+		fs := newFlagSet("rules replay", "--since DURATION [--config FILE] [--rules DIR]\n\n"+
+			"Dry-runs the rules over the events stored in the log, with the rules settings of the configuration.\n"+
+			"Stored events that rules derived (those with the CloudEvents extension \"rule\") are left out: the dry\n"+
+			"run derives them again from the events that caused them.", stderr)
 		path := fs.String("config", defaultConfig, "configuration file")
 		since := fs.Duration("since", time.Hour, "replay events newer than this")
 		dir := fs.String("rules", "", "directory of rule files (default: the config's rules.dir)")
@@ -223,20 +347,20 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err != nil {
 			return err
 		}
-		if *dir == "" {
-			*dir = cfg.Rules.Dir
+		rcfg := cfg.Rules
+		if *dir != "" {
+			rcfg.Dir = *dir
+		}
+		rcfg.Source = "/gateways/" + cfg.ID + "/rules" // as the gateway sets it
+		if err := rcfg.Validate(); err != nil {
+			return fmt.Errorf("%s: %w", *path, err)
 		}
 		lg, err := openLog(cfg)
 		if err != nil {
 			return err
 		}
 		defer lg.Close()
-		pr, pw := io.Pipe()
-		go func() {
-			pw.CloseWithError(exportLog(ctx, lg, time.Now().Add(-*since), time.Time{}, pw, nil))
-		}()
-		defer pr.Close()
-		return dryRun(*dir, cfg.Devices.Registry, pr, stdout)
+		return replay(ctx, lg, time.Now().Add(-*since), rcfg, cfg.Devices.Registry, stdout)
 	default:
 		fmt.Fprintln(stderr, "Usage: edgegate rules test --rules DIR --events FILE.jsonl | edgegate rules replay --since DURATION")
 		if sub == "-h" || sub == "--help" {
@@ -246,7 +370,50 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 }
 
-func dryRun(dir, registry string, events io.Reader, out io.Writer) error {
+// replay dry-runs the rules of cfg over the log's events since the given time, leaving out the events that rules
+// derived, and says how many it left out.
+func replay(ctx context.Context, lg *buffer.Log, since time.Time, cfg rules.Config, registry string, out io.Writer) error {
+	var derived int // written by the export, read once it has ended
+	pr, pw := io.Pipe()
+	exported := make(chan struct{})
+	go func() {
+		defer close(exported)
+		keep := func(data []byte) bool {
+			if derivedByRule(data) {
+				derived++
+				return false
+			}
+			return true
+		}
+		pw.CloseWithError(exportLog(ctx, lg, since, time.Time{}, keep, pw, nil))
+	}()
+	err := dryRun(cfg, registry, pr, out)
+	pr.Close() // ends the export early when the dry run stopped reading
+	<-exported
+	if derived > 0 {
+		fmt.Fprintf(out, "left out %d stored event(s) that rules derived (extension %q): the dry run derives them again\n",
+			derived, rules.ExtRule)
+	}
+	return err
+}
+
+// derivedByRule reports whether a stored CloudEvent (JSON) carries the extension rules set on the events they
+// derive.
+func derivedByRule(data []byte) bool {
+	if !bytes.Contains(data, []byte(`"`+rules.ExtRule+`"`)) {
+		return false // the common case, without decoding
+	}
+	var attrs map[string]json.RawMessage
+	if err := json.Unmarshal(data, &attrs); err != nil {
+		return false
+	}
+	v, ok := attrs[rules.ExtRule]
+	return ok && string(v) != "null"
+}
+
+// dryRun evaluates the rules of cfg.Dir over CloudEvents JSON lines; registry, when set, is the device registry
+// that device matches and selectors use.
+func dryRun(cfg rules.Config, registry string, events io.Reader, out io.Writer) error {
 	var d rules.Directory
 	if registry != "" {
 		reg, err := devices.LoadRegistry(registry)
@@ -255,8 +422,6 @@ func dryRun(dir, registry string, events io.Reader, out io.Writer) error {
 		}
 		d = gateway.Directory(reg)
 	}
-	cfg := rules.DefaultConfig()
-	cfg.Dir = dir
 	return rules.DryRun(cfg, d, events, out, rules.DryRunOptions{})
 }
 

@@ -8,6 +8,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/edgegate/edgegate/buffer"
+	"github.com/edgegate/edgegate/forward"
 )
 
 // TestSystemdUnit checks the shipped unit: readiness by sd_notify, restart on failure, a state directory, a
@@ -44,5 +47,55 @@ func TestSystemdUnit(t *testing.T) {
 	// verify exits 0 on directives it ignores; it names the file in every complaint about it.
 	if strings.Contains(string(out), path) {
 		t.Fatalf("systemd-analyze verify complains:\n%s", out)
+	}
+}
+
+// TestPrintStatus checks the status table for each sink state, a sink the log has no cursor for, a line break in
+// an error and a cursor no sink uses.
+func TestPrintStatus(t *testing.T) {
+	now := time.Date(2026, 1, 2, 12, 0, 0, 0, time.UTC)
+	ago := func(d time.Duration) time.Time { return now.Add(-d) }
+	st := statusView{
+		ID: "gw", Ready: true, Uptime: "1h0m0s", Clients: 3, Devices: 9,
+		Problems: []string{"sink b unhealthy: stalled"},
+		Backlog: buffer.Stats{Events: 42, Bytes: 3 << 20, MaxBytes: 1 << 30, Oldest: ago(2 * time.Hour), Full: true,
+			Cursors: []buffer.CursorStats{
+				{Name: "sink:a", Required: true, Backlog: 0},
+				{Name: "sink:b", Required: true, Backlog: 40, OldestUnacked: ago(90 * time.Minute)},
+				{Name: "sink:c", Required: true, Backlog: 2, OldestUnacked: ago(5 * time.Second)},
+				{Name: "sink:old", Backlog: 42},
+			}},
+		Sinks: []forward.SinkHealth{
+			{Name: "a", Type: "http", Target: "https://x/in", Connected: true, Healthy: true, LastAck: ago(time.Second)},
+			{Name: "b", Type: "mqtt", Target: "tcp://y:1883", Connected: true, Stalled: true, InFlight: 256,
+				LastError: "no ack\nwithin 10s", LastErrorTime: ago(3 * time.Minute)},
+			{Name: "c", Type: "nats", Target: "nats://z:4222", Stalled: true, LastError: "eof"},
+			{Name: "d", Type: "nats", Target: "nats://z:4222"},
+		},
+	}
+	var b strings.Builder
+	if err := printStatus(&b, st, now); err != nil {
+		t.Fatal(err)
+	}
+	want := `gateway gw  ready=true healthy=false uptime=1h0m0s clients=3 devices=9
+  problem: sink b unhealthy: stalled
+log: 42 events, 3.0 MiB of 1.0 GiB, oldest 2026-01-02T10:00:00Z (2h0m0s ago), FULL: new events are refused
+SINK  TYPE  TARGET         STATE                              BACKLOG  OLDEST WAITING  IN FLIGHT  LAST ACK  LAST ERROR
+a     http  https://x/in   healthy                            0        -               0          1s ago    -
+b     mqtt  tcp://y:1883   unhealthy (stalled)                40       1h30m0s ago     256        never     3m0s ago: no ack within 10s
+c     nats  nats://z:4222  unhealthy (stalled, disconnected)  2        5s ago          0          never     eof
+d     nats  nats://z:4222  unhealthy (disconnected)           ?        -               0          never     -
+cursor sink:old (no sink; holds no events): backlog 42
+`
+	if b.String() != want {
+		t.Errorf("got:\n%s\nwant:\n%s", b.String(), want)
+	}
+
+	b.Reset()
+	if err := printStatus(&b, statusView{ID: "gw", Healthy: true}, now); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "log: 0 events, 0 B\nsinks: none configured\n") {
+		t.Errorf("without sinks:\n%s", b.String())
 	}
 }
