@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -161,16 +162,50 @@ func TestNew(t *testing.T) {
 	}
 }
 
+// TestBackoff: the wait before reconnect attempt k is drawn uniformly from [backoff_min,
+// min(backoff_max, backoff_min·2^k)): the upper bound doubles with each attempt until backoff_max caps it, and
+// the waits of one attempt spread over that whole range (full jitter). Each attempt takes 2000 samples: the
+// largest misses the top 10% of the range, or the smallest its bottom 10%, by a chance of 0.9^2000 (about
+// 1e-92), and the mean lies within 20% of the range's middle by some 30 standard deviations, so these loose
+// bounds never flake while a fixed, linear, uncapped or unjittered wait fails them.
 func TestBackoff(t *testing.T) {
-	s := &sink{cfg: SinkConfig{BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second}}
+	const samples = 2000
+	lo, hi := 100*time.Millisecond, 2*time.Second
+	s := &sink{cfg: SinkConfig{BackoffMin: lo, BackoffMax: hi}}
+	prevCeil, prevMax := time.Duration(0), time.Duration(0)
 	for attempt := 1; attempt < 80; attempt++ {
-		ceil := min(s.cfg.BackoffMin<<min(attempt, 20), s.cfg.BackoffMax)
-		for range 50 {
-			d := s.backoff(attempt)
-			if d < s.cfg.BackoffMin || d > ceil {
-				t.Fatalf("attempt %d: %s outside [%s, %s]", attempt, d, s.cfg.BackoffMin, ceil)
-			}
+		ceil := lo // min(hi, lo·2^attempt), doubling step by step so it cannot overflow
+		for range attempt {
+			ceil = min(2*ceil, hi)
 		}
+		span := ceil - lo
+		dmin, dmax, sum := time.Duration(math.MaxInt64), time.Duration(0), 0.0
+		distinct := map[time.Duration]bool{}
+		for range samples {
+			d := s.backoff(attempt)
+			if d < lo || d >= ceil {
+				t.Fatalf("attempt %d: %s outside [%s, %s)", attempt, d, lo, ceil)
+			}
+			dmin, dmax, sum = min(dmin, d), max(dmax, d), sum+float64(d)
+			distinct[d] = true
+		}
+		if dmax < ceil-span/10 {
+			t.Errorf("attempt %d: the longest of %d waits is %s, want close to the bound %s", attempt, samples, dmax, ceil)
+		}
+		if dmin > lo+span/10 {
+			t.Errorf("attempt %d: the shortest of %d waits is %s, want close to backoff_min %s (full jitter)",
+				attempt, samples, dmin, lo)
+		}
+		if mean := time.Duration(sum / samples); mean < lo+span*3/10 || mean > lo+span*7/10 {
+			t.Errorf("attempt %d: mean wait %s, want about %s (uniform over [%s, %s))", attempt, mean, lo+span/2, lo, ceil)
+		}
+		if len(distinct) < samples/2 {
+			t.Errorf("attempt %d: only %d distinct waits in %d: no jitter", attempt, len(distinct), samples)
+		}
+		if ceil > prevCeil && dmax <= prevMax {
+			t.Errorf("attempt %d: the longest wait %s did not grow from %s at the attempt before", attempt, dmax, prevMax)
+		}
+		prevCeil, prevMax = ceil, dmax
 	}
 	same := &sink{cfg: SinkConfig{BackoffMin: time.Second, BackoffMax: time.Second}}
 	if d := same.backoff(3); d != time.Second {

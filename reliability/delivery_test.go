@@ -213,8 +213,9 @@ func runFleet(ctx context.Context, f *e2e.Fleet, load e2e.Load) <-chan int64 {
 	return done
 }
 
-// TestOutage: the upstream broker is killed while devices keep publishing and comes back later: every
-// acknowledged event arrives, and the backlog the outage built up drains to 0.
+// TestOutage: while devices keep publishing, the TCP link between the gateway and the upstream broker goes
+// down (e2e.Link drops the sink's connection and refuses new ones; the broker itself keeps running) and comes
+// back up later: every acknowledged event arrives, and the backlog the outage built up drains to 0.
 func TestOutage(t *testing.T) {
 	t.Parallel()
 	start := time.Now()
@@ -254,10 +255,11 @@ func TestOutage(t *testing.T) {
 	}
 }
 
-// TestCrash: the outage of TestOutage plus two kill -9 of the gateway, one during the outage and one while the
-// backlog drains: no acknowledged event is lost, the duplicates stay within the window per new connection of
-// the sink (a kill -9 included), the persisted cursor is never more than a window behind the acknowledged one,
-// and the log passes the integrity check after each crash.
+// TestCrash: the outage of TestOutage plus three kill -9 of the gateway, two during the outage (the second
+// hits a process that started with the link down and never reached the upstream) and one while the backlog
+// drains: no acknowledged event is lost, the duplicates stay within the window per new connection of the sink
+// (a kill -9 included), the persisted cursor is never more than a window behind the acknowledged one, and the
+// log passes the integrity check after each crash.
 func TestCrash(t *testing.T) {
 	t.Parallel()
 	start := time.Now()
@@ -302,15 +304,28 @@ func TestCrash(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	prog, marks := progressAt(total/5, total*9/20, total*7/10)
+	prog, marks := progressAt(total/5, total*2/5, total*11/20, total*7/10)
 	done := runFleet(ctx, f, e2e.Load{PerDevice: perDevice, Interval: 5 * time.Millisecond, Progress: prog})
 
 	await(t, marks[0], time.Minute, "a fifth of the events")
 	e2e.WaitFor(t, 10*time.Second, "the sink to connect", func() bool { return sinkConnected(g) })
 	u.link.Down()
-	await(t, marks[1], time.Minute, "45% of the events")
-	crash("during the outage")
-	await(t, marks[2], time.Minute, "70% of the events")
+	e2e.WaitFor(t, 10*time.Second, "the sink to notice the outage", func() bool { return !sinkConnected(g) })
+	await(t, marks[1], time.Minute, "40% of the events")
+	crash("during the outage (1st)")
+	await(t, marks[2], time.Minute, "55% of the events")
+	// The link is still down: the restarted gateway has not reached the upstream, and the events of the
+	// outage wait in its log.
+	if st, err := g.Status(); err != nil {
+		t.Errorf("status before the second kill: %v", err)
+	} else if s, ok := st.Sink(e2e.SinkName); !ok || s.Connected || s.Healthy {
+		t.Errorf("sink before the second kill during the outage = %+v (found %v), want disconnected", s, ok)
+	}
+	if b := backlog(g.MustMetrics()); b <= 0 {
+		t.Errorf("backlog before the second kill during the outage = %v, want > 0", b)
+	}
+	crash("during the outage (2nd)")
+	await(t, marks[3], time.Minute, "70% of the events")
 	u.link.Up()
 	// Kill again once the sink is draining: events in flight and a cursor that moves.
 	e2e.WaitFor(t, 15*time.Second, "the sink to drain", func() bool {
@@ -333,11 +348,13 @@ func TestCrash(t *testing.T) {
 	// against buffer.Log.Persisted). A new connection starts from the acknowledged cursor (a reconnect in the
 	// same process) or from the persisted one (the first connection after a kill -9), so it sends again at most
 	// window events the upstream may already have; the first connection sends nothing twice. connections counts
-	// every connection of the sink over the three processes from their logs: the reconnect after the outage,
-	// the first connection after each restart, and any reconnect after a stall.
+	// every connection of the sink over the four processes from their logs: the first process's connection
+	// before the outage, the connection made when the link comes back up (by the process started after the
+	// second kill), the first connection after the kill while draining, and any reconnect after a stall. The
+	// process started between the two kills during the outage never connects, so it adds none.
 	connections := strings.Count(g.Output(), "upstream connected")
 	limit := window * max(connections-1, 0)
-	record(t, "crash", start, o, fmt.Sprintf("%d devices x %d, upstream down, 2x kill -9, window %d, cursor lag %d, "+
+	record(t, "crash", start, o, fmt.Sprintf("%d devices x %d, upstream down, 3x kill -9 (2 during the outage), window %d, cursor lag %d, "+
 		"%d connections", len(devs), perDevice, window, lag, connections))
 	if o.counts.Duplicates > limit {
 		t.Errorf("%d duplicates, want at most %d (window %d x (%d connections - 1))",

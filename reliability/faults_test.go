@@ -4,10 +4,12 @@ package reliability
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -103,8 +105,23 @@ func TestStall(t *testing.T) {
 	detect := time.Since(stalledAt)
 	s, _ := st.Sink(e2e.SinkName)
 	t.Logf("stall detected after %s (ack_timeout %s): %q", detect.Round(time.Millisecond), ackTimeout, s.LastError)
-	if code := readyzCode(t, g); code != http.StatusServiceUnavailable {
+	// /readyz says why: the stalled sink among its problems and, in its sinks, stalled and unhealthy.
+	code, rz := readyz(t, g)
+	if code != http.StatusServiceUnavailable {
 		t.Errorf("/readyz during the stall = %d, want 503", code)
+	}
+	if !rz.Ready || rz.Healthy {
+		t.Errorf("/readyz during the stall: ready %v, healthy %v; want ready and not healthy", rz.Ready, rz.Healthy)
+	}
+	named := false
+	for _, p := range rz.Problems {
+		named = named || strings.HasPrefix(p, "sink "+e2e.SinkName+" unhealthy")
+	}
+	if !named {
+		t.Errorf("/readyz problems during the stall = %q, want one naming sink %s", rz.Problems, e2e.SinkName)
+	}
+	if rs, ok := rz.sink(e2e.SinkName); !ok || !rs.Stalled || rs.Healthy {
+		t.Errorf("/readyz sink %s during the stall = %+v (found %v), want stalled and not healthy", e2e.SinkName, rs, ok)
 	}
 	// Keep it stalled a while longer: the sink reconnects and the new connection stalls too.
 	time.Sleep(2 * ackTimeout)
@@ -140,14 +157,43 @@ func TestStall(t *testing.T) {
 	}
 }
 
-func readyzCode(t *testing.T, g *e2e.Gateway) int {
+// readyzBody is the JSON body of GET /readyz (gateway.Handler).
+type readyzBody struct {
+	Ready    bool             `json:"ready"`
+	Healthy  bool             `json:"healthy"`
+	Problems []string         `json:"problems"`
+	Sinks    []e2e.SinkStatus `json:"sinks"`
+}
+
+// sink returns the named sink of the body (ok false when absent).
+func (b readyzBody) sink(name string) (e2e.SinkStatus, bool) {
+	for _, s := range b.Sinks {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return e2e.SinkStatus{}, false
+}
+
+// readyz GETs /readyz and decodes its body; it fails the test when there is no JSON answer.
+func readyz(t *testing.T, g *e2e.Gateway) (int, readyzBody) {
 	t.Helper()
-	resp, err := http.Get(g.HTTPURL() + "/readyz")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, g.HTTPURL()+"/readyz", nil)
 	if err != nil {
 		t.Fatalf("GET /readyz: %v", err)
 	}
-	resp.Body.Close()
-	return resp.StatusCode
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET /readyz: %v", err)
+	}
+	defer resp.Body.Close()
+	var body readyzBody
+	if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+		t.Fatalf("GET /readyz (%d): body is not the expected JSON: %v", resp.StatusCode, err)
+	}
+	return resp.StatusCode, body
 }
 
 // deadUpstream is an MQTT URL nothing listens on: the sink keeps retrying, so its cursor holds every event.
