@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -255,4 +256,37 @@ func TestParseRetryAfter(t *testing.T) {
 			t.Errorf("parseRetryAfter(%q) = %s, want %s", tc.in, got, tc.want)
 		}
 	}
+}
+
+// TestHTTPHealthDuringOutage: an HTTP sink whose upstream keeps failing stays unhealthy between its retries (its
+// "connection" is only a client, always there), and turns healthy once a request succeeds.
+func TestHTTPHealthDuringOutage(t *testing.T) {
+	var down atomic.Bool
+	down.Store(true)
+	up := newUpstream(t, func(int, request) (int, map[string]string) {
+		if down.Load() {
+			return http.StatusServiceUnavailable, nil
+		}
+		return http.StatusNoContent, nil
+	})
+	log := newMemLog(t)
+	log.add("sensor.reading", "s1", 1)
+	sc := httpSink(up.srv.URL, ModeStructured)
+	sc.BackoffMin, sc.BackoffMax = 5*time.Millisecond, 20*time.Millisecond // many retries in the sampled time
+	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+	waitFor(t, 10*time.Second, "the first failure", func() bool { return sinkHealth(r, "web").LastError != "" })
+	tries := len(up.requests())
+	for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); {
+		if h := sinkHealth(r, "web"); h.Healthy || h.Connected {
+			t.Fatalf("healthy between two failed requests: %+v", h)
+		}
+	}
+	if n := len(up.requests()) - tries; n < 5 {
+		t.Fatalf("only %d retries in a second: the sampling proves little", n)
+	}
+	down.Store(false)
+	waitFor(t, 10*time.Second, "healthy after a request succeeded", func() bool {
+		h := sinkHealth(r, "web")
+		return h.Healthy && h.Connected && h.Cursor == 1
+	})
 }

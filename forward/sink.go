@@ -81,11 +81,12 @@ type sink struct {
 
 	// The priorities this sink carries: lo <= p < hi. A lane of a sink carries those of its own range and
 	// passes over the others; the sink itself leaves those of its lanes to them (see lane).
-	lo, hi uint8
-	lanes  []*lane       // the sink's lanes, highest first (none for a lane)
-	moved  chan struct{} // signalled when one of the sink's lanes moves its cursor
-	pub    *lane         // for a lane: where it publishes its cursor
-	base   string        // for a lane: the cursor of its sink, where a new lane starts
+	requestBased bool // http: each request stands alone, and only an answered one shows the upstream is up
+	lo, hi       uint8
+	lanes        []*lane       // the sink's lanes, highest first (none for a lane)
+	moved        chan struct{} // signalled when one of the sink's lanes moves its cursor
+	pub          *lane         // for a lane: where it publishes its cursor
+	base         string        // for a lane: the cursor of its sink, where a new lane starts
 
 	ackedCount atomic.Uint64 // events acknowledged, for the drain rate
 
@@ -98,6 +99,7 @@ type sink struct {
 	unsavedN  int        // events in unsaved; never more than the window
 	maxSent   uint64     // the highest Seq ever sent (for resent_total)
 	ackFail   bool       // the last Ack to the log failed (logged once)
+	failing   bool       // the last connection ended in a failure and none has been acknowledged since
 
 	mu      sync.Mutex
 	started time.Time
@@ -120,9 +122,10 @@ type sinkState struct {
 
 // lane is a sink's priority lane as the sink sees it: the priorities it carries and how far its cursor is.
 type lane struct {
-	lo, hi uint8
-	done   atomic.Uint64 // the lane's cursor: every event of its priorities up to it is carried
-	notify chan struct{} // the sink's moved channel
+	requestBased bool // http: each request stands alone, and only an answered one shows the upstream is up
+	lo, hi       uint8
+	done         atomic.Uint64 // the lane's cursor: every event of its priorities up to it is carried
+	notify       chan struct{} // the sink's moved channel
 }
 
 // publish records the lane's cursor and tells its sink.
@@ -148,6 +151,8 @@ func newSink(cfg SinkConfig, name string, lo, hi uint8, gatewayID string, src So
 		filter: newTypeFilter(cfg.Types),
 		lo:     lo,
 		hi:     hi,
+
+		requestBased: cfg.Type == TypeHTTP,
 	}
 	var err error
 	switch cfg.Type {
@@ -216,6 +221,7 @@ func (s *sink) run(ctx context.Context) error {
 			delay = re.after
 		}
 		s.failed(res.err)
+		s.failing = true
 		s.log.Warn("upstream connection failed; retrying", "target", s.tr.target(), "error", res.err,
 			"attempt", attempt, "retry_in", delay.Round(time.Millisecond))
 		t := time.NewTimer(delay)
@@ -261,7 +267,11 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	if err != nil {
 		return sessionResult{err: err}
 	}
-	s.setConnected(true)
+	if !s.requestBased || !s.failing {
+		// An HTTP "connection" is only a client: after a failed request the sink stays disconnected until a
+		// request succeeds, instead of looking healthy between its retries.
+		s.setConnected(true)
+	}
 	s.log.Info("upstream connected", "target", s.tr.target(), "cursor", s.done)
 	defer s.setConnected(false)
 	defer c.close()
@@ -442,6 +452,10 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			}
 			lastProgress = time.Now()
 			res.progressed = true
+			if s.failing {
+				s.failing = false
+				s.setConnected(true)
+			}
 			s.advance(&tr)
 		case <-c.lost():
 			res.err = c.cause()
