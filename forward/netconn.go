@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -55,8 +56,20 @@ func newGatheredConn(c net.Conn, writeTimeout time.Duration) *gatheredConn {
 	return g
 }
 
-// Read reads through the buffer.
-func (g *gatheredConn) Read(p []byte) (int, error) { return g.r.Read(p) }
+// Read reads through the buffer. Once a failed send has closed the connection, a read that fails because of that
+// close returns the send's error instead, which says why the connection went (a refused certificate, a reset).
+func (g *gatheredConn) Read(p []byte) (int, error) {
+	n, err := g.r.Read(p)
+	if err != nil && errors.Is(err, net.ErrClosed) {
+		g.mu.Lock()
+		werr := g.err
+		g.mu.Unlock()
+		if werr != nil {
+			return n, werr
+		}
+	}
+	return n, err
+}
 
 // Write queues p; it waits while connWriteQueue bytes are queued already.
 func (g *gatheredConn) Write(p []byte) (int, error) {

@@ -219,3 +219,40 @@ func TestGatheredDialer(t *testing.T) {
 		t.Fatal("connected to a server whose certificate is not trusted")
 	}
 }
+
+// failingConn is a connection whose writes fail with werr and whose reads wait until it is closed.
+type failingConn struct {
+	net.Conn // nil: only the methods below are used
+	werr     error
+	closed   chan struct{}
+}
+
+func (f *failingConn) Write([]byte) (int, error) { return 0, f.werr }
+func (f *failingConn) Read([]byte) (int, error) {
+	<-f.closed
+	return 0, &net.OpError{Op: "read", Net: "tcp", Err: net.ErrClosed}
+}
+func (f *failingConn) Close() error {
+	select {
+	case <-f.closed:
+	default:
+		close(f.closed)
+	}
+	return nil
+}
+func (f *failingConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestGatheredConnReadTellsWhy: when a failed send closes the connection, the reader (paho, which reports the
+// connection lost with the reader's error) gets the send's error, not "use of closed network connection".
+func TestGatheredConnReadTellsWhy(t *testing.T) {
+	why := errors.New("remote error: tls: certificate required")
+	g := newGatheredConn(&failingConn{werr: why, closed: make(chan struct{})}, time.Second)
+	defer g.Close()
+	if _, err := g.Write([]byte("CONNECT")); err != nil {
+		t.Fatalf("the first write only queues: %v", err)
+	}
+	_, err := g.Read(make([]byte, 1))
+	if !errors.Is(err, why) {
+		t.Fatalf("read after the failed send = %v, want the send's error (%v)", err, why)
+	}
+}

@@ -63,6 +63,19 @@ func Find() string {
 // does not start.
 func Start(t testing.TB, extra ...string) *Broker {
 	t.Helper()
+	b, err := TryStart(t, extra...)
+	if err != nil {
+		t.Fatalf("mosquittotest: %v", err)
+	}
+	return b
+}
+
+// TryStart is Start for configurations the installed broker may refuse (a feature it was built without, a port
+// of an extra listener that is taken): when the broker does not start, it returns an error that ends with the
+// tail of the broker's log instead of failing the test. The test is still skipped when mosquitto is not
+// installed, and fails on errors that are not the broker's (a directory or file that cannot be written).
+func TryStart(t testing.TB, extra ...string) (*Broker, error) {
+	t.Helper()
 	bin := Find()
 	if bin == "" {
 		t.Skip("mosquitto is not installed (Debian: apt-get install mosquitto); skipping the test that needs its own broker")
@@ -96,11 +109,10 @@ func Start(t testing.TB, extra ...string) *Broker {
 			t.Fatalf("mosquittotest: %v", err)
 		}
 		if err = b.start(); err == nil {
-			return b
+			return b, nil
 		}
 	}
-	t.Fatalf("mosquittotest: start: %v\n%s", err, tail(b.Log(), 20))
-	return nil
+	return nil, fmt.Errorf("start: %w\n%s", err, tail(b.Log(), 20))
 }
 
 // Addr is the broker's host:port (127.0.0.1 and the port chosen at Start).

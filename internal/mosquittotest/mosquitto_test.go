@@ -85,6 +85,22 @@ func TestBrokerRoundTrip(t *testing.T) {
 	waitFor(t, 5*time.Second, "10 messages", func() bool { return len(sub.payloads()) == 10 })
 }
 
+// TestTryStartRefused: a configuration the broker refuses is an error carrying the broker's complaint, not a
+// failed test; an accepted one gives a running broker.
+func TestTryStartRefused(t *testing.T) {
+	b, err := TryStart(t, "no_such_option_for_the_test 1")
+	if err == nil {
+		t.Fatalf("TryStart with an unknown option started a broker on %s", b.Addr())
+	}
+	if !strings.Contains(err.Error(), "no_such_option_for_the_test") {
+		t.Errorf("error does not carry the broker's log: %v", err)
+	}
+	b, err = TryStart(t)
+	if err != nil || !b.Running() {
+		t.Fatalf("TryStart without extra lines: %v", err)
+	}
+}
+
 // TestStopStartKeepsSavedSession shows what the forward outage tests rely on: a persistent subscription saved
 // with Save survives a SIGKILL, and messages published while the subscriber is away are queued for it.
 func TestStopStartKeepsSavedSession(t *testing.T) {
