@@ -59,7 +59,8 @@
 //
 //	actions:
 //	  - command:                         # a QoS 1 command to devices
-//	      device: hall-light             # one named device (checked at load), or
+//	      device: hall-light             # one device: a name (checked at load) or a template (checked as it
+//	                                     # renders: an unknown id is an error of the rule, nothing is sent), or
 //	      to: {kind: light, room: '{{ data.room }}'}  # every device matching (id, name, room, kind, labels.X)
 //	      command: lights.on
 //	      payload: '{"on":true}'         # a string template sent as it renders, or YAML data sent as JSON

@@ -73,6 +73,33 @@ func (f *engineFixture) evaluated(rule string) int {
 	return int(testutil.ToFloat64(f.e.met.evaluated.WithLabelValues(rule)))
 }
 
+// observations is how many evaluations of the rule its duration histogram holds.
+func (f *engineFixture) observations(t *testing.T, rule string) int {
+	t.Helper()
+	return observations(t, f.reg, rule)
+}
+
+func observations(t *testing.T, g prometheus.Gatherer, rule string) int {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "edgegate_rules_evaluation_duration_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "rule" && l.GetValue() == rule {
+					return int(m.GetHistogram().GetSampleCount())
+				}
+			}
+		}
+	}
+	return 0
+}
+
 func (f *engineFixture) waitEvaluated(t *testing.T, rule string, n int) {
 	t.Helper()
 	waitFor(t, 5*time.Second, fmt.Sprintf("%d evaluations by %s", n, rule), func() bool { return f.evaluated(rule) >= n })
@@ -124,8 +151,16 @@ func TestEngineReferenceScenario(t *testing.T) {
 	if got := testutil.ToFloat64(f.e.met.actions.WithLabelValues("lights-on-motion", "command", "ok")); got != 2 {
 		t.Errorf("actions{lights-on-motion,command,ok} = %v, want 2", got)
 	}
-	if n := testutil.CollectAndCount(f.reg, "edgegate_rules_evaluation_duration_seconds"); n != 1 {
-		t.Errorf("duration histogram series = %d", n)
+	// one duration series per rule, one observation per evaluation
+	if n := testutil.CollectAndCount(f.reg, "edgegate_rules_evaluation_duration_seconds"); n != 2 {
+		t.Errorf("duration histogram series = %d, want 2 (one per rule)", n)
+	}
+	for _, r := range []string{"lights-on-motion", "lights-off-when-empty"} {
+		// observed right after the evaluation, which may still be finishing on the engine's goroutine
+		waitFor(t, 5*time.Second, "an observation per evaluation of "+r, func() bool { return f.observations(t, r) == 2 })
+		if got := f.evaluated(r); got != 2 {
+			t.Errorf("evaluated{rule=%s} = %d, want 2", r, got)
+		}
 	}
 	if len(f.dl.all()) != 0 {
 		t.Errorf("dead letters: %v", f.dl.all())
@@ -636,4 +671,231 @@ func TestEngineContainsPanics(t *testing.T) {
 	if got := testutil.ToFloat64(e.met.errors.WithLabelValues("record")); got != 2 {
 		t.Fatalf("errors_total{record} = %v, want 2", got)
 	}
+}
+
+// seqStore records every Set as "key=value", in order.
+type seqStore struct {
+	mu  sync.Mutex
+	log []string
+}
+
+func (s *seqStore) Set(_, key string, value any) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.log = append(s.log, fmt.Sprintf("%s=%v", key, value))
+}
+func (s *seqStore) Get(string) (map[string]any, bool) { return nil, false }
+func (s *seqStore) take(n int) ([]string, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.log) < n {
+		return nil, false
+	}
+	out := s.log
+	s.log = nil
+	return out, true
+}
+
+// The engine evaluates an event only with the rules its type can match (exact types, wildcard patterns, "*", the
+// steps of sequences and absences), each once, in rule order; the other rules are not evaluated at all.
+func TestEngineTypeIndex(t *testing.T) {
+	act := func(name string) string {
+		return fmt.Sprintf("    actions: [{state: {device: log, key: %s, value: '{{ event.type }}'}}]\n", name)
+	}
+	var src strings.Builder
+	src.WriteString("rules:\n")
+	for _, r := range []struct{ name, body string }{
+		{"any", `    on: "*"` + "\n"},
+		{"temp", "    on: sensor.temperature\n"},
+		{"sensors", `    on: {type: "sensor.*"}` + "\n"},
+		{"door", "    on: door.opened\n"},
+		{"door-then-room", `    sequence: {first: door.opened, then: "room.*", within: 2m}` + "\n"},
+		{"door-open-long", `    absence: {after: door.opened, missing: "door.*", within: 10m}` + "\n"},
+		{"opened", `    on: "*.opened"` + "\n"},
+		{"temp-late", "    on: sensor.temperature\n"},
+		{"other", `    on: "other.*"` + "\n"},
+		{"humidity", "    on: sensor.humidity\n"},
+		{"no-on", "    description: without on, every event\n"},
+	} {
+		fmt.Fprintf(&src, "  - name: %s\n%s%s", r.name, r.body, act(r.name))
+	}
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"index.yaml": src.String()})
+	no := false
+	cfg.Watch = &no
+	store := &seqStore{}
+	reg := prometheus.NewRegistry()
+	e, err := New(cfg, Deps{Directory: homeDevices, State: store, Clock: NewSimClock(t0)}, nil, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := startEngine(t, e)
+
+	steps := []struct {
+		typ, subject string
+		fired        []string // rules whose action ran, in order
+	}{
+		{"sensor.temperature", "thermo-1", []string{"any", "temp", "sensors", "temp-late", "no-on"}},
+		{"door.opened", "door-1", []string{"any", "door", "opened", "no-on"}}, // starts the sequence, arms the absence
+		{"sensor.humidity", "thermo-1", []string{"any", "sensors", "humidity", "no-on"}},
+		{"window.opened", "hall-motion", []string{"any", "opened", "no-on"}},
+		{"room.entered", "door-1", []string{"any", "door-then-room", "no-on"}}, // completes the sequence
+		{"unknown.kind", "door-1", []string{"any", "no-on"}},
+	}
+	for i, s := range steps {
+		if !e.Submit(newEvent(s.typ, s.subject, t0, nil)) {
+			t.Fatalf("step %d: Submit refused", i)
+		}
+		var got []string
+		waitFor(t, 5*time.Second, fmt.Sprintf("step %d: %d actions", i, len(s.fired)), func() bool {
+			var ok bool
+			got, ok = store.take(len(s.fired))
+			return ok
+		})
+		want := make([]string, len(s.fired))
+		for j, r := range s.fired {
+			want[j] = r + "=" + s.typ
+		}
+		if strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Fatalf("step %d (%s): rules fired\n got %q\nwant %q", i, s.typ, got, want)
+		}
+	}
+	stop() // every evaluation has ended: the counts below are final
+	if got, _ := store.take(0); len(got) != 0 {
+		t.Fatalf("late actions %q", got)
+	}
+	wantEvaluated := map[string]int{"any": 6, "temp": 1, "sensors": 2, "door": 1, "door-then-room": 2,
+		"door-open-long": 1, "opened": 2, "temp-late": 1, "other": 0, "humidity": 1, "no-on": 6}
+	for r, want := range wantEvaluated {
+		if got := int(testutil.ToFloat64(e.met.evaluated.WithLabelValues(r))); got != want {
+			t.Errorf("evaluated{rule=%s} = %d, want %d", r, got, want)
+		}
+		if got := observations(t, reg, r); got != want {
+			t.Errorf("duration{rule=%s} has %d observations, want %d", r, got, want)
+		}
+	}
+}
+
+// A condition over the subject's state sees what a state action of another rule set: it is false until the state
+// holds the value, and true from then on, for that device only.
+func TestEngineWhenReadsState(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"away.yaml": `
+rules:
+  - name: set-mode
+    on: mode.set
+    actions: [{state: {key: mode, value: '{{ data.mode }}'}}]
+  - name: away-alarm
+    on: motion.detected
+    when: state.mode == "away"
+    actions: [{command: {device: hall-light, command: lights.blink, payload: '{{ event.subject }}'}}]
+`})
+	f := newEngine(t, cfg, homeDevices)
+	startEngine(t, f.e)
+	matched := func() int { return int(testutil.ToFloat64(f.e.met.matched.WithLabelValues("away-alarm"))) }
+	n := 0
+	motion := func(subject string) {
+		t.Helper()
+		n++
+		f.e.Submit(newEvent("motion.detected", subject, t0, nil))
+		// observed once the evaluation is over (it may run on the engine's goroutine)
+		waitFor(t, 5*time.Second, fmt.Sprintf("%d evaluations by away-alarm", n), func() bool {
+			return f.observations(t, "away-alarm") == n
+		})
+	}
+	setMode := func(mode string) {
+		t.Helper()
+		f.e.Submit(newEvent("mode.set", "hall-motion", t0, map[string]any{"mode": mode}))
+		waitFor(t, 5*time.Second, "mode "+mode, func() bool {
+			s, _ := f.store.Get("hall-motion")
+			return s["mode"] == mode
+		})
+	}
+
+	motion("hall-motion") // no state yet
+	setMode("home")
+	motion("hall-motion") // state.mode is "home"
+	if got := matched(); got != 0 {
+		t.Fatalf("away-alarm matched %d times before the mode was away", got)
+	}
+	setMode("away")
+	motion("kitchen-motion") // another device: its state has no mode
+	if got := matched(); got != 0 {
+		t.Fatalf("away-alarm matched %d times for a device whose mode is not away", got)
+	}
+	motion("hall-motion")
+	if got := matched(); got != 1 {
+		t.Fatalf("away-alarm matched %d times once the mode was away, want 1", got)
+	}
+	waitFor(t, 5*time.Second, "the command", func() bool { return len(f.cmd.list()) == 1 })
+	if c := f.cmd.list(); c[0] != "hall-light lights.blink hall-motion" {
+		t.Fatalf("commands %q", c)
+	}
+	if got := testutil.ToFloat64(f.e.met.errors.WithLabelValues("away-alarm")); got != 0 {
+		t.Fatalf("errors{away-alarm} = %v", got)
+	}
+}
+
+// A command whose device is rendered from the event is checked against the device directory: an unknown id is an
+// error of the rule (counted, logged), no command goes out, and the rule's other actions and the other rules go on.
+func TestEngineCommandToUnknownTemplatedDevice(t *testing.T) {
+	const src = `
+rules:
+  - name: forward
+    on: button.pressed
+    actions:
+      - command: {device: '{{ data.target }}', command: lights.on}
+      - state: {key: pressed, value: '{{ data.target }}'}
+  - name: after
+    on: button.pressed
+    actions: [{state: {key: after, value: '{{ data.target }}'}}]
+`
+	t.Run("engine", func(t *testing.T) {
+		cfg := DefaultConfig()
+		cfg.Dir = writeRules(t, map[string]string{"fwd.yaml": src})
+		f := newEngine(t, cfg, homeDevices)
+		stop := startEngine(t, f.e)
+
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"target": "ghost"}))
+		waitFor(t, 5*time.Second, "both rules evaluated", func() bool {
+			s, _ := f.store.Get("b1")
+			return s["pressed"] == "ghost" && s["after"] == "ghost"
+		})
+		if got := testutil.ToFloat64(f.e.met.errors.WithLabelValues("forward")); got != 1 {
+			t.Fatalf("errors{forward} = %v, want 1", got)
+		}
+		if got := testutil.ToFloat64(f.e.met.actions.WithLabelValues("forward", "command", "error")); got != 1 {
+			t.Fatalf("actions{forward,command,error} = %v, want 1", got)
+		}
+
+		// a known device still gets its command
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"target": "hall-light"}))
+		waitFor(t, 5*time.Second, "the command to hall-light", func() bool { return len(f.cmd.list()) == 1 })
+		stop()
+		if c := f.cmd.list(); len(c) != 1 || c[0] != "hall-light lights.on " || f.cmd.count("ghost") != 0 {
+			t.Fatalf("commands %q, %d to ghost", c, f.cmd.count("ghost"))
+		}
+		if dl := f.dl.all(); len(dl) != 0 {
+			t.Fatalf("dead letters %+v", dl)
+		}
+		for _, o := range []string{"failed", "dropped", "no_target"} {
+			if got := testutil.ToFloat64(f.e.met.actions.WithLabelValues("forward", "command", o)); got != 0 {
+				t.Errorf("actions{forward,command,%s} = %v, want 0", o, got)
+			}
+		}
+		if got := testutil.ToFloat64(f.e.met.errors.WithLabelValues("forward")); got != 1 {
+			t.Fatalf("errors{forward} = %v after a known device, want 1", got)
+		}
+	})
+	t.Run("error", func(t *testing.T) {
+		m, r := newMachine(t, src, homeDevices)
+		m.handle(newEvent("button.pressed", "b1", t0, map[string]any{"target": "ghost"}), t0)
+		if got := r.take(); strings.Join(got, "\n") != `forward: state b1 pressed="ghost"`+"\n"+`after: state b1 after="ghost"` {
+			t.Fatalf("actions %q", got)
+		}
+		want := `forward: command lights.on (line 6): device: unknown device "ghost" (not in the device registry)`
+		if len(r.errs) != 1 || r.errs[0] != want {
+			t.Fatalf("errors %q, want %q", r.errs, want)
+		}
+	})
 }

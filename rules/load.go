@@ -200,6 +200,25 @@ func (l *loader) finish(all []*rule) ([]*rule, []string, error) {
 	return out, l.warnings, nil
 }
 
+// errYAMLPanic marks the error of parseYAML when the YAML parser panicked; errLoaderPanic starts the problem
+// recorded when the loader itself panicked on a file.
+var (
+	errYAMLPanic   = errors.New("YAML parser failed")
+	errLoaderPanic = errors.New("internal error while loading this file")
+)
+
+// parseYAML parses data into YAML documents. The parser is third-party code fed operator files: a panic in it is
+// returned as an error wrapping errYAMLPanic rather than taking the gateway down. A panic in the loader's own code
+// is a bug, reported apart (errLoaderPanic, see parseFile).
+func parseYAML(data []byte) (f *ast.File, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			f, err = nil, fmt.Errorf("%w: %v", errYAMLPanic, p)
+		}
+	}()
+	return parser.ParseBytes(data, 0)
+}
+
 func (l *loader) parseFile(name string, data []byte) (rules []*rule) {
 	l.file = name
 	first := len(l.problems)
@@ -209,13 +228,18 @@ func (l *loader) parseFile(name string, data []byte) (rules []*rule) {
 		sort.SliceStable(ps, func(i, j int) bool { return ps[i].Line < ps[j].Line })
 	}()
 	defer func() {
-		// The YAML parser is third-party code fed operator files; a panic in it must not take the gateway down.
+		// A panic in the loader is a bug (FuzzLoadRules fails on it), but a rule file must never take the running
+		// gateway down: the file is reported as not loaded, and the rules in force stay.
 		if p := recover(); p != nil {
-			l.problems = append(l.problems, Problem{File: name, Message: fmt.Sprintf("YAML parser failed: %v", p)})
+			l.problems = append(l.problems, Problem{File: name, Message: fmt.Sprintf("%v: %v", errLoaderPanic, p)})
 			rules = nil
 		}
 	}()
-	f, err := parser.ParseBytes(data, 0)
+	f, err := parseYAML(data)
+	if errors.Is(err, errYAMLPanic) {
+		l.problems = append(l.problems, Problem{File: name, Message: err.Error()})
+		return nil
+	}
 	if err != nil {
 		line := 0
 		var ye yaml.Error

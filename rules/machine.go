@@ -222,8 +222,16 @@ func (m *machine) handle(ev *event.Event, now time.Time) {
 		m.scratch = m.set.candidates(m.scratch[:0], ev.Type())
 		rules = m.scratch
 	}
+	if m.met == nil {
+		for _, r := range rules {
+			m.evalRule(r, c)
+		}
+		return
+	}
 	for _, r := range rules {
+		start := time.Now()
 		m.evalRule(r, c)
+		m.met.rule(r).duration.Observe(time.Since(start).Seconds())
 	}
 }
 
@@ -468,6 +476,13 @@ func (m *machine) targets(a *action, e *env) ([]string, error) {
 		}
 		if id == "" {
 			return nil, errors.New("device: empty")
+		}
+		// A literal device was checked at load; one rendered from the event is checked here, so that an unknown
+		// id is this rule's error rather than a command sent to no device.
+		if _, lit := a.device.literal(); !lit && m.dir != nil {
+			if _, ok := m.dir.Device(id); !ok {
+				return nil, fmt.Errorf("device: unknown device %q (not in the device registry)", id)
+			}
 		}
 		return []string{id}, nil
 	}
