@@ -122,10 +122,9 @@ type sinkState struct {
 
 // lane is a sink's priority lane as the sink sees it: the priorities it carries and how far its cursor is.
 type lane struct {
-	requestBased bool // http: each request stands alone, and only an answered one shows the upstream is up
-	lo, hi       uint8
-	done         atomic.Uint64 // the lane's cursor: every event of its priorities up to it is carried
-	notify       chan struct{} // the sink's moved channel
+	lo, hi uint8
+	done   atomic.Uint64 // the lane's cursor: every event of its priorities up to it is carried
+	notify chan struct{} // the sink's moved channel
 }
 
 // publish records the lane's cursor and tells its sink.
