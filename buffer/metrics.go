@@ -43,7 +43,7 @@ func newMetrics(l *Log, reg prometheus.Registerer) (*metrics, error) {
 		}),
 		fsyncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "edgegate_buffer_fsync_duration_seconds",
-			Help:    "Duration of the periodic fsync in interval mode.",
+			Help:    "Duration of the writes and fsyncs of one commit in fsync mode (bbolt's write time: pages, fsync, meta page, fsync); of the periodic fsync in interval mode.",
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
 		}),
 		appended: prometheus.NewCounter(prometheus.CounterOpts{

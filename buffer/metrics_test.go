@@ -79,3 +79,19 @@ func histogramSum(t testing.TB, l testLog, name string) float64 {
 	}
 	return 0
 }
+
+// TestFsyncDurationInFsyncMode: in the default durability every commit's writes and fsyncs are observed in
+// edgegate_buffer_fsync_duration_seconds (it is not only the periodic fsync of interval mode).
+func TestFsyncDurationInFsyncMode(t *testing.T) {
+	l := openTest(t, Config{}, 0)
+	run(t, l.Log)
+	appendN(t, l.Log, 20, ev)
+	commits := testutilHistogramCount(t, l, "edgegate_buffer_commit_batch_size")
+	syncs := testutilHistogramCount(t, l, "edgegate_buffer_fsync_duration_seconds")
+	if commits < 20 || syncs != commits {
+		t.Errorf("%d commits, %d fsync observations: want one per commit", commits, syncs)
+	}
+	if sum := histogramSum(t, l, "edgegate_buffer_fsync_duration_seconds"); sum <= 0 {
+		t.Errorf("fsync duration sum %v, want > 0", sum)
+	}
+}

@@ -509,6 +509,11 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 		l.reloadState()
 		return t, err
 	}
+	if !l.db.NoSync {
+		// bbolt's write time of the commit: its page writes and its two fsyncs (data, then meta page).
+		st := t.tx.Stats()
+		l.m.fsyncDuration.Observe(st.GetWriteTime().Seconds())
+	}
 	prev := l.state.Swap(t.st)
 	l.mu.Lock()
 	saved := false
