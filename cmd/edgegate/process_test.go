@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -535,5 +536,245 @@ func TestStatusShowsSinks(t *testing.T) {
 	if st.Healthy || len(st.Sinks) != 2 || st.Sinks[0].Name != "cloud" || st.Sinks[0].Healthy ||
 		st.Sinks[0].LastError == "" || st.Backlog.Events < published {
 		t.Errorf("status --json: %s", raw)
+	}
+}
+
+// crashDevices publish concurrently in TestKill9ManyDevicesRestartTwice; each may publish under devices/{id}/ with
+// the password {id}-pw (configs/devices.yaml).
+var crashDevices = []string{"thermo-1", "kitchen-motion", "kitchen-light-1", "hall-motion", "hall-light"}
+
+// crashRound is what the devices published to one gateway process until it was killed.
+type crashRound struct {
+	acked map[string][]int // per device, the seqs a PUBACK came back for
+	next  map[string]int   // per device, one more than the highest seq published
+	lost  int              // publishes without an acknowledgement (in flight at the kill)
+}
+
+// publishUntilKilled connects every device of crashDevices to d and has each publish QoS 1 events with seqs
+// counting up from from[device], several in flight at a time, until d is killed with SIGKILL. The kill comes once
+// each device has some events acknowledged and together they have at least minAcked, while all keep publishing.
+func publishUntilKilled(t *testing.T, d *proc, from map[string]int, minAcked int) crashRound {
+	t.Helper()
+	clients := make(map[string]paho.Client, len(crashDevices))
+	for _, id := range crashDevices {
+		opts := paho.NewClientOptions().AddBroker("tcp://" + d.mqtt).SetClientID(id).
+			SetUsername(id).SetPassword(id + "-pw").SetAutoReconnect(false).SetConnectRetry(false)
+		cl := paho.NewClient(opts)
+		if tok := cl.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("connect %s: %v", id, tok.Error())
+		}
+		defer cl.Disconnect(0)
+		clients[id] = cl
+	}
+
+	var mu sync.Mutex
+	r := crashRound{acked: map[string][]int{}, next: map[string]int{}}
+	killed := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, id := range crashDevices {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var inflight sync.WaitGroup
+			defer inflight.Wait()
+			sem := make(chan struct{}, 16) // publishes in flight for this device
+			topic := "devices/" + id + "/telemetry/temperature"
+			for seq := from[id]; ; seq++ {
+				select {
+				case <-killed:
+					return
+				case sem <- struct{}{}:
+				}
+				tok := clients[id].Publish(topic, 1, false, fmt.Sprintf(`{"seq":%d}`, seq))
+				mu.Lock()
+				r.next[id] = seq + 1
+				mu.Unlock()
+				inflight.Add(1)
+				go func() {
+					defer inflight.Done()
+					defer func() { <-sem }()
+					ok := tok.WaitTimeout(5*time.Second) && tok.Error() == nil
+					mu.Lock()
+					defer mu.Unlock()
+					if ok {
+						r.acked[id] = append(r.acked[id], seq)
+					} else {
+						r.lost++
+					}
+				}()
+			}
+		}()
+	}
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		total, least := 0, -1
+		for _, id := range crashDevices {
+			n := len(r.acked[id])
+			total += n
+			if least < 0 || n < least {
+				least = n
+			}
+		}
+		mu.Unlock()
+		if total >= minAcked && least >= 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(killed)
+			wg.Wait()
+			t.Fatalf("only %d events acknowledged (the slowest device %d) within 10s\n%s", total, least, d.log())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	close(killed)
+	if err := d.wait(t, 10*time.Second); err == nil {
+		t.Fatal("the gateway exited with status 0 after SIGKILL")
+	}
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	for _, id := range crashDevices {
+		slices.Sort(r.acked[id])
+	}
+	return r
+}
+
+// stopAndExport stops d with SIGTERM, which must end it cleanly, and exports its log with `backlog export`: per
+// device, the seqs of its events in the log's order, and the number of events in the log.
+func stopAndExport(t *testing.T, d *proc, cfg string) (map[string][]int, int) {
+	t.Helper()
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.wait(t, 10*time.Second); err != nil {
+		t.Fatalf("stop after a restart: %v\n%s", err, d.log())
+	}
+	code, out, errOut := runCmd(t, "backlog", "export", "--config", cfg)
+	if code != 0 {
+		t.Fatalf("export: exit %d: %s", code, errOut)
+	}
+	seqs := map[string][]int{}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	for _, line := range lines {
+		var ev struct {
+			Type    string `json:"type"`
+			Subject string `json:"subject"`
+			Data    struct {
+				Seq *int `json:"seq"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal([]byte(line), &ev); err != nil {
+			t.Fatalf("a record in the log does not parse: %v: %q", err, line)
+		}
+		if ev.Type == "telemetry.temperature" && ev.Data.Seq != nil {
+			seqs[ev.Subject] = append(seqs[ev.Subject], *ev.Data.Seq)
+		}
+	}
+	return seqs, len(lines)
+}
+
+// statusEvents returns the number of events in the log of the running gateway d, from its status API.
+func statusEvents(t *testing.T, d *proc) int {
+	t.Helper()
+	code, out, errOut := runCmd(t, "status", "--addr", d.http, "--json")
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	var st struct {
+		Backlog struct {
+			Events *int `json:"events"`
+		} `json:"backlog"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil || st.Backlog.Events == nil {
+		t.Fatalf("status --json has no backlog events (%v):\n%s", err, out)
+	}
+	return *st.Backlog.Events
+}
+
+// checkCrashLog checks the devices' events in the log (per device, seqs in the log's order) against the rounds
+// published before: every acknowledged event is there, no event is there twice, each device's events are in the
+// order it published them, and nothing is there that was not published.
+func checkCrashLog(t *testing.T, have map[string][]int, rounds ...crashRound) {
+	t.Helper()
+	for id := range have {
+		if !slices.Contains(crashDevices, id) {
+			t.Errorf("the log has telemetry of %q, which did not publish", id)
+		}
+	}
+	for _, id := range crashDevices {
+		seqs := have[id]
+		for i := 1; i < len(seqs); i++ {
+			if seqs[i] <= seqs[i-1] {
+				t.Errorf("%s: seq %d follows seq %d in the log: duplicated or out of order", id, seqs[i], seqs[i-1])
+			}
+		}
+		next := 0
+		for _, r := range rounds {
+			next = max(next, r.next[id])
+		}
+		if len(seqs) > 0 && seqs[len(seqs)-1] >= next {
+			t.Errorf("%s: the log has seq %d, but the device published only up to %d", id, seqs[len(seqs)-1], next-1)
+		}
+		var missing []int
+		for _, r := range rounds {
+			for _, s := range r.acked[id] {
+				if _, ok := slices.BinarySearch(seqs, s); !ok {
+					missing = append(missing, s)
+				}
+			}
+		}
+		if len(missing) > 0 {
+			t.Errorf("%s: %d acknowledged events are not in the log, seqs %v", id, len(missing), missing[:min(len(missing), 20)])
+		}
+	}
+}
+
+// TestKill9ManyDevicesRestartTwice kills the gateway with SIGKILL while several devices publish QoS 1 events at
+// once, twice, each time restarting it on the same data: through the restarted gateway every acknowledged event
+// is in the log exactly once, each device's events in the order it published them, and the second crash keeps the
+// events of the first round as they were.
+func TestKill9ManyDevicesRestartTwice(t *testing.T) {
+	cfg, _ := writeConfig(t, "")
+
+	// Round 1: the devices publish until the gateway is killed; it restarts on the same data.
+	first := publishUntilKilled(t, startDaemon(t, cfg), map[string]int{}, 300)
+	d := startDaemon(t, cfg)
+	inStatus := statusEvents(t, d)
+	have1, inLog := stopAndExport(t, d, cfg)
+	checkCrashLog(t, have1, first)
+	if inStatus != inLog {
+		t.Errorf("the restarted gateway's status shows %d events, its log holds %d", inStatus, inLog)
+	}
+
+	// Round 2 continues each device's seqs on a gateway started on the same data, killed again.
+	second := publishUntilKilled(t, startDaemon(t, cfg), first.next, 300)
+	d = startDaemon(t, cfg)
+	inStatus = statusEvents(t, d)
+	have2, inLog := stopAndExport(t, d, cfg)
+	checkCrashLog(t, have2, first, second)
+	if inStatus != inLog {
+		t.Errorf("the restarted gateway's status shows %d events, its log holds %d", inStatus, inLog)
+	}
+	for _, id := range crashDevices {
+		before := have2[id][:min(len(have2[id]), len(have1[id]))]
+		if !slices.Equal(before, have1[id]) {
+			t.Errorf("%s: the events of round 1 changed after the second crash: %v, then %v", id, have1[id], before)
+		}
+	}
+
+	for i, r := range []crashRound{first, second} {
+		acked := 0
+		for _, id := range crashDevices {
+			acked += len(r.acked[id])
+		}
+		t.Logf("round %d: %d acknowledged, %d without acknowledgement", i+1, acked, r.lost)
+	}
+	for _, id := range crashDevices {
+		t.Logf("%s: %d events after round 1, %d after round 2", id, len(have1[id]), len(have2[id]))
 	}
 }
