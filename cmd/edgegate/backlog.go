@@ -129,8 +129,9 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 			defer f.Close()
 			w = f
 		}
+		// Progress goes to a terminal, unless the events themselves go to that terminal too.
 		var prog io.Writer
-		if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) && !isTerminal(w) {
 			prog = stderr
 		}
 		bw := bufio.NewWriterSize(w, 1<<16)
@@ -354,4 +355,10 @@ func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.W
 	}
 	fmt.Fprintf(stdout, "imported %d events\n", n)
 	return nil
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
 }

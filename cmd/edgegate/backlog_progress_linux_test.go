@@ -206,4 +206,31 @@ func TestBacklogExportProgress(t *testing.T) {
 			t.Errorf("a file got progress output: %q", shown)
 		}
 	})
+
+	// The events themselves on the terminal (no --out, stdout a terminal): no progress bar among them.
+	t.Run("events on the terminal", func(t *testing.T) {
+		master, tty := openPTY(t)
+		got := drain(master)
+		if code := runMain(context.Background(), []string{"backlog", "export", "--config", cfg}, tty, tty); code != 0 {
+			t.Fatalf("export to a terminal: exit %d", code)
+		}
+		if err := tty.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := master.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		var shown []byte
+		select {
+		case shown = <-got:
+		case <-time.After(15 * time.Second):
+			t.Fatal("reading the terminal did not end")
+		}
+		if progressRE.Match(shown) {
+			t.Errorf("a progress bar among the events on the terminal")
+		}
+		if n := strings.Count(string(shown), "\n"); n != total {
+			t.Errorf("the terminal shows %d lines, want the %d events", n, total)
+		}
+	})
 }
