@@ -23,22 +23,33 @@ const UpstreamTopic = "edgegate/+/events/#"
 
 // Collector subscribes to the upstream broker with a persistent session (QoS 1, clean session off, automatic
 // reconnect) and records the CloudEvents the gateway forwards: how often each id arrived, and for each device
-// the seqs of the Client events in order of first arrival. The broker's persistence is saved right after the
-// subscription, so the session survives the broker being killed and started again.
+// and kind the seqs of the Client events in order of first arrival. The broker's persistence is saved right
+// after the subscription, so the session survives the broker being killed and started again.
 type Collector struct {
 	t  testing.TB
 	cl paho.Client
 
 	mu     sync.Mutex
-	ids    map[string]int   // CloudEvent id → arrivals
-	keys   map[Key]string   // device/seq → the id it first arrived with
-	keyIDs map[Key]int      // device/seq → distinct ids seen for it
-	order  map[string][]int // device → seqs in order of first arrival
-	msgs   int              // messages received
-	other  int              // events that are not Client events (presence, …)
-	bad    []string         // payloads that are not CloudEvents
-	last   time.Time        // when the last message arrived
-	types  map[string]int   // CloudEvent type → arrivals
+	ids    map[string]int    // CloudEvent id → arrivals
+	idKind map[string]string // CloudEvent id of a Client event → its kind
+	keys   map[Key]string    // device/seq/kind → the id it first arrived with
+	keyIDs map[Key]int       // device/seq/kind → distinct ids seen for it
+	order  map[stream][]int  // device and kind → seqs in order of first arrival
+	msgs   int               // messages received
+	other  int               // events that are not Client events (presence, …)
+	bad    []string          // payloads that are not CloudEvents
+	last   time.Time         // when the last message arrived
+	types  map[string]int    // CloudEvent type → arrivals
+}
+
+// stream is the events of one kind from one device: the unit of order.
+type stream struct{ device, kind string }
+
+func (s stream) String() string {
+	if s.kind == "" {
+		return s.device
+	}
+	return s.device + "/" + s.kind
 }
 
 type upstreamEvent struct {
@@ -51,8 +62,8 @@ type upstreamEvent struct {
 // NewCollector connects to broker, subscribes to UpstreamTopic and saves the broker's persistence.
 func NewCollector(t testing.TB, broker *mosquittotest.Broker) *Collector {
 	t.Helper()
-	c := &Collector{t: t, ids: map[string]int{}, keys: map[Key]string{}, keyIDs: map[Key]int{},
-		order: map[string][]int{}, types: map[string]int{}}
+	c := &Collector{t: t, ids: map[string]int{}, idKind: map[string]string{}, keys: map[Key]string{},
+		keyIDs: map[Key]int{}, order: map[stream][]int{}, types: map[string]int{}}
 	opts := paho.NewClientOptions().AddBroker(broker.URL()).SetClientID(fmt.Sprintf("e2e-collector-%d", time.Now().UnixNano())).
 		SetCleanSession(false).SetAutoReconnect(true).SetConnectRetry(true).
 		SetConnectRetryInterval(50 * time.Millisecond).SetMaxReconnectInterval(100 * time.Millisecond).
@@ -88,21 +99,32 @@ func (c *Collector) record(payload []byte) {
 	if c.ids[ev.ID] > 1 {
 		return
 	}
-	var d struct {
-		Seq    int    `json:"seq"`
-		Device string `json:"device"`
-	}
-	if !strings.HasSuffix(ev.Type, EventType) || json.Unmarshal(ev.Data, &d) != nil || d.Seq == 0 {
+	k, ok := clientKey(ev.Type, ev.Subject, ev.Data)
+	if !ok {
 		c.other++
 		return
 	}
-	k := Key{ev.Subject, d.Seq}
+	c.idKind[ev.ID] = k.Kind
 	c.keyIDs[k]++
 	if _, seen := c.keys[k]; seen {
 		return // a second id for the same publish: counted by Counts as a duplicate
 	}
 	c.keys[k] = ev.ID
-	c.order[ev.Subject] = append(c.order[ev.Subject], d.Seq)
+	s := stream{k.Device, k.Kind}
+	c.order[s] = append(c.order[s], k.Seq)
+}
+
+// clientKey recognises a Client event by its type and data: an event of type e2e.tick (with any prefix) or one
+// whose data names its kind, with a seq in its data. The key's device is the event's subject.
+func clientKey(typ, subject string, data []byte) (Key, bool) {
+	var d struct {
+		Seq  int    `json:"seq"`
+		Kind string `json:"kind"`
+	}
+	if json.Unmarshal(data, &d) != nil || d.Seq <= 0 || (d.Kind == "" && !strings.HasSuffix(typ, EventType)) {
+		return Key{}, false
+	}
+	return Key{Device: subject, Seq: d.Seq, Kind: d.Kind}, true
 }
 
 // Connected reports whether the collector's connection is up.
@@ -136,6 +158,36 @@ func (c *Collector) Counts() Counts {
 	return n
 }
 
+// KindCounts are a Collector's totals for the Client events of one kind.
+type KindCounts struct {
+	// Events counts the events (device/seq) that arrived, once each; IDs the distinct CloudEvent ids they
+	// arrived with (equal to Events unless the gateway stored a publish twice).
+	Events, IDs int
+	// Duplicates counts the messages that repeated the id of one of these events; SeqDuplicates the events
+	// that arrived under more than one id.
+	Duplicates, SeqDuplicates int
+}
+
+// CountKind returns the totals so far for the Client events of kind ("" for NewClient's).
+func (c *Collector) CountKind(kind string) KindCounts {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n KindCounts
+	for id, k := range c.idKind {
+		if k == kind {
+			n.IDs++
+			n.Duplicates += c.ids[id] - 1
+		}
+	}
+	for k, v := range c.keyIDs {
+		if k.Kind == kind {
+			n.Events++
+			n.SeqDuplicates += v - 1
+		}
+	}
+	return n
+}
+
 // Has reports whether the event k arrived.
 func (c *Collector) Has(k Key) bool {
 	c.mu.Lock()
@@ -158,6 +210,9 @@ func (c *Collector) Missing(want []Key) []Key {
 		if out[i].Device != out[j].Device {
 			return out[i].Device < out[j].Device
 		}
+		if out[i].Kind != out[j].Kind {
+			return out[i].Kind < out[j].Kind
+		}
 		return out[i].Seq < out[j].Seq
 	})
 	return out
@@ -174,16 +229,17 @@ func (c *Collector) Keys() []Key {
 	return out
 }
 
-// OrderErrors returns, per device whose events arrived out of order (by first arrival), a description of the
-// first inversion. Nil means every device's events arrived in the order it published them.
+// OrderErrors returns, per device (and kind, named "device/kind") whose events arrived out of order (by first
+// arrival), a description of the first inversion. Nil means every device's events of each kind arrived in
+// the order it published them; events of different kinds are not ordered against each other.
 func (c *Collector) OrderErrors() []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var out []string
-	for dev, seqs := range c.order {
+	for s, seqs := range c.order {
 		for i := 1; i < len(seqs); i++ {
 			if seqs[i] < seqs[i-1] {
-				out = append(out, fmt.Sprintf("%s: seq %d arrived after %d", dev, seqs[i], seqs[i-1]))
+				out = append(out, fmt.Sprintf("%s: seq %d arrived after %d", s, seqs[i], seqs[i-1]))
 				break
 			}
 		}

@@ -13,22 +13,32 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 )
 
-// Key names one event a device published: the device and the seq number in its payload.
+// Key names one event a device published: the device, the seq number in its payload and the kind of event
+// ("" for the e2e.tick events of NewClient; a NewKindClient's kind otherwise). Each kind numbers its seqs on
+// its own.
 type Key struct {
 	Device string
 	Seq    int
+	Kind   string
 }
 
-func (k Key) String() string { return fmt.Sprintf("%s#%d", k.Device, k.Seq) }
+func (k Key) String() string {
+	if k.Kind == "" {
+		return fmt.Sprintf("%s#%d", k.Device, k.Seq)
+	}
+	return fmt.Sprintf("%s/%s#%d", k.Device, k.Kind, k.Seq)
+}
 
 // Client is one device connected to the gateway with MQTT 3.1.1 (paho, clean session, no automatic reconnect:
-// Publish reconnects). It publishes QoS 1 events {"seq":N} to devices/{id}/events/e2e.tick, seq counting from 1,
-// each seq exactly once, and records which of them got a PUBACK. It is safe for concurrent use, though one
-// goroutine per client keeps the seq order.
+// Publish reconnects). It publishes QoS 1 events {"seq":N,"device":ID} to devices/{id}/events/e2e.tick, seq
+// counting from 1, each seq exactly once, and records which of them got a PUBACK. It is safe for concurrent
+// use, though one goroutine per client keeps the seq order.
 type Client struct {
-	dev   Device
-	url   string
-	topic string
+	dev      Device
+	url      string
+	clientID string
+	topic    string
+	kind     string
 
 	mu      sync.Mutex
 	cl      paho.Client
@@ -41,13 +51,29 @@ type Client struct {
 
 // NewClient returns a client of dev for the gateway at url (tcp://host:port); it connects on first use.
 func NewClient(t testing.TB, url string, dev Device) *Client {
-	c := &Client{dev: dev, url: url, topic: "devices/" + dev.ID + "/events/" + EventType, next: 1, acked: map[int]bool{}}
+	c := &Client{dev: dev, url: url, clientID: dev.ID, topic: "devices/" + dev.ID + "/events/" + EventType, next: 1,
+		acked: map[int]bool{}}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// NewKindClient returns a client of dev that publishes events of another kind, on a connection of its own
+// (client id "<device id>:<kind>"): QoS 1 {"seq":N,"device":ID,"kind":KIND} to topic, seq counting from 1 for
+// this kind. The gateway's mappings decide the events' type and priority from topic; the Collector and
+// CheckLog tell the events apart by the kind in their data, whatever their type, and report them under
+// Key.Kind.
+func NewKindClient(t testing.TB, url string, dev Device, kind, topic string) *Client {
+	c := &Client{dev: dev, url: url, clientID: dev.ID + ":" + kind, topic: topic, kind: kind, next: 1,
+		acked: map[int]bool{}}
 	t.Cleanup(c.Close)
 	return c
 }
 
 // ID is the device id.
 func (c *Client) ID() string { return c.dev.ID }
+
+// Kind is the kind of the events the client publishes ("" for NewClient's).
+func (c *Client) Kind() string { return c.kind }
 
 // Connect connects when not connected; it returns the connection error.
 func (c *Client) Connect(timeout time.Duration) error {
@@ -60,7 +86,7 @@ func (c *Client) Connect(timeout time.Duration) error {
 	if cl != nil {
 		cl.Disconnect(0)
 	}
-	opts := paho.NewClientOptions().AddBroker(c.url).SetClientID(c.dev.ID).SetUsername(c.dev.ID).
+	opts := paho.NewClientOptions().AddBroker(c.url).SetClientID(c.clientID).SetUsername(c.dev.ID).
 		SetPassword(c.dev.Password).SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
 		SetConnectTimeout(timeout).SetKeepAlive(10 * time.Second).SetOrderMatters(true).
 		SetWriteTimeout(timeout)
@@ -68,10 +94,10 @@ func (c *Client) Connect(timeout time.Duration) error {
 	tok := cl.Connect()
 	if !tok.WaitTimeout(timeout + time.Second) {
 		cl.Disconnect(0)
-		return fmt.Errorf("connect %s: timed out", c.dev.ID)
+		return fmt.Errorf("connect %s: timed out", c.clientID)
 	}
 	if err := tok.Error(); err != nil {
-		return fmt.Errorf("connect %s: %w", c.dev.ID, err)
+		return fmt.Errorf("connect %s: %w", c.clientID, err)
 	}
 	c.mu.Lock()
 	c.cl = cl
@@ -103,7 +129,11 @@ func (c *Client) Publish(ctx context.Context, timeout time.Duration) (seq int, a
 	c.next++
 	c.sent++
 	c.mu.Unlock()
-	tok := cl.Publish(c.topic, 1, false, fmt.Sprintf(`{"seq":%d,"device":%q}`, seq, c.dev.ID))
+	payload := fmt.Sprintf(`{"seq":%d,"device":%q}`, seq, c.dev.ID)
+	if c.kind != "" {
+		payload = fmt.Sprintf(`{"seq":%d,"device":%q,"kind":%q}`, seq, c.dev.ID, c.kind)
+	}
+	tok := cl.Publish(c.topic, 1, false, payload)
 	ok := tok.WaitTimeout(timeout) && tok.Error() == nil
 	if ok {
 		c.mu.Lock()
@@ -230,7 +260,7 @@ func (f *Fleet) Acked() []Key {
 	var out []Key
 	for _, c := range f.Clients {
 		for _, s := range c.Acked() {
-			out = append(out, Key{c.ID(), s})
+			out = append(out, Key{Device: c.ID(), Seq: s, Kind: c.kind})
 		}
 	}
 	return out

@@ -5,8 +5,8 @@
 // /api/status, and checks the durable log offline.
 //
 // Device clients (paho, QoS 1) record which publishes were acknowledged; a Collector subscribes to the upstream
-// broker with a persistent session and counts unique and duplicate CloudEvents and each device's order. A
-// Report gathers one Row per scenario and prints them as a table.
+// broker with a persistent session and counts unique and duplicate CloudEvents and each device's order (per kind
+// of event, see NewKindClient). A Report gathers one Row per scenario and prints them as a table.
 //
 // It is test support: its functions take a testing.TB, fail the test on setup errors and register their
 // cleanup with it. It binds only to 127.0.0.1.

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
@@ -23,7 +22,7 @@ type LogCheck struct {
 	Events int
 	// Stats is the output of `edgegate backlog stats`.
 	Stats string
-	// Keys are the Client events among the records.
+	// Keys are the Client events among the records (of every kind).
 	Keys []Key
 	// Cursors are the persisted cursor positions (log sequence numbers) by name, from the stats.
 	Cursors map[string]uint64
@@ -94,11 +93,8 @@ func (g *Gateway) CheckLog() (LogCheck, error) {
 		}
 		seen[ev.ID()] = true
 		res.Events++
-		var d struct {
-			Seq int `json:"seq"`
-		}
-		if strings.HasSuffix(ev.Type(), EventType) && json.Unmarshal(ev.Data(), &d) == nil && d.Seq > 0 {
-			res.Keys = append(res.Keys, Key{ev.Subject(), d.Seq})
+		if k, ok := clientKey(ev.Type(), ev.Subject(), ev.Data()); ok {
+			res.Keys = append(res.Keys, k)
 		}
 	}
 	if err := sc.Err(); err != nil {
