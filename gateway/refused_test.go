@@ -22,24 +22,10 @@ import (
 // state nor reaches the rules, so a device that sends it again later does not set off its rule twice.
 func TestRefusedEventTriggersNothing(t *testing.T) {
 	t.Parallel()
-	port, err := freeport.Get() // nothing listens there
-	if err != nil {
-		t.Fatal(err)
-	}
-	gw := startGateway(t, func(c *gateway.Config) {
-		c.Buffer.MaxBytes = 8 << 10
-		c.Buffer.WhenFull = buffer.WhenFullReject
-		// A sink whose upstream never answers: its cursor holds every event, so the log fills up.
-		c.Forward.Sinks = []forward.SinkConfig{{Name: "cloud", Type: forward.TypeMQTT,
-			MQTT: &forward.MQTTConfig{URL: fmt.Sprintf("tcp://127.0.0.1:%d", port), ConnectTimeout: 100 * time.Millisecond}}}
+	gw := startFullGateway(t, func(c *gateway.Config) {
 		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "1m"))
 	})
 	addr := gw.MQTTAddr("tcp")
-	filler := connectDevice(t, addr, "hall-motion")
-	waitFor(t, 10*time.Second, "the log full", func() bool {
-		publish(t, filler, "devices/hall-motion/telemetry", 0, `{"pad":"`+strings.Repeat("x", 200)+`"}`)
-		return gw.Log().Stats().Full
-	})
 
 	sensor := connectDevice(t, addr, "kitchen-motion")
 	rejected := metricSum(t, gw.Reg, "edgegate_buffer_rejected_total", nil)
@@ -59,22 +45,8 @@ func TestRefusedEventTriggersNothing(t *testing.T) {
 // QoS 1 publish gets PUBACK reason 0x97 (quota exceeded), so it keeps the event and retries later.
 func TestFullLogRefusesMQTT5WithQuotaExceeded(t *testing.T) {
 	t.Parallel()
-	port, err := freeport.Get() // nothing listens there
-	if err != nil {
-		t.Fatal(err)
-	}
-	gw := startGateway(t, func(c *gateway.Config) {
-		c.Buffer.MaxBytes = 8 << 10
-		c.Buffer.WhenFull = buffer.WhenFullReject
-		c.Forward.Sinks = []forward.SinkConfig{{Name: "cloud", Type: forward.TypeMQTT,
-			MQTT: &forward.MQTTConfig{URL: fmt.Sprintf("tcp://127.0.0.1:%d", port), ConnectTimeout: 100 * time.Millisecond}}}
-	})
+	gw := startFullGateway(t, nil)
 	addr := gw.MQTTAddr("tcp")
-	filler := connectDevice(t, addr, "hall-motion")
-	waitFor(t, 10*time.Second, "the log full", func() bool {
-		publish(t, filler, "devices/hall-motion/telemetry", 0, `{"pad":"`+strings.Repeat("x", 200)+`"}`)
-		return gw.Log().Stats().Full
-	})
 
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
@@ -150,4 +122,29 @@ func TestFullLogRefusesMQTT5WithQuotaExceeded(t *testing.T) {
 		t.Errorf("PUBACK id %d reason 0x%02x, want id 7 reason 0x%02x (quota exceeded)", ack.PacketID, ack.ReasonCode,
 			packets.ErrQuotaExceeded.Code)
 	}
+}
+
+// startFullGateway starts a gateway (changed by mutate, when not nil) whose log is full under the reject policy:
+// 8 KiB, a sink whose upstream never answers (its cursor holds every event), filled by a device's telemetry.
+func startFullGateway(t *testing.T, mutate func(*gateway.Config)) *testGateway {
+	t.Helper()
+	port, err := freeport.Get() // nothing listens there
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw := startGateway(t, func(c *gateway.Config) {
+		c.Buffer.MaxBytes = 8 << 10
+		c.Buffer.WhenFull = buffer.WhenFullReject
+		c.Forward.Sinks = []forward.SinkConfig{{Name: "cloud", Type: forward.TypeMQTT,
+			MQTT: &forward.MQTTConfig{URL: fmt.Sprintf("tcp://127.0.0.1:%d", port), ConnectTimeout: 100 * time.Millisecond}}}
+		if mutate != nil {
+			mutate(c)
+		}
+	})
+	filler := connectDevice(t, gw.MQTTAddr("tcp"), "hall-motion")
+	waitFor(t, 10*time.Second, "the log full", func() bool {
+		publish(t, filler, "devices/hall-motion/telemetry", 0, `{"pad":"`+strings.Repeat("x", 200)+`"}`)
+		return gw.Log().Stats().Full
+	})
+	return gw
 }

@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/edgegate/edgegate/buffer"
 )
 
 // openPTY opens a pseudo-terminal pair: the master, from which the test reads what is written to the terminal,
@@ -70,44 +68,13 @@ func drain(r io.Reader) <-chan []byte {
 // fillLog stores n CloudEvents in the log in dataDir and returns them as the JSON lines an export writes.
 func fillLog(t *testing.T, dataDir string, n int) []string {
 	t.Helper()
-	if err := os.MkdirAll(dataDir, 0o750); err != nil {
-		t.Fatal(err)
-	}
-	bcfg := buffer.DefaultConfig()
-	bcfg.Path = filepath.Join(dataDir, "events.db")
-	lg, err := buffer.Open(bcfg, discardLogger(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- lg.Run(ctx) }()
 	lines := make([]string, 0, n)
-	pending := make([]*buffer.Pending, 0, n)
 	for i := range n {
-		data := fmt.Sprintf(`{"specversion":"1.0","id":"ev-%05d","source":"/gateways/test-gw/devices/thermo-1",`+
+		lines = append(lines, fmt.Sprintf(`{"specversion":"1.0","id":"ev-%05d","source":"/gateways/test-gw/devices/thermo-1",`+
 			`"type":"telemetry.temperature","subject":"thermo-1","time":"2026-01-02T03:%02d:%02dZ",`+
-			`"datacontenttype":"application/json","data":{"seq":%d}}`, i, i/60%60, i%60, i)
-		ev, err := validateEvent([]byte(data))
-		if err != nil {
-			t.Fatalf("event %d: %v", i, err)
-		}
-		p, err := lg.AppendAsync(ctx, buffer.Entry{Data: []byte(data), Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()})
-		if err != nil {
-			t.Fatalf("append event %d: %v", i, err)
-		}
-		pending = append(pending, p)
-		lines = append(lines, data)
+			`"datacontenttype":"application/json","data":{"seq":%d}}`, i, i/60%60, i%60, i))
 	}
-	for i, p := range pending {
-		if _, err := p.Wait(ctx); err != nil {
-			t.Fatalf("event %d: %v", i, err)
-		}
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatalf("log run: %v", err)
-	}
+	writeLog(t, dataDir, nil, lines...)
 	return lines
 }
 
@@ -135,22 +102,7 @@ func TestBacklogExportProgress(t *testing.T) {
 	}
 
 	t.Run("terminal", func(t *testing.T) {
-		master, tty := openPTY(t)
-		got := drain(master)
-		export(t, "a terminal", tty)
-		// Closing the terminal ends the reads on the master (EIO) once it has read what was written.
-		if err := tty.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if err := master.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
-			t.Fatal(err)
-		}
-		var shown []byte
-		select {
-		case shown = <-got:
-		case <-time.After(15 * time.Second):
-			t.Fatal("reading the terminal did not end")
-		}
+		shown := onTerminal(t, func(tty *os.File) { export(t, "a terminal", tty) })
 		t.Logf("terminal shows %q", shown)
 		draws := progressRE.FindAllSubmatchIndex(shown, -1)
 		if len(draws) == 0 {
@@ -209,23 +161,11 @@ func TestBacklogExportProgress(t *testing.T) {
 
 	// The events themselves on the terminal (no --out, stdout a terminal): no progress bar among them.
 	t.Run("events on the terminal", func(t *testing.T) {
-		master, tty := openPTY(t)
-		got := drain(master)
-		if code := runMain(context.Background(), []string{"backlog", "export", "--config", cfg}, tty, tty); code != 0 {
-			t.Fatalf("export to a terminal: exit %d", code)
-		}
-		if err := tty.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if err := master.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
-			t.Fatal(err)
-		}
-		var shown []byte
-		select {
-		case shown = <-got:
-		case <-time.After(15 * time.Second):
-			t.Fatal("reading the terminal did not end")
-		}
+		shown := onTerminal(t, func(tty *os.File) {
+			if code := runMain(context.Background(), []string{"backlog", "export", "--config", cfg}, tty, tty); code != 0 {
+				t.Fatalf("export to a terminal: exit %d", code)
+			}
+		})
 		if progressRE.Match(shown) {
 			t.Errorf("a progress bar among the events on the terminal")
 		}
@@ -233,4 +173,26 @@ func TestBacklogExportProgress(t *testing.T) {
 			t.Errorf("the terminal shows %d lines, want the %d events", n, total)
 		}
 	})
+}
+
+// onTerminal runs fn with a new terminal and returns everything fn had it show.
+func onTerminal(t *testing.T, fn func(tty *os.File)) []byte {
+	t.Helper()
+	master, tty := openPTY(t)
+	got := drain(master)
+	fn(tty)
+	// Closing the terminal ends the reads on the master (EIO) once it has read what was written.
+	if err := tty.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := master.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case shown := <-got:
+		return shown
+	case <-time.After(15 * time.Second):
+		t.Fatal("reading the terminal did not end")
+		return nil
+	}
 }

@@ -287,12 +287,20 @@ func writeLog(t *testing.T, dataDir string, cursors map[string]uint64, events ..
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- lg.Run(ctx) }()
+	pending := make([]*buffer.Pending, 0, len(events))
 	for i, data := range events {
 		ev, err := validateEvent([]byte(data))
 		if err != nil {
 			t.Fatalf("event %d: %v", i+1, err)
 		}
-		if _, err := lg.Append(ctx, buffer.Entry{Data: []byte(data), Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()}); err != nil {
+		p, err := lg.AppendAsync(ctx, buffer.Entry{Data: []byte(data), Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()})
+		if err != nil {
+			t.Fatalf("append event %d: %v", i+1, err)
+		}
+		pending = append(pending, p)
+	}
+	for i, p := range pending {
+		if _, err := p.Wait(ctx); err != nil {
 			t.Fatalf("append event %d: %v", i+1, err)
 		}
 	}

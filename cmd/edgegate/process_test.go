@@ -296,19 +296,26 @@ func TestSIGHUPReloadsRules(t *testing.T) {
 	}
 }
 
-// TestKill9KeepsAcknowledgedEvents publishes QoS 1 events while the gateway is killed with SIGKILL: every event
-// the device got a PUBACK for is in the log after the restart.
-func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
-	cfg, _ := writeConfig(t, "")
-	d := startDaemon(t, cfg)
-
+// connectThermo connects the device thermo-1 to the daemon's MQTT listener; it disconnects when the test ends.
+func connectThermo(t *testing.T, d *proc) paho.Client {
+	t.Helper()
 	opts := paho.NewClientOptions().AddBroker("tcp://" + d.mqtt).SetClientID("thermo-1").
 		SetUsername("thermo-1").SetPassword("thermo-1-pw").SetAutoReconnect(false).SetConnectRetry(false)
 	cl := paho.NewClient(opts)
 	if tok := cl.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("connect: %v", tok.Error())
 	}
-	defer cl.Disconnect(0)
+	t.Cleanup(func() { cl.Disconnect(0) })
+	return cl
+}
+
+// TestKill9KeepsAcknowledgedEvents publishes QoS 1 events while the gateway is killed with SIGKILL: every event
+// the device got a PUBACK for is in the log after the restart.
+func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
+	cfg, _ := writeConfig(t, "")
+	d := startDaemon(t, cfg)
+
+	cl := connectThermo(t, d)
 
 	var (
 		mu    sync.Mutex
@@ -451,13 +458,7 @@ func TestStatusShowsSinks(t *testing.T) {
 `, upstream))
 	d := startDaemon(t, cfg)
 
-	opts := paho.NewClientOptions().AddBroker("tcp://" + d.mqtt).SetClientID("thermo-1").
-		SetUsername("thermo-1").SetPassword("thermo-1-pw").SetAutoReconnect(false).SetConnectRetry(false)
-	cl := paho.NewClient(opts)
-	if tok := cl.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("connect: %v", tok.Error())
-	}
-	defer cl.Disconnect(0)
+	cl := connectThermo(t, d)
 	const published = 7
 	for i := range published {
 		tok := cl.Publish("devices/thermo-1/telemetry/temperature", 1, false, fmt.Sprintf(`{"seq":%d}`, i))
