@@ -95,12 +95,12 @@ func TestCloudCommandRoundTrip(t *testing.T) {
 			r.DeviceID, r.Topic, r.Payload, r.Detail, cmds[1].device, cmdTopic(cmds[1].device, cmds[1].command), cmds[1].payload)
 	}
 
-	// 3. A further command: the sink delivers commands in order, so once the observer has seen it, it would have
-	// seen anything published locally for the unknown device before.
+	// 3. A further command: the sink delivers commands in order, so once the light and the observer have seen it,
+	// they would have seen anything published locally for the unknown device before.
 	publish(t, app, cmdTopic(cmds[2].device, cmds[2].command), 1, cmds[2].payload)
 	offTopic := "devices/kitchen-light-1/commands/lights.off"
-	waitFor(t, 10*time.Second, "the observer sees lights.off", func() bool {
-		return bytes.Contains(topicsOf(local.all()), []byte(offTopic))
+	waitFor(t, 10*time.Second, "the light and the observer see lights.off", func() bool {
+		return bytes.Contains(topicsOf(local.all()), []byte(offTopic)) && bytes.Contains(topicsOf(light.all()), []byte(offTopic))
 	})
 	wantLocal := []string{
 		"devices/kitchen-light-1/commands/lights.on " + cmds[0].payload,
