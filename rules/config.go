@@ -23,7 +23,9 @@ type Config struct {
 	// CommandTimeout bounds one delivery attempt of a command (until the device's PUBACK). Default 5s.
 	CommandTimeout time.Duration `yaml:"command_timeout"`
 	// CommandRetries is how many times a failed command is tried again before it becomes a dead letter
-	// (reason command_undelivered). Default 2; -1 means no retry.
+	// (reason command_undelivered). Default 2; -1 means no retry. A retry is a new publish (a new packet id,
+	// no DUP flag): a device that must not act twice recognises a repeat by what the rule puts in the payload,
+	// e.g. cause: '{{ event.id }}'.
 	CommandRetries int `yaml:"command_retries"`
 	// CommandBackoff is the wait before the first retry; it doubles for each further retry (at most 30s).
 	// Default 500ms.
