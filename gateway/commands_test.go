@@ -208,12 +208,13 @@ func TestRuleCommandNeverAcknowledged(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		timeout func(*gateway.Config) // the short timeout; the other one stays at its default (5s)
-		// ingestTimeouts is edgegate_ingest_commands_total{outcome="timeout"}: only attempts the broker's own
-		// timer ends count there.
-		ingestTimeouts float64
+		// ingestTimeouts and ingestAbandoned are edgegate_ingest_commands_total{outcome="timeout"} and
+		// {outcome="abandoned"}: an attempt that the broker's own timer ends counts as a timeout, one the rules
+		// stop waiting for first as abandoned.
+		ingestTimeouts, ingestAbandoned float64
 	}{
-		{"rules.command_timeout", func(c *gateway.Config) { c.Rules.CommandTimeout = timeout }, -1},
-		{"mqtt.command_timeout", func(c *gateway.Config) { c.MQTT.CommandTimeout = timeout }, retries + 1},
+		{"rules.command_timeout", func(c *gateway.Config) { c.Rules.CommandTimeout = timeout }, 0, retries + 1},
+		{"mqtt.command_timeout", func(c *gateway.Config) { c.MQTT.CommandTimeout = timeout }, retries + 1, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -300,11 +301,17 @@ func TestRuleCommandNeverAcknowledged(t *testing.T) {
 			if got := metricSum(t, gw.Reg, "edgegate_ingest_commands_total", map[string]string{"outcome": "acked"}); got != 0 {
 				t.Errorf("edgegate_ingest_commands_total{outcome=acked} = %g, want 0", got)
 			}
-			timeouts := metricSum(t, gw.Reg, "edgegate_ingest_commands_total", map[string]string{"outcome": "timeout"})
-			if tc.ingestTimeouts >= 0 && timeouts != tc.ingestTimeouts {
-				t.Errorf("edgegate_ingest_commands_total{outcome=timeout} = %g, want %g", timeouts, tc.ingestTimeouts)
+			// Each attempt ends in exactly one outcome; the last may still be counting when the dead letter is in.
+			var timeouts, abandoned float64
+			waitFor(t, 10*time.Second, "every attempt's outcome counted", func() bool {
+				timeouts = metricSum(t, gw.Reg, "edgegate_ingest_commands_total", map[string]string{"outcome": "timeout"})
+				abandoned = metricSum(t, gw.Reg, "edgegate_ingest_commands_total", map[string]string{"outcome": "abandoned"})
+				return timeouts+abandoned >= retries+1
+			})
+			if timeouts != tc.ingestTimeouts || abandoned != tc.ingestAbandoned {
+				t.Errorf("edgegate_ingest_commands_total: timeout %g, abandoned %g; want %g and %g", timeouts, abandoned,
+					tc.ingestTimeouts, tc.ingestAbandoned)
 			}
-			t.Logf("edgegate_ingest_commands_total{outcome=timeout} = %g", timeouts)
 		})
 	}
 }

@@ -253,6 +253,7 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 			b.m.commands.WithLabelValues("timeout").Inc()
 			return fmt.Errorf("ingest: command %s to %s: %w within %s", command, device, ErrNotAcknowledged, b.cfg.CommandTimeout)
 		case <-ctx.Done():
+			b.m.commands.WithLabelValues("abandoned").Inc() // the sender's own deadline, or the gateway stopping
 			return fmt.Errorf("ingest: command %s to %s: %w", command, device, ctx.Err())
 		}
 	}, nil
@@ -343,7 +344,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		normalize: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "edgegate_ingest_normalize_duration_seconds",
 			Help: "Time to turn one message into a CloudEvent.", Buckets: prometheus.ExponentialBuckets(250e-9, 2, 14)}),
 		commands: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_commands_total",
-			Help: "Commands sent to devices, by outcome."}, []string{"outcome"}),
+			Help: "Commands sent to devices, by outcome: acked, timeout (no PUBACK within mqtt.command_timeout), abandoned (the sender stopped waiting first)."}, []string{"outcome"}),
 	}
 	for _, c := range []prometheus.Collector{m.connections, m.refused, m.closed, m.sessionsDropped, m.panics, m.authFail, m.aclDenied, m.messagesIn,
 		m.events, m.deadLetters, m.rateLimited, m.rejected, m.normalize, m.commands} {
