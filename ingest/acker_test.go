@@ -9,6 +9,8 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // recordingConn records each Write as one slice.
@@ -68,10 +70,7 @@ func TestAckerWritesDurableAcksTogether(t *testing.T) {
 	}()
 
 	want := [][]byte{append(append(puback(1), puback(2)...), puback(3)...)}
-	deadline := time.Now().Add(5 * time.Second)
-	for len(conn.got()) < 1 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+	eventually.True(t, 5*time.Second, "the first write", func() bool { return len(conn.got()) >= 1 })
 	if got := conn.got(); len(got) != 1 || !bytes.Equal(got[0], want[0]) {
 		t.Fatalf("writes %x, want the three durable PUBACKs in one write %x", got, want)
 	}

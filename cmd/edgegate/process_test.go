@@ -21,6 +21,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/edgegate/edgegate/devices"
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 var (
@@ -481,17 +482,15 @@ func TestStatusShowsSinks(t *testing.T) {
 		out string
 		m   []string
 	)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	defer func() {
+		if t.Failed() {
+			t.Logf("last edgegate status:\n%s", out)
+		}
+	}()
+	eventually.True(t, 10*time.Second, "a row for sink cloud with a backlog and a last error", func() bool {
 		out, m = status()
-		if m != nil && m[2] != "0" && m[6] != "-" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no row for sink cloud with a backlog and a last error within 10s:\n%s", out)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return m != nil && m[2] != "0" && m[6] != "-"
+	})
 	t.Logf("edgegate status:\n%s", out)
 	state, backlog, oldest, lastAck, lastErr := m[1], m[2], m[3], m[5], m[6]
 	if state != "unhealthy (disconnected)" {
