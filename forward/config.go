@@ -203,6 +203,19 @@ func (s *Secret) UnmarshalText(b []byte) error { *s = Secret(b); return nil }
 // CursorName is the name of the log cursor a sink reads with.
 func CursorName(sink string) string { return "sink:" + sink }
 
+// CursorNames returns the log cursors the sinks of c use, their priority lanes' included, in configuration order:
+// the names Forwarder.CursorNames gives once the sinks are built.
+func (c Config) CursorNames() []string {
+	var names []string
+	for _, s := range c.Sinks {
+		names = append(names, CursorName(s.Name))
+		for _, lo := range s.lanes() {
+			names = append(names, CursorName(LaneName(s.Name, lo)))
+		}
+	}
+	return names
+}
+
 // LaneName is the name of a sink's priority lane starting at priority lo: "<sink>@p<lo>". It names the
 // lane in health, metrics and its log cursor.
 func LaneName(sink string, lo uint8) string { return fmt.Sprintf("%s@p%d", sink, lo) }

@@ -284,3 +284,20 @@ func TestPriorityLanesMQTT(t *testing.T) {
 		t.Errorf("%d commands delivered, want 3: %+v", n, cmds.all())
 	}
 }
+
+// TestConfigCursorNames: the cursor names a configuration gives (for tools that read the log without running
+// the sinks) are those of the sinks once built, lanes included.
+func TestConfigCursorNames(t *testing.T) {
+	a := laneSink("http://127.0.0.1:1", 5, 9)
+	b := laneSink("http://127.0.0.1:1")
+	b.Name = "archive"
+	cfg := Config{Sinks: []SinkConfig{a, b}}
+	f, err := New(cfg, "gw1", newMemLog(t), nil, &deadLetters{}, testLogger(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"sink:up", "sink:up@p9", "sink:up@p5", "sink:archive"}
+	if got := cfg.CursorNames(); !slices.Equal(got, want) || !slices.Equal(f.CursorNames(), want) {
+		t.Errorf("Config.CursorNames %v, Forwarder.CursorNames %v, want %v", got, f.CursorNames(), want)
+	}
+}

@@ -131,7 +131,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		}
 		// Progress goes to a terminal, unless the events themselves go to that terminal too.
 		var prog io.Writer
-		if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) && !isTerminal(w) {
+		if isTerminal(stderr) && !isTerminal(w) {
 			prog = stderr
 		}
 		bw := bufio.NewWriterSize(w, 1<<16)
@@ -225,13 +225,8 @@ func withSinkCursors(st buffer.Stats, fcfg forward.Config, now time.Time) buffer
 		}
 		st.Cursors = append(st.Cursors, c)
 	}
-	for _, s := range fcfg.Sinks {
-		add(forward.CursorName(s.Name))
-		for _, lo := range s.PriorityLanes {
-			if lo >= 1 && lo <= 9 {
-				add(forward.CursorName(forward.LaneName(s.Name, uint8(lo))))
-			}
-		}
+	for _, name := range fcfg.CursorNames() {
+		add(name)
 	}
 	slices.SortFunc(st.Cursors, func(a, b buffer.CursorStats) int { return strings.Compare(a.Name, b.Name) })
 	return st
