@@ -81,12 +81,11 @@ type sink struct {
 
 	// The priorities this sink carries: lo <= p < hi. A lane of a sink carries those of its own range and
 	// passes over the others; the sink itself leaves those of its lanes to them (see lane).
-	requestBased bool // http: each request stands alone, and only an answered one shows the upstream is up
-	lo, hi       uint8
-	lanes        []*lane       // the sink's lanes, highest first (none for a lane)
-	moved        chan struct{} // signalled when one of the sink's lanes moves its cursor
-	pub          *lane         // for a lane: where it publishes its cursor
-	base         string        // for a lane: the cursor of its sink, where a new lane starts
+	lo, hi uint8
+	lanes  []*lane       // the sink's lanes, highest first (none for a lane)
+	moved  chan struct{} // signalled when one of the sink's lanes moves its cursor
+	pub    *lane         // for a lane: where it publishes its cursor
+	base   string        // for a lane: the cursor of its sink, where a new lane starts
 
 	ackedCount atomic.Uint64 // events acknowledged, for the drain rate
 
@@ -150,8 +149,6 @@ func newSink(cfg SinkConfig, name string, lo, hi uint8, gatewayID string, src So
 		filter: newTypeFilter(cfg.Types),
 		lo:     lo,
 		hi:     hi,
-
-		requestBased: cfg.Type == TypeHTTP,
 	}
 	var err error
 	switch cfg.Type {
@@ -266,9 +263,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	if err != nil {
 		return sessionResult{err: err}
 	}
-	if !s.requestBased || !s.failing {
-		// An HTTP "connection" is only a client: after a failed request the sink stays disconnected until a
-		// request succeeds, instead of looking healthy between its retries.
+	if s.typ != TypeHTTP || !s.failing {
+		// An HTTP "connection" is only a client (each request stands alone): after a failed request the sink
+		// stays disconnected until a request succeeds, instead of looking healthy between its retries.
 		s.setConnected(true)
 	}
 	s.log.Info("upstream connected", "target", s.tr.target(), "cursor", s.done)
