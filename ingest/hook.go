@@ -400,12 +400,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return h.publishPipelined(cl, st, pk, &res, ac)
 	}
 	if err := h.b.deps.Consumer.Consume(*h.b.ctx.Load(), res, qos > 0); err != nil {
-		reason := "error"
-		code := packets.ErrUnspecifiedError
-		if errors.Is(err, ErrFull) {
-			reason, code = "full", packets.ErrQuotaExceeded
-		}
-		h.b.m.rejected.WithLabelValues(reason).Inc()
+		code := h.notTaken(err)
 		h.b.log.Debug("event not accepted: no acknowledgement", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
 		return pk, refuse(st.version, qos, code)
 	}
@@ -447,13 +442,20 @@ func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	h.consume(res, false)
 }
 
+// notTaken counts an event the consumer did not take (edgegate_ingest_rejected_total, reason full or error) and
+// returns the refusal for the device: quota exceeded when the log is full.
+func (h *hook) notTaken(err error) packets.Code {
+	if errors.Is(err, ErrFull) {
+		h.b.m.rejected.WithLabelValues("full").Inc()
+		return packets.ErrQuotaExceeded
+	}
+	h.b.m.rejected.WithLabelValues("error").Inc()
+	return packets.ErrUnspecifiedError
+}
+
 func (h *hook) consume(r Result, durable bool) {
 	if err := h.b.deps.Consumer.Consume(*h.b.ctx.Load(), r, durable); err != nil {
-		reason := "error"
-		if errors.Is(err, ErrFull) {
-			reason = "full"
-		}
-		h.b.m.rejected.WithLabelValues(reason).Inc()
+		h.notTaken(err)
 		h.b.log.Warn("event not accepted", "type", r.Event.Type(), "device_id", r.Event.Subject(), "error", err)
 		return
 	}

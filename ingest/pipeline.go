@@ -2,7 +2,6 @@ package ingest
 
 import (
 	"context"
-	"errors"
 	"sync"
 	"time"
 
@@ -134,12 +133,7 @@ func (h *hook) ack(cl *mqtt.Client, version byte, j ackJob, batch []byte) []byte
 		code = j.code
 	case j.wait != nil:
 		if err := j.wait(*h.b.ctx.Load()); err != nil {
-			reason := "error"
-			code = packets.ErrUnspecifiedError
-			if errors.Is(err, ErrFull) {
-				reason, code = "full", packets.ErrQuotaExceeded
-			}
-			h.b.m.rejected.WithLabelValues(reason).Inc()
+			code = h.notTaken(err)
 			h.b.log.Debug("event not stored: no acknowledgement", "client_id", cl.ID, "error", err)
 		}
 	}
@@ -183,12 +177,7 @@ func (h *hook) publishPipelined(cl *mqtt.Client, st *clientState, pk packets.Pac
 	if res != nil {
 		d, err := ac.ConsumeAsync(*h.b.ctx.Load(), *res)
 		if err != nil {
-			reason := "error"
-			job.refuse, job.code = true, packets.ErrUnspecifiedError
-			if errors.Is(err, ErrFull) {
-				reason, job.code = "full", packets.ErrQuotaExceeded
-			}
-			h.b.m.rejected.WithLabelValues(reason).Inc()
+			job.refuse, job.code = true, h.notTaken(err)
 			h.b.log.Debug("event not accepted: no acknowledgement", "device_id", st.device.id, "topic", pk.TopicName, "error", err)
 			a.jobs <- job
 			return handled(pk)
