@@ -8,22 +8,25 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/deadletter"
+	"github.com/edgegate/edgegate/forward"
+	"github.com/edgegate/edgegate/rules"
 )
 
 // Status is what `edgegate status` and GET /api/status show.
 type Status struct {
-	ID       string    `json:"id"`
-	Ready    bool      `json:"ready"`
-	Started  time.Time `json:"started"`
-	Uptime   string    `json:"uptime"`
-	Clients  int       `json:"clients"`
-	Devices  int       `json:"devices"`
-	Backlog  any       `json:"backlog"`
-	Sinks    any       `json:"sinks"`
-	Rules    any       `json:"rules"`
-	Healthy  bool      `json:"healthy"`
-	Problems []string  `json:"problems,omitempty"`
+	ID       string               `json:"id"`
+	Ready    bool                 `json:"ready"`
+	Started  time.Time            `json:"started"`
+	Uptime   string               `json:"uptime"`
+	Clients  int                  `json:"clients"`
+	Devices  int                  `json:"devices"`
+	Backlog  buffer.Stats         `json:"backlog"`
+	Sinks    []forward.SinkHealth `json:"sinks"`
+	Rules    []rules.RuleInfo     `json:"rules"`
+	Healthy  bool                 `json:"healthy"`
+	Problems []string             `json:"problems,omitempty"`
 }
 
 // Handler serves the admin API: /metrics, /healthz, /readyz, /api/status, /api/devices, /api/deadletters.

@@ -121,29 +121,16 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		return printJSON(stdout, st)
 	}
-	var st statusView
+	var st gateway.Status
 	if err := json.Unmarshal(raw, &st); err != nil {
 		return fmt.Errorf("decode status: %w", err)
 	}
 	return printStatus(stdout, st, time.Now())
 }
 
-// statusView is the part of GET /api/status (gateway.Status) that `edgegate status` shows.
-type statusView struct {
-	ID       string               `json:"id"`
-	Ready    bool                 `json:"ready"`
-	Healthy  bool                 `json:"healthy"`
-	Uptime   string               `json:"uptime"`
-	Clients  int                  `json:"clients"`
-	Devices  int                  `json:"devices"`
-	Problems []string             `json:"problems"`
-	Backlog  buffer.Stats         `json:"backlog"`
-	Sinks    []forward.SinkHealth `json:"sinks"`
-}
-
 // printStatus writes the gateway's state, a line on the log and one row per sink (and priority lane): its
 // state, its backlog (the stored events after its cursor), the age of the oldest of them, and its last error.
-func printStatus(w io.Writer, st statusView, now time.Time) error {
+func printStatus(w io.Writer, st gateway.Status, now time.Time) error {
 	fmt.Fprintf(w, "gateway %s  ready=%v healthy=%v uptime=%s clients=%d devices=%d\n",
 		st.ID, st.Ready, st.Healthy, st.Uptime, st.Clients, st.Devices)
 	for _, p := range st.Problems {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/forward"
+	"github.com/edgegate/edgegate/gateway"
 )
 
 // TestSystemdUnit checks the shipped unit: readiness by sd_notify, restart on failure, a state directory, a
@@ -55,7 +56,7 @@ func TestSystemdUnit(t *testing.T) {
 func TestPrintStatus(t *testing.T) {
 	now := time.Date(2026, 1, 2, 12, 0, 0, 0, time.UTC)
 	ago := func(d time.Duration) time.Time { return now.Add(-d) }
-	st := statusView{
+	st := gateway.Status{
 		ID: "gw", Ready: true, Uptime: "1h0m0s", Clients: 3, Devices: 9,
 		Problems: []string{"sink b unhealthy: stalled"},
 		Backlog: buffer.Stats{Events: 42, Bytes: 3 << 20, MaxBytes: 1 << 30, Oldest: ago(2 * time.Hour), Full: true,
@@ -92,7 +93,7 @@ cursor sink:old (no sink; holds no events): backlog 42
 	}
 
 	b.Reset()
-	if err := printStatus(&b, statusView{ID: "gw", Healthy: true}, now); err != nil {
+	if err := printStatus(&b, gateway.Status{ID: "gw", Healthy: true}, now); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(b.String(), "log: 0 events, 0 B\nsinks: none configured\n") {
