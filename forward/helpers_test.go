@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -400,4 +402,52 @@ func waitForOrReport(t testing.TB, timeout time.Duration, what string, cond func
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// eventUpstream is an HTTP upstream (structured mode, one event per request) that records the CloudEvents it
+// accepts, in order. While down is set it answers 503 to the events of subject downSubject ("": every event).
+type eventUpstream struct {
+	*upstream
+	down        atomic.Bool
+	downSubject string
+	mu          sync.Mutex
+	got         []received
+	refused     int
+}
+
+func newEventUpstream(t *testing.T, downSubject string) *eventUpstream {
+	eu := &eventUpstream{downSubject: downSubject}
+	eu.upstream = newUpstream(t, func(_ int, r request) (int, map[string]string) {
+		var ev struct {
+			ID, Subject string
+			Data        struct{ N int }
+		}
+		if err := json.Unmarshal([]byte(r.body), &ev); err != nil || ev.ID == "" {
+			t.Errorf("upstream: request body %q is not a structured CloudEvent: %v", r.body, err)
+			return http.StatusBadRequest, nil
+		}
+		eu.mu.Lock()
+		defer eu.mu.Unlock()
+		if eu.down.Load() && (eu.downSubject == "" || ev.Subject == eu.downSubject) {
+			eu.refused++
+			return http.StatusServiceUnavailable, nil
+		}
+		eu.got = append(eu.got, received{id: ev.ID, subject: ev.Subject, n: ev.Data.N})
+		return http.StatusNoContent, nil
+	})
+	return eu
+}
+
+// accepted returns the events the upstream accepted, in order.
+func (eu *eventUpstream) accepted() []received {
+	eu.mu.Lock()
+	defer eu.mu.Unlock()
+	return slices.Clone(eu.got)
+}
+
+// refusals counts the requests answered 503.
+func (eu *eventUpstream) refusals() int {
+	eu.mu.Lock()
+	defer eu.mu.Unlock()
+	return eu.refused
 }

@@ -1,12 +1,8 @@
 package forward
 
 import (
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"slices"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -70,50 +66,7 @@ func mixedLog(t *testing.T, total, alarmEvery int) (*memLog, uint64) {
 	return log, first
 }
 
-// arrival is one event an HTTP upstream accepted, in the order of acceptance.
-type arrival struct {
-	id, subject string
-	n           int
-}
-
-// laneUpstream is an HTTP upstream (structured mode, one event per request) that answers 503 to alarms while
-// alarmsDown is set and records every event it accepts, in order.
-type laneUpstream struct {
-	*upstream
-	alarmsDown atomic.Bool
-	mu         sync.Mutex
-	got        []arrival
-}
-
-func newLaneUpstream(t *testing.T) *laneUpstream {
-	lu := &laneUpstream{}
-	lu.upstream = newUpstream(t, func(_ int, r request) (int, map[string]string) {
-		var ev struct {
-			ID, Subject string
-			Data        struct{ N int }
-		}
-		if err := json.Unmarshal([]byte(r.body), &ev); err != nil {
-			t.Errorf("upstream got %q: %v", r.body, err)
-			return http.StatusBadRequest, nil
-		}
-		if ev.Subject == "alarm" && lu.alarmsDown.Load() {
-			return http.StatusServiceUnavailable, nil
-		}
-		lu.mu.Lock()
-		lu.got = append(lu.got, arrival{id: ev.ID, subject: ev.Subject, n: ev.Data.N})
-		lu.mu.Unlock()
-		return http.StatusNoContent, nil
-	})
-	return lu
-}
-
-// accepted returns the events the upstream accepted, in order.
-func (lu *laneUpstream) accepted() []arrival {
-	lu.mu.Lock()
-	defer lu.mu.Unlock()
-	return slices.Clone(lu.got)
-}
-
+// laneSink is the HTTP sink "up" towards url, window 16, with the given priority lanes.
 func laneSink(url string, lanes ...int) SinkConfig {
 	s := fastSink("up", TypeHTTP)
 	s.HTTP = &HTTPConfig{URL: url}
@@ -127,8 +80,8 @@ func laneSink(url string, lanes ...int) SinkConfig {
 // nothing.
 func TestPriorityLanesHoldTheCursor(t *testing.T) {
 	log, firstAlarm := mixedLog(t, 400, 10)
-	up := newLaneUpstream(t)
-	up.alarmsDown.Store(true)
+	up := newEventUpstream(t, "alarm")
+	up.down.Store(true)
 	r := startForwarder(t, Config{Sinks: []SinkConfig{laneSink(up.srv.URL, 5)}}, plainSource{log}, nil)
 
 	if got := r.f.CursorNames(); !slices.Equal(got, []string{"sink:up", "sink:up@p5"}) {
@@ -156,7 +109,7 @@ func TestPriorityLanesHoldTheCursor(t *testing.T) {
 
 	// Stop, drop the lane and start again with the alarms accepted: every event arrives, none is lost.
 	r.stop()
-	up.alarmsDown.Store(false)
+	up.down.Store(false)
 	r2 := startForwarder(t, Config{Sinks: []SinkConfig{laneSink(up.srv.URL)}}, log, nil)
 	waitFor(t, 10*time.Second, "the cursor at the end", func() bool { return log.Cursor("sink:up") == 400 })
 	got := up.accepted()
@@ -171,7 +124,7 @@ func TestPriorityLanesHoldTheCursor(t *testing.T) {
 func TestPriorityLanesDrainFirst(t *testing.T) {
 	const total = 1500
 	log, _ := mixedLog(t, total, 50) // 30 alarms, the last one at the very end
-	up := newLaneUpstream(t)
+	up := newEventUpstream(t, "alarm")
 	sc := laneSink(up.srv.URL, 5, 9)
 	sc.RateLimit = 1500 // the lanes share it: about a second for the whole backlog
 	startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
@@ -198,7 +151,7 @@ func TestPriorityLanesDrainFirst(t *testing.T) {
 }
 
 // countSubject counts the arrivals of subject.
-func countSubject(got []arrival, subject string) int {
+func countSubject(got []received, subject string) int {
 	n := 0
 	for _, a := range got {
 		if a.subject == subject {
@@ -210,7 +163,7 @@ func countSubject(got []arrival, subject string) int {
 
 // checkLaneDelivery checks that every event of the log (ids ev-000001 on) arrived and that each subject's
 // events arrived in order the first time.
-func checkLaneDelivery(t *testing.T, got []arrival, want int) {
+func checkLaneDelivery(t *testing.T, got []received, want int) {
 	t.Helper()
 	seen := map[string]bool{}
 	last := map[string]int{}
@@ -247,11 +200,7 @@ func TestPriorityLanesMQTT(t *testing.T) {
 	waitFor(t, 10*time.Second, "both cursors at the end", func() bool {
 		return log.Cursor("sink:up") == 300 && log.Cursor("sink:up@p5") == 300
 	})
-	var got []arrival
-	for _, e := range col.all() {
-		got = append(got, arrival{id: e.id, subject: e.subject, n: e.n})
-	}
-	checkLaneDelivery(t, got, 300)
+	checkLaneDelivery(t, col.all(), 300)
 	for _, name := range []string{"up", "up@p5"} {
 		if h := sinkHealth(r, name); !h.Healthy || h.Cursor != 300 {
 			t.Errorf("%s: %+v", name, h)

@@ -1,13 +1,9 @@
 package forward
 
 import (
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,53 +11,6 @@ import (
 
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 )
-
-// acceptLog is an HTTP upstream that can be switched down (503 to every request) and records the events of
-// the requests it acknowledged (2xx), in arrival order.
-type acceptLog struct {
-	down     atomic.Bool
-	mu       sync.Mutex
-	accepted []received
-	refused  int
-}
-
-func (a *acceptLog) reply(t *testing.T) func(int, request) (int, map[string]string) {
-	return func(_ int, r request) (int, map[string]string) {
-		if a.down.Load() {
-			a.mu.Lock()
-			a.refused++
-			a.mu.Unlock()
-			return http.StatusServiceUnavailable, nil
-		}
-		var ev struct {
-			ID      string `json:"id"`
-			Subject string `json:"subject"`
-			Data    struct {
-				N int `json:"n"`
-			} `json:"data"`
-		}
-		if err := json.Unmarshal([]byte(r.body), &ev); err != nil || ev.ID == "" {
-			t.Errorf("upstream: request body %q is not a structured CloudEvent: %v", r.body, err)
-			return http.StatusBadRequest, nil
-		}
-		a.mu.Lock()
-		a.accepted = append(a.accepted, received{id: ev.ID, subject: ev.Subject, n: ev.Data.N})
-		a.mu.Unlock()
-		return http.StatusOK, nil
-	}
-}
-
-func (a *acceptLog) all() []received {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return slices.Clone(a.accepted)
-}
-
-func (a *acceptLog) refusals() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.refused
-}
 
 // idSet returns the distinct event ids of got.
 func idSet(got []received) map[string]bool {
@@ -116,10 +65,9 @@ func TestMultipleSinks(t *testing.T) {
 	col := collect(t, b.URL(), "edgegate/gw1/events/#")
 	b.Save() // the collector's session and subscription survive the kill
 
-	acc := &acceptLog{}
-	up := newUpstream(t, acc.reply(t))
+	acc := newEventUpstream(t, "") // the web sink's upstream
 
-	web := httpSink(up.srv.URL, ModeStructured) // "web", cursor sink:web
+	web := httpSink(acc.srv.URL, ModeStructured) // "web", cursor sink:web
 	web.Types = []string{"sensor.*", "door.opened"}
 	mq := mqttSink("up", b.URL()) // cursor sink:up
 	mq.Types = []string{"door.*"}
@@ -183,7 +131,7 @@ func TestMultipleSinks(t *testing.T) {
 	acc.down.Store(false)
 	waitFor(t, 10*time.Second, "web to catch up", atEnd("sink:web"))
 	waitFor(t, 10*time.Second, "web healthy again", func() bool { return sinkHealth(r, "web").Healthy })
-	if !hasAll(idSet(acc.all()), wantWeb) {
+	if !hasAll(idSet(acc.accepted()), wantWeb) {
 		t.Error("web's cursor is at the end, but its upstream did not acknowledge every event web carries")
 	}
 
@@ -202,7 +150,7 @@ func TestMultipleSinks(t *testing.T) {
 	if h := sinkHealth(r, "web"); !h.Healthy || h.Cursor != log.last() || h.InFlight != 0 {
 		t.Errorf("web's health while the broker is down = %+v, want healthy at cursor %d", h, log.last())
 	}
-	if !hasAll(idSet(acc.all()), wantWeb) {
+	if !hasAll(idSet(acc.accepted()), wantWeb) {
 		t.Error("web's cursor is at the end while the broker is down, but its upstream did not acknowledge every event web carries")
 	}
 	if h := sinkHealth(r, "up"); h.Healthy || h.Connected || h.Cursor != held {
@@ -222,9 +170,9 @@ func TestMultipleSinks(t *testing.T) {
 
 	// Each upstream got exactly the events of its own filter, each device's in order; the HTTP upstream
 	// acknowledged none twice (a 503 acknowledges nothing, so nothing acknowledged is sent again).
-	sameIDs(t, "web", idSet(acc.all()), wantWeb)
+	sameIDs(t, "web", idSet(acc.accepted()), wantWeb)
 	sameIDs(t, "up", idSet(col.all()), wantUp)
-	if dups := checkDelivery(t, acc.all(), len(wantWeb)); dups != 0 {
+	if dups := checkDelivery(t, acc.accepted(), len(wantWeb)); dups != 0 {
 		t.Errorf("web: %d events acknowledged twice", dups)
 	}
 	checkDelivery(t, col.all(), len(wantUp))
