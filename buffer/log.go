@@ -134,6 +134,11 @@ type Log struct {
 	lastAppended time.Time     // when it ended
 	limiter      dropLog
 	fullProbe    int64 // size of the smallest event refused since the log became full
+	// After a failed commit (see recoverCommit): the file could not be opened again (db is nil until the
+	// next commit opens it), and the seqs of a failed commit the file took nonetheless, still to delete.
+	reopen           bool
+	undoFrom, undoTo uint64
+	recovering       bool
 }
 
 // cursor is a named reader position: pos in memory, saved on disk (committed; fsync'd in fsync mode).
@@ -1016,6 +1021,7 @@ func (l *Log) shutdown() error {
 	}
 	l.dbMu.Lock()
 	defer l.dbMu.Unlock()
+	l.reopen = false
 	if l.db == nil {
 		return errors.Join(errs...)
 	}

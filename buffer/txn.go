@@ -17,6 +17,7 @@ const (
 	reasonPurge
 	numReasons
 	reasonDelivered = -1 // removal of an event every required cursor passed: not a drop
+	reasonUndone    = -2 // removal of an event whose commit failed (never acknowledged): not counted
 )
 
 var reasonNames = [numReasons]string{"max_bytes", "min_free", "max_age", "purge"}
@@ -67,6 +68,7 @@ func (t *txn) delivered(seq uint64) bool { return t.hasRequired && seq <= t.minC
 // count records the removal of one event.
 func (t *txn) count(seq uint64, reason int) {
 	switch {
+	case reason == reasonUndone:
 	case reason == reasonDelivered:
 		t.deleted++
 	case reason == reasonPurge || !t.delivered(seq):
@@ -397,6 +399,20 @@ func (t *txn) sweep(i int, from, until uint64, need int64, reason int, match fun
 		s.MinTime, s.MaxTime = minT, maxT
 	}
 	return last, early, nil
+}
+
+// undo deletes the records with from <= seq <= to: those of a commit that reported failure although the file
+// took it (see Log.recoverCommit). They are counted neither as drops nor as deletions.
+func (t *txn) undo(from, to uint64) error {
+	for i, s := range t.st.segs {
+		if s.Count == 0 || s.MaxSeq < from || s.MinSeq > to {
+			continue
+		}
+		if _, _, err := t.sweep(i, from, to, 0, reasonUndone, matchAll); err != nil {
+			return fmt.Errorf("undo %d-%d: %w", from, to, err)
+		}
+	}
+	return nil
 }
 
 // prune forgets the emptied segments.

@@ -248,7 +248,7 @@ func (l *Log) queueEmpty() bool {
 func (l *Log) saveCursors() {
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
-	if l.db == nil {
+	if l.db == nil && !l.reopen {
 		return
 	}
 	if _, err := l.update(nil); err != nil {
@@ -333,7 +333,7 @@ func (l *Log) sync() {
 func (l *Log) housekeep() error {
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
-	if l.db == nil {
+	if l.db == nil && !l.reopen {
 		return nil
 	}
 	now := time.Now()
@@ -356,6 +356,10 @@ func (l *Log) housekeep() error {
 			l.m.commitErrors.Inc()
 			l.limiter.failed(err, 0)
 		}
+	}
+	if l.db == nil { // a failed commit's file could not be opened again yet
+		l.limiter.flush(now, l.logger)
+		return nil
 	}
 	if l.unsynced && now.Sub(l.lastSync) >= l.cfg.FsyncInterval {
 		l.sync()
@@ -466,7 +470,12 @@ func (l *Log) freeRoom() (room int64, guarded bool) {
 // reloaded. The caller holds writeMu.
 func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	if l.db == nil {
-		return nil, ErrClosed
+		if !l.reopen {
+			return nil, ErrClosed
+		}
+		if err := l.openAgain(); err != nil {
+			return nil, err
+		}
 	}
 	t := &txn{l: l, st: l.state.Load().clone(), owned: map[*segMeta]bool{}, dirty: map[uint64]bool{}}
 	t.lastSeq0 = t.st.lastSeq
@@ -483,9 +492,15 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	t.minCursor, t.hasRequired = l.minRequiredLocked()
 	l.mu.Unlock()
 	t.freeRoom, t.guard = l.freeRoom()
+	committing, txid := false, 0
 	err := l.db.Update(func(tx *bolt.Tx) error {
 		t.tx = tx
 		t.events, t.segments = tx.Bucket(bucketEvents), tx.Bucket(bucketSegments)
+		if l.undoTo != 0 {
+			if err := t.undo(l.undoFrom, l.undoTo); err != nil {
+				return err
+			}
+		}
 		if fn != nil {
 			if err := fn(t); err != nil {
 				return err
@@ -498,17 +513,25 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 			return err
 		}
 		if l.beforeCommit != nil {
-			return l.beforeCommit()
+			if err := l.beforeCommit(); err != nil {
+				return err
+			}
 		}
+		committing, txid = true, tx.ID()
 		return nil
 	})
 	if err != nil {
 		if errors.Is(err, ErrCorrupt) {
 			l.damaged.Store(true)
 		}
-		l.reloadState()
+		if committing {
+			l.recoverCommit(t, txid, err)
+		} else {
+			l.reloadState()
+		}
 		return t, err
 	}
+	l.undoFrom, l.undoTo = 0, 0
 	if !l.db.NoSync {
 		// bbolt's write time of the commit: its page writes and its two fsyncs (data, then meta page).
 		st := t.tx.Stats()
@@ -531,6 +554,12 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 		l.notify = make(chan struct{})
 	}
 	l.mu.Unlock()
+	l.countRemovals(t)
+	return t, nil
+}
+
+// countRemovals counts the events a committed transaction dropped or deleted.
+func (l *Log) countRemovals(t *txn) {
 	for r, n := range t.drops {
 		if n > 0 {
 			l.m.dropped[r].Add(float64(n))
@@ -540,7 +569,61 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	if t.deleted > 0 {
 		l.m.deleted.Add(float64(t.deleted))
 	}
-	return t, nil
+}
+
+// recoverCommit makes the log consistent again after bbolt's commit of t (transaction txid) failed in a write
+// or an fsync. bbolt then rolls back in memory only: a meta page it wrote before a failed fsync stays in the
+// page cache, so the file may name the failed transaction while bbolt's free list holds that transaction's
+// pages as free again, for the next commit to overwrite (etcd-io/bbolt#233). So the file is closed and opened
+// again, which rebuilds the free list from the file, and when the file took the transaction after all, its
+// removals are counted and its appends are deleted again — their appenders were told they are not stored —
+// by the next commit, attempted here at once. When the file cannot be opened, the next commit tries again.
+// The caller holds writeMu.
+func (l *Log) recoverCommit(t *txn, txid int, cause error) {
+	l.logger.Error("commit failed; opening the log file again", "error", cause)
+	l.dbMu.Lock()
+	if err := l.db.Close(); err != nil {
+		l.logger.Warn("close the log file after a failed commit", "error", err)
+	}
+	l.db = nil
+	l.dbMu.Unlock()
+	l.reopen = true
+	if err := l.openAgain(); err != nil {
+		l.logger.Error("the log file could not be opened again; the next commit tries again", "error", err)
+		return
+	}
+	took := false
+	if err := l.db.View(func(tx *bolt.Tx) error { took = tx.ID() >= txid; return nil }); err != nil || !took {
+		return
+	}
+	l.countRemovals(t)
+	l.undoFrom, l.undoTo = 0, 0
+	if last := l.state.Load().lastSeq; last > t.lastSeq0 {
+		l.undoFrom, l.undoTo = t.lastSeq0+1, last
+		l.logger.Warn("the file took the failed commit; deleting its events", "from_seq", l.undoFrom, "to_seq", last)
+	}
+	if l.undoTo != 0 && !l.recovering {
+		l.recovering = true
+		if _, err := l.update(nil); err != nil {
+			l.logger.Error("delete the events of the failed commit; the next commit tries again", "error", err)
+		}
+		l.recovering = false
+	}
+}
+
+// openAgain opens the log file after recoverCommit closed it and loads the state it holds.
+func (l *Log) openAgain() error {
+	db, kind, err := openDB(l.path, l.cfg.Durability)
+	if err != nil {
+		return fmt.Errorf("buffer: open again after a failed commit: %w", err)
+	}
+	l.dbMu.Lock()
+	l.db = db
+	l.dbMu.Unlock()
+	l.reopen = false
+	l.reloadState()
+	l.logger.Info("log file opened again", "open", kind, "last_seq", l.state.Load().lastSeq)
+	return nil
 }
 
 // Purge removes the events whose time is before `before`, whether the cursors passed them or not, and
