@@ -36,13 +36,17 @@ const (
 //     default durability (the sensor's event is fsync'd before its PUBACK);
 //   - gateway-rule-interval: the same with buffer.durability interval (no fsync per event), to show what the
 //     fsync costs the command path;
+//   - direct-no-rule: the floor of this setup — the sensor publishes the light's command itself through the same
+//     bare broker, one hop with no rule, as if it were wired to the light;
 //   - republish-client: the classic alternative — a bare broker and a separate client subscribed to the sensor's
 //     topic that republishes a command to the light's topic (what a Node-RED flow does).
 //
 // Each reports p50-µs and p99-µs of the per-iteration latency; republish-client also reports the gateway-rule
-// figures divided by its own (gateway-p50/republish-p50, gateway-p99/republish-p99).
+// and the direct-no-rule figures divided by its own (gateway-p50/republish-p50, gateway-p99/republish-p99,
+// direct-p99/republish-p99). The republish path is two such hops plus a client, so direct-p99/republish-p99
+// is about the lowest ratio any rule engine behind this broker could reach.
 func BenchmarkRoomEnteredToLightsOn(b *testing.B) {
-	var gwP50, gwP99 time.Duration
+	var gwP50, gwP99, directP99 time.Duration
 	gatewayRule := func(durability string) func(*testing.B) (time.Duration, time.Duration) {
 		return func(b *testing.B) (time.Duration, time.Duration) {
 			gw := startGateway(b, func(c *gateway.Config) {
@@ -52,7 +56,7 @@ func BenchmarkRoomEnteredToLightsOn(b *testing.B) {
 				c.Buffer.Durability = durability
 				writeRules(b, c.Rules.Dir, "bench.yaml", readTestdata(b, "bench.yaml"))
 			})
-			return measureRoomEntered(b, gw.MQTTAddr("tcp"))
+			return measureRoomEntered(b, gw.MQTTAddr("tcp"), false)
 		}
 	}
 	b.Run("gateway-rule", func(b *testing.B) {
@@ -60,6 +64,9 @@ func BenchmarkRoomEnteredToLightsOn(b *testing.B) {
 	})
 	b.Run("gateway-rule-interval", func(b *testing.B) {
 		gatewayRule(buffer.DurabilityInterval)(b)
+	})
+	b.Run("direct-no-rule", func(b *testing.B) {
+		_, directP99 = measureRoomEntered(b, startBareBroker(b), true)
 	})
 	b.Run("republish-client", func(b *testing.B) {
 		addr := startBareBroker(b)
@@ -79,10 +86,13 @@ func BenchmarkRoomEnteredToLightsOn(b *testing.B) {
 		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 			b.Fatalf("republisher subscribe: %v", tok.Error())
 		}
-		p50, p99 := measureRoomEntered(b, addr)
+		p50, p99 := measureRoomEntered(b, addr, false)
 		if gwP99 > 0 && p99 > 0 {
 			b.ReportMetric(float64(gwP50)/float64(p50), "gateway-p50/republish-p50")
 			b.ReportMetric(float64(gwP99)/float64(p99), "gateway-p99/republish-p99")
+		}
+		if directP99 > 0 && p99 > 0 {
+			b.ReportMetric(float64(directP99)/float64(p99), "direct-p99/republish-p99")
 		}
 	})
 }
@@ -90,13 +100,17 @@ func BenchmarkRoomEnteredToLightsOn(b *testing.B) {
 // measureRoomEntered runs the light (kitchen-light-1) as a separate mosquitto_sub process — a device elsewhere,
 // which stamps its receive times itself — and the sensor (kitchen-motion) as a paho client, both connected to
 // the broker at addr. It publishes b.N room.entered events one at a time and times each from the publish to
-// the light's receipt of the matching lights.on. It reports and returns p50 and p99.
-func measureRoomEntered(b *testing.B, addr string) (p50, p99 time.Duration) {
+// the light's receipt of the matching lights.on. With direct the sensor publishes the light's command itself
+// instead. It reports and returns p50 and p99.
+func measureRoomEntered(b *testing.B, addr string, direct bool) (p50, p99 time.Duration) {
 	b.Helper()
 	got := startLight(b, addr)
 	sensor := connectDevice(b, addr, "kitchen-motion")
 
 	publish := func(n int) paho.Token {
+		if direct {
+			return sensor.Publish(benchLightTopic, 1, false, fmt.Sprintf(`{"on":true,"n":%d}`, n))
+		}
 		return sensor.Publish(benchSensorTopic, 1, false, fmt.Sprintf(`{"room":"kitchen","n":%d}`, n))
 	}
 	// The light subscribes after it connects: send until one command comes through.
