@@ -20,20 +20,9 @@ func TestDiskFull(t *testing.T) {
 	if os.Getenv("EDGEGATE_DISKFULL_CHILD") != "" {
 		t.Skip("in the child")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs")
-	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		t.Skip("unshare(1) not found")
-	}
 	dir := t.TempDir()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, unshare, "-m", "sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`,
-		dir, os.Args[0], "-test.run=^TestDiskFullChild$", "-test.count=1", "-test.v", "-test.timeout=50s")
-	cmd.Env = append(os.Environ(), "EDGEGATE_DISKFULL_CHILD=1", "EDGEGATE_DISKFULL_DIR="+dir)
-	out, err := cmd.CombinedOutput()
+	out, err := runUnshared(t, 50*time.Second, []string{"EDGEGATE_DISKFULL_CHILD=1", "EDGEGATE_DISKFULL_DIR=" + dir},
+		[]string{"sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`, dir}, "TestDiskFullChild")
 	if !strings.Contains(string(out), "disk full child started") {
 		t.Skipf("cannot mount a private tmpfs here (%v): %s", err, out)
 	}
@@ -139,4 +128,26 @@ func TestDiskFullChild(t *testing.T) {
 			_ = l2.Close()
 		})
 	}
+}
+
+// runUnshared runs the test named test of this binary (verbose, within timeout) in a private mount namespace,
+// with env added to its environment, and returns its output and error. A non-empty before is a command run
+// first in the namespace, given the test binary and its arguments to exec. It skips the calling test without
+// root or unshare(1).
+func runUnshared(t *testing.T, timeout time.Duration, env, before []string, test string) ([]byte, error) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a filesystem")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("unshare(1) not found")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout+10*time.Second)
+	defer cancel()
+	args := append(append([]string{"-m"}, before...), os.Args[0], "-test.run=^"+test+"$", "-test.count=1",
+		"-test.v", "-test.timeout="+timeout.String())
+	cmd := exec.CommandContext(ctx, unshare, args...)
+	cmd.Env = append(os.Environ(), env...)
+	return cmd.CombinedOutput()
 }

@@ -15,7 +15,6 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
-	bolt "go.etcd.io/bbolt"
 )
 
 // TestIOFailure checks that real write and fsync failures in bbolt's commit fail the commit cleanly. In a
@@ -27,19 +26,8 @@ func TestIOFailure(t *testing.T) {
 	if os.Getenv("EDGEGATE_IOFAULT_DIR") != "" {
 		t.Skip("in the child")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a FUSE filesystem")
-	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		t.Skip("unshare(1) not found")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, unshare, "-m", os.Args[0], "-test.run=^TestIOFailureServer$", "-test.count=1",
-		"-test.v", "-test.timeout=90s")
-	cmd.Env = append(os.Environ(), "EDGEGATE_IOFAULT_DIR="+t.TempDir())
-	out, err := cmd.CombinedOutput()
+	out, err := runUnshared(t, 90*time.Second, []string{"EDGEGATE_IOFAULT_DIR=" + t.TempDir()}, nil,
+		"TestIOFailureServer")
 	if err != nil || !strings.Contains(string(out), "--- PASS: TestIOFailureChild") {
 		t.Fatalf("child failed (%v):\n%s", err, out)
 	}
@@ -143,13 +131,13 @@ func TestIOFailureChild(t *testing.T) {
 				add(50, 2000+round*50)
 			}
 			checkContent(t, l.Log, content, "after the commits that followed")
+			checkDB(t, l.Log)
 			stop()
 
 			// The file as the disk holds it, without the FUSE layer: consistent, and holding exactly the
 			// acknowledged events.
-			path := filepath.Join(back, sub, "events.db")
-			checkFile(t, path)
-			again := openTest(t, Config{Path: path, Cursors: []string{"sink"}}, 64)
+			again := openTest(t, Config{Path: filepath.Join(back, sub, "events.db"), Cursors: []string{"sink"}}, 64)
+			checkDB(t, again.Log)
 			checkContent(t, again.Log, content, "after opening the file again")
 		})
 	}
@@ -190,10 +178,7 @@ func appendConcurrently(l *Log, n, first int) ([]uint64, []error) {
 // checkContent fails unless the log holds exactly the events of want (seq → data), in seq order.
 func checkContent(t *testing.T, l *Log, want map[uint64]string, when string) {
 	t.Helper()
-	recs, err := l.Read(0, len(want)+100)
-	if err != nil {
-		t.Fatalf("%s: read: %v", when, err)
-	}
+	recs := readAll(t, l)
 	var prev uint64
 	for _, r := range recs {
 		if r.Seq <= prev {
@@ -213,25 +198,6 @@ func checkContent(t *testing.T, l *Log, want map[uint64]string, when string) {
 	}
 	if st := l.Stats(); st.Events != int64(len(want)) {
 		t.Fatalf("%s: stats count %d events, want %d", when, st.Events, len(want))
-	}
-}
-
-// checkFile runs bbolt's consistency check on the file at path.
-func checkFile(t *testing.T, path string) {
-	t.Helper()
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
-	if err != nil {
-		t.Fatalf("open %s: %v", path, err)
-	}
-	defer db.Close()
-	if err := db.View(func(tx *bolt.Tx) error {
-		var errs []error
-		for err := range tx.Check() {
-			errs = append(errs, err)
-		}
-		return errors.Join(errs...)
-	}); err != nil {
-		t.Fatalf("consistency check: %v", err)
 	}
 }
 
