@@ -14,10 +14,10 @@
 // may leave the file damaged, since the writes between two fsyncs reach the disk in no fixed order (the gateway
 // then refuses to start and names `edgegate backlog recover`, which moves the file aside).
 // A failed commit (write or fsync error, full filesystem) acknowledges none of its events: each appender gets
-// the error, and the next batch is tried afresh. When bbolt's commit itself failed, the file is closed and
-// opened again before the next commit: bbolt rolls back in memory only, while a meta page written before a
-// failed fsync may already name the failed transaction in the page cache. Should the file have taken that
-// transaction after all, its events are deleted again, so that the log holds exactly what was acknowledged.
+// the error, and the next batch is tried afresh. bbolt rolls a failed commit back in memory only; when its
+// meta page was written before the failure (its fsync failed), the page cache already names the failed
+// transaction: the file is then closed and opened again, and the events of that transaction are deleted
+// again, so that the log holds exactly what was acknowledged.
 //
 // Cursors are persisted the same way, promptly and grouped. Ack moves a cursor in memory and does not wait;
 // while appends flow the writer saves it with the next commit of appends, otherwise at once in a commit of

@@ -572,15 +572,20 @@ func (l *Log) countRemovals(t *txn) {
 }
 
 // recoverCommit makes the log consistent again after bbolt's commit of t (transaction txid) failed in a write
-// or an fsync. bbolt then rolls back in memory only: a meta page it wrote before a failed fsync stays in the
-// page cache, so the file may name the failed transaction while bbolt's free list holds that transaction's
-// pages as free again, for the next commit to overwrite (etcd-io/bbolt#233). So the file is closed and opened
-// again, which rebuilds the free list from the file, and when the file took the transaction after all, its
-// removals are counted and its appends are deleted again — their appenders were told they are not stored —
-// by the next commit, attempted here at once. When the file cannot be opened, the next commit tries again.
-// The caller holds writeMu.
+// or an fsync. bbolt then rolls back in memory only. That matches the file unless the meta page was written
+// before the failure (its fsync failed): the page cache then holds the new meta page, so the file names the
+// failed transaction while bbolt's free list holds that transaction's pages as free again, for the next
+// commit to overwrite (etcd-io/bbolt#233). In that case the file is closed and opened again, which rebuilds
+// the free list from the file, the transaction's removals are counted, and its appends are deleted again —
+// their appenders were told they are not stored — by the next commit, attempted here at once. When the file
+// cannot be opened, the next commit tries again. The caller holds writeMu.
 func (l *Log) recoverCommit(t *txn, txid int, cause error) {
-	l.logger.Error("commit failed; opening the log file again", "error", cause)
+	took, err := l.took(txid)
+	if err == nil && !took {
+		l.reloadState()
+		return
+	}
+	l.logger.Error("commit failed after its meta page was written; opening the log file again", "error", cause)
 	l.dbMu.Lock()
 	if err := l.db.Close(); err != nil {
 		l.logger.Warn("close the log file after a failed commit", "error", err)
@@ -590,25 +595,33 @@ func (l *Log) recoverCommit(t *txn, txid int, cause error) {
 	l.reopen = true
 	if err := l.openAgain(); err != nil {
 		l.logger.Error("the log file could not be opened again; the next commit tries again", "error", err)
-		return
+	} else if took, err = l.took(txid); err != nil {
+		l.logger.Error("read the log file opened again", "error", err)
 	}
-	took := false
-	if err := l.db.View(func(tx *bolt.Tx) error { took = tx.ID() >= txid; return nil }); err != nil || !took {
+	if !took {
 		return
 	}
 	l.countRemovals(t)
-	l.undoFrom, l.undoTo = 0, 0
-	if last := l.state.Load().lastSeq; last > t.lastSeq0 {
-		l.undoFrom, l.undoTo = t.lastSeq0+1, last
-		l.logger.Warn("the file took the failed commit; deleting its events", "from_seq", l.undoFrom, "to_seq", last)
+	l.undoFrom, l.undoTo = 0, 0 // a pending deletion was in t
+	if t.st.lastSeq > t.lastSeq0 {
+		l.undoFrom, l.undoTo = t.lastSeq0+1, t.st.lastSeq
+		l.logger.Warn("the file took the failed commit; deleting its events", "from_seq", l.undoFrom, "to_seq", l.undoTo)
 	}
-	if l.undoTo != 0 && !l.recovering {
+	if l.db != nil && l.undoTo != 0 && !l.recovering {
 		l.recovering = true
 		if _, err := l.update(nil); err != nil {
 			l.logger.Error("delete the events of the failed commit; the next commit tries again", "error", err)
 		}
 		l.recovering = false
 	}
+}
+
+// took reports whether the file names transaction txid or a later one. bbolt reads its meta pages through its
+// map of the file, so a read transaction starts at the newest valid meta page in the page cache.
+func (l *Log) took(txid int) (bool, error) {
+	took := false
+	err := l.db.View(func(tx *bolt.Tx) error { took = tx.ID() >= txid; return nil })
+	return took, err
 }
 
 // openAgain opens the log file after recoverCommit closed it and loads the state it holds.
