@@ -298,13 +298,15 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 
 // openDB opens the bbolt file, turning lock timeouts and damage into ErrLocked and ErrCorrupt, and tells how
 // it found the file (openKind). A file closed by Close opens at once: bbolt reads the free list written at
-// that close. Any other existing file gets precheck, then bbolt rebuilds its free list by walking the file.
+// that close. Any other existing file is read into the page cache (preread), gets precheck, then bbolt
+// rebuilds its free list by walking the file.
 func openDB(path, durability string) (db *bolt.DB, kind string, err error) {
 	kind, err = openKind(path)
 	if err != nil {
 		return nil, "", err
 	}
 	if kind == openRebuilt {
+		preread(path)
 		if err := precheck(path); err != nil {
 			return nil, "", err
 		}
@@ -333,6 +335,25 @@ func openDB(path, durability string) (db *bolt.DB, kind string, err error) {
 	}
 	db.NoSync = durability == DurabilityInterval
 	return db, kind, nil
+}
+
+// preread reads the file from start to end, into the page cache, before the walks of precheck and of bbolt's
+// free list rebuild touch every page of it in tree order. From a cold disk those walks fault in one page at a
+// time, in no useful order: for a million events, a 280 MiB file, they took 2.8 s after a reboot, against
+// 0.35 s after this sequential read (BenchmarkOpenColdCache). When the file is cached already the read costs
+// a copy of it (about 40 ms there). Errors are left to the walks, which report them.
+func preread(path string) {
+	f, err := os.Open(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for {
+		if _, err := f.Read(buf); err != nil {
+			return
+		}
+	}
 }
 
 // precheck walks every page and element of an existing file, read-only, before the real open of a file that
