@@ -1,7 +1,6 @@
 package rules
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -10,6 +9,8 @@ import (
 
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/cloudevents/sdk-go/v2/types"
+
+	"github.com/edgegate/edgegate/internal/jsonvalue"
 )
 
 // CloudEvents extensions set on derived events.
@@ -193,8 +194,7 @@ func decodeData(ev *event.Event) any {
 	jsonish := ct == "" || strings.HasPrefix(ct, "application/json") || strings.HasPrefix(ct, "text/json") ||
 		strings.Contains(ct, "+json")
 	if jsonish {
-		var v any
-		if err := json.Unmarshal(b, &v); err == nil {
+		if v, err := jsonvalue.Decode(b); err == nil {
 			return v
 		}
 	}

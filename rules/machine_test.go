@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -395,5 +396,24 @@ rules:
 	}
 	if len(r.errs) != 1 || !strings.Contains(r.errs[0], "loop guard") {
 		t.Fatalf("errors %q", r.errs)
+	}
+}
+
+// TestLongIntegersStayExact: an integer beyond 2^53 in the event's data (a nanosecond timestamp, a 64-bit
+// counter) keeps every digit in templates and compares exactly in conditions.
+func TestLongIntegersStayExact(t *testing.T) {
+	const src = `
+rules:
+  - name: echo
+    on: room.entered
+    when: data.ts == 1733490000000000001 && data.ts > 1733490000000000000
+    actions:
+      - command: {device: kitchen-light-1, command: lights.on, payload: {ts: '{{ data.ts }}', next: '{{ data.ts + 1 }}'}}
+`
+	m, r := newMachine(t, src, homeDevices)
+	m.handle(newEvent("room.entered", "kitchen-motion", t0, json.RawMessage(`{"ts":1733490000000000001}`)), t0)
+	want := `echo: command kitchen-light-1 lights.on {"next":1733490000000000002,"ts":1733490000000000001}`
+	if got := r.take(); len(got) != 1 || got[0] != want {
+		t.Fatalf("actions = %q, want %q (errors %q)", got, want, r.errs)
 	}
 }
