@@ -75,6 +75,8 @@ func TestIOFailureChild(t *testing.T) {
 		{"data write fails", "writes"},
 		{"fsync of the data pages fails", "fsync 1"},
 		{"fsync of the meta page fails", "fsync 2"},
+		// The commit that deletes the failed commit's events again fails the same way.
+		{"fsync of the meta page fails, then that of the commit undoing it", "fsync 2 4"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			sub := fmt.Sprintf("case%d", i)
@@ -100,9 +102,11 @@ func TestIOFailureChild(t *testing.T) {
 
 			control(t, mnt, tt.arm)
 			seqs, errs := appendConcurrently(l.Log, 20, 1000)
-			if state := control(t, mnt, "off"); strings.HasPrefix(state, "injected 0 ") {
+			state := control(t, mnt, "off")
+			if strings.HasPrefix(state, "injected 0 ") {
 				t.Fatalf("after the failed commit the filesystem reports %q, want a failure injected", state)
 			}
+			t.Logf("faults %q: %s", tt.arm, state)
 			// The appenders that shared the failed commit get its error; any that came after it and got into a
 			// commit of their own are acknowledged.
 			failed := 0
@@ -202,7 +206,7 @@ func checkContent(t *testing.T, l *Log, want map[uint64]string, when string) {
 }
 
 // controlFile is the file at the root of the faulty filesystem that sets its faults: writing "writes" fails
-// every data write, "fsync N" the N-th fsync from then (once), "off" clears both. Reading it returns
+// every data write, "fsync N [M ...]" the N-th (and M-th ...) fsync from then, "off" clears both. Reading it returns
 // "injected N fsyncs M": the failures injected and the fsyncs seen since the faults were last set.
 const controlFile = ".faults"
 
@@ -210,7 +214,7 @@ const controlFile = ".faults"
 type ioFaults struct {
 	mu         sync.Mutex
 	failWrites bool
-	failFsync  int // the failFsync-th fsync from now fails; 0: none
+	failFsync  map[int]bool // the ordinals, counted from the command, of the fsyncs that fail
 	injected   int
 	fsyncs     int
 }
@@ -218,7 +222,7 @@ type ioFaults struct {
 func (f *ioFaults) command(cmd string) syscall.Errno {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.failWrites, f.failFsync = false, 0
+	f.failWrites, f.failFsync = false, nil
 	fields := strings.Fields(cmd)
 	if len(fields) > 0 && fields[0] != "off" {
 		f.injected, f.fsyncs = 0, 0
@@ -227,9 +231,14 @@ func (f *ioFaults) command(cmd string) syscall.Errno {
 	case len(fields) == 1 && fields[0] == "off":
 	case len(fields) == 1 && fields[0] == "writes":
 		f.failWrites = true
-	case len(fields) == 2 && fields[0] == "fsync":
-		if _, err := fmt.Sscan(fields[1], &f.failFsync); err != nil || f.failFsync < 1 {
-			return syscall.EINVAL
+	case len(fields) >= 2 && fields[0] == "fsync":
+		f.failFsync = map[int]bool{}
+		for _, field := range fields[1:] {
+			var n int
+			if _, err := fmt.Sscan(field, &n); err != nil || n < 1 {
+				return syscall.EINVAL
+			}
+			f.failFsync[n] = true
 		}
 	default:
 		return syscall.EINVAL
@@ -257,10 +266,7 @@ func (f *ioFaults) fsync() syscall.Errno {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.fsyncs++
-	if f.failFsync == 0 {
-		return 0
-	}
-	if f.failFsync--; f.failFsync == 0 {
+	if f.failFsync[f.fsyncs] {
 		f.injected++
 		return syscall.EIO
 	}

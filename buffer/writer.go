@@ -609,7 +609,7 @@ func (l *Log) recoverCommit(t *txn, txid int, cause error) {
 	}
 	if l.db != nil && l.undoTo != 0 && !l.recovering {
 		l.recovering = true
-		if _, err := l.update(nil); err != nil {
+		if _, err := l.update(nil); err != nil && l.undoTo != 0 { // not when the file took it nonetheless
 			l.logger.Error("delete the events of the failed commit; the next commit tries again", "error", err)
 		}
 		l.recovering = false
