@@ -1,3 +1,5 @@
+//go:build linux && !(386 || arm || mips || mipsle)
+
 package buffer
 
 import (
@@ -22,6 +24,7 @@ import (
 // filesystem that passes every operation through to a directory and fails writes or an fsync when told to,
 // and runs TestIOFailureChild, which keeps the log on it, in a process of its own: a process that serves
 // FUSE must not fault on the mapped pages of a file it serves (bbolt maps its file), or it can deadlock.
+// The file builds on 64-bit Linux only, as the FUSE library does.
 func TestIOFailure(t *testing.T) {
 	if os.Getenv("EDGEGATE_IOFAULT_DIR") != "" {
 		t.Skip("in the child")
