@@ -11,8 +11,6 @@ import (
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
-
-	"github.com/edgegate/edgegate/internal/jsonvalue"
 )
 
 // Bounds of the StateView, so a flood of events cannot grow its memory without limit.
@@ -80,11 +78,9 @@ type repField struct {
 // value returns the field's decoded value (decoding it on first use). s.mu is held.
 func (f *repField) value() any {
 	if !f.decoded {
-		v, err := jsonvalue.Decode(f.raw)
-		if err != nil {
-			v = string(f.raw) // not reached unless ApplyChecked was given data that is not JSON
+		if err := json.Unmarshal(f.raw, &f.val); err != nil {
+			f.val = string(f.raw) // not reached unless ApplyChecked was given data that is not JSON
 		}
-		f.val = v
 		f.decoded = true
 	}
 	return f.val

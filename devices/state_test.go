@@ -51,12 +51,6 @@ func TestStateApply(t *testing.T) {
 				"reported": map[string]any{"room": "hall", "n": 1.0, "nested": map[string]any{"a": []any{1.0, 2.0}}}},
 		},
 		{
-			name:  "an integer beyond 2^53 keeps every digit",
-			steps: []step{{"counter", t0, "application/json", `{"count":9007199254740993,"ts":1733490000000000001}`}},
-			want: map[string]any{"last_seen": t0, "last_event": "counter",
-				"reported": map[string]any{"count": int64(9007199254740993), "ts": int64(1733490000000000001)}},
-		},
-		{
 			name: "later fields replace, null removes, others stay",
 			steps: []step{
 				{"t", t0, "application/json", `{"a":1,"b":2,"c":3}`},

@@ -9,8 +9,6 @@ import (
 
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/cloudevents/sdk-go/v2/types"
-
-	"github.com/edgegate/edgegate/internal/jsonvalue"
 )
 
 // CloudEvents extensions set on derived events.
@@ -194,7 +192,7 @@ func decodeData(ev *event.Event) any {
 	jsonish := ct == "" || strings.HasPrefix(ct, "application/json") || strings.HasPrefix(ct, "text/json") ||
 		strings.Contains(ct, "+json")
 	if jsonish {
-		if v, err := jsonvalue.Decode(b); err == nil {
+		if v, err := decodeJSON(b); err == nil {
 			return v
 		}
 	}

@@ -1,4 +1,4 @@
-package jsonvalue
+package rules
 
 import (
 	"encoding/json"
@@ -7,7 +7,7 @@ import (
 	"testing"
 )
 
-func TestDecodeKeepsLongIntegers(t *testing.T) {
+func TestDecodeJSONKeepsLongIntegers(t *testing.T) {
 	for _, tt := range []struct {
 		in   string
 		want any
@@ -19,47 +19,47 @@ func TestDecodeKeepsLongIntegers(t *testing.T) {
 		{`{"s":"12345678901234567890"}`, map[string]any{"s": "12345678901234567890"}},
 		{`{"t":30}`, map[string]any{"t": 30.0}},
 	} {
-		got, err := Decode([]byte(tt.in))
+		got, err := decodeJSON([]byte(tt.in))
 		if err != nil {
-			t.Fatalf("Decode(%s): %v", tt.in, err)
+			t.Fatalf("decodeJSON(%s): %v", tt.in, err)
 		}
 		if !reflect.DeepEqual(got, tt.want) {
-			t.Errorf("Decode(%s) = %#v, want %#v", tt.in, got, tt.want)
+			t.Errorf("decodeJSON(%s) = %#v, want %#v", tt.in, got, tt.want)
 		}
 	}
 }
 
-func TestDecodeRefusesWhatUnmarshalRefuses(t *testing.T) {
+func TestDecodeJSONRefusesWhatUnmarshalRefuses(t *testing.T) {
 	for _, in := range []string{
 		`{"a":1}x`, `1 2`, `{"a":12345678901234567}}`, `[12345678901234567`, `1e400`, `[1234567890123456e400]`, ``,
 	} {
-		if v, err := Decode([]byte(in)); err == nil {
-			t.Errorf("Decode(%q) = %#v, want an error", in, v)
+		if v, err := decodeJSON([]byte(in)); err == nil {
+			t.Errorf("decodeJSON(%q) = %#v, want an error", in, v)
 		}
 	}
 }
 
-// FuzzDecode: Decode agrees with json.Unmarshal on every input, but for the integers it keeps exact.
-func FuzzDecode(f *testing.F) {
+// FuzzDecodeJSON: decodeJSON agrees with json.Unmarshal on every input, but for the integers it keeps maxExactInt.
+func FuzzDecodeJSON(f *testing.F) {
 	for _, s := range []string{`{"ts":1733490000000000001}`, `[1,2.5,"x",null,true]`, `12345678901234567 `, `1e400`,
 		`{"a":{"b":[-9223372036854775808, 9223372036854775808]}}`} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		got, err := Decode(b)
+		got, err := decodeJSON(b)
 		var want any
 		werr := json.Unmarshal(b, &want)
 		if (err == nil) != (werr == nil) {
-			t.Fatalf("Decode(%q) error %v, json.Unmarshal error %v", b, err, werr)
+			t.Fatalf("decodeJSON(%q) error %v, json.Unmarshal error %v", b, err, werr)
 		}
-		if err == nil && !agree(got, want) {
-			t.Fatalf("Decode(%q) = %#v, json.Unmarshal = %#v", b, got, want)
+		if err == nil && !agreeJSON(got, want) {
+			t.Fatalf("decodeJSON(%q) = %#v, json.Unmarshal = %#v", b, got, want)
 		}
 	})
 }
 
 // agree reports whether got equals want, an int64 in got standing for the float64 nearest to it.
-func agree(got, want any) bool {
+func agreeJSON(got, want any) bool {
 	switch g := got.(type) {
 	case map[string]any:
 		w, ok := want.(map[string]any)
@@ -67,7 +67,7 @@ func agree(got, want any) bool {
 			return false
 		}
 		for k, v := range g {
-			if !agree(v, w[k]) {
+			if !agreeJSON(v, w[k]) {
 				return false
 			}
 		}
@@ -78,14 +78,14 @@ func agree(got, want any) bool {
 			return false
 		}
 		for i := range g {
-			if !agree(g[i], w[i]) {
+			if !agreeJSON(g[i], w[i]) {
 				return false
 			}
 		}
 		return true
 	case int64:
 		w, ok := want.(float64)
-		return ok && float64(g) == w && (g > exact || g < -exact)
+		return ok && float64(g) == w && (g > maxExactInt || g < -maxExactInt)
 	case float64:
 		w, ok := want.(float64)
 		return ok && (w == g || math.IsNaN(w) && math.IsNaN(g))
