@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -73,13 +74,16 @@ func TestIOFailureChild(t *testing.T) {
 		t.Skip("run by TestIOFailureServer")
 	}
 	for i, tt := range []struct {
-		name, arm string
+		name, arm   string
+		reopenFails int // how many times opening the file again fails at first
 	}{
-		{"data write fails", "writes"},
-		{"fsync of the data pages fails", "fsync 1"},
-		{"fsync of the meta page fails", "fsync 2"},
+		{"data write fails", "writes", 0},
+		{"fsync of the data pages fails", "fsync 1", 0},
+		{"fsync of the meta page fails", "fsync 2", 0},
 		// The commit that deletes the failed commit's events again fails the same way.
-		{"fsync of the meta page fails, then that of the commit undoing it", "fsync 2 4"},
+		{"fsync of the meta page fails, then that of the commit undoing it", "fsync 2 4", 0},
+		// The file cannot be opened again at first: reads fail meanwhile, the commits that follow open it.
+		{"fsync of the meta page fails, then the file cannot be opened at once", "fsync 2", 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			sub := fmt.Sprintf("case%d", i)
@@ -88,6 +92,14 @@ func TestIOFailureChild(t *testing.T) {
 			}
 			cfg := Config{Path: filepath.Join(mnt, sub, "events.db"), Cursors: []string{"sink"}}
 			l := openTest(t, cfg, 64)
+			var reopenFails atomic.Int32
+			reopenFails.Store(int32(tt.reopenFails))
+			l.beforeReopen = func() error {
+				if reopenFails.Add(-1) >= 0 {
+					return errInjected
+				}
+				return nil
+			}
 			stop := run(t, l.Log)
 
 			content := map[uint64]string{}
@@ -119,6 +131,8 @@ func TestIOFailureChild(t *testing.T) {
 					content[seqs[i]] = string(faultEvent(1000 + i).Data)
 				case errors.Is(err, syscall.EIO) && seqs[i] == 0:
 					failed++
+				case tt.reopenFails > 0 && errors.Is(err, errInjected) && seqs[i] == 0:
+					failed++ // a later commit, which found the file not open again
 				default:
 					t.Fatalf("appender %d while the file fails: seq %d, err %v; want 0 and EIO", i, seqs[i], err)
 				}
@@ -129,6 +143,24 @@ func TestIOFailureChild(t *testing.T) {
 			t.Logf("%d appenders got the error, %d were acknowledged", failed, len(errs)-failed)
 			if got := testutilCounter(t, l, "edgegate_buffer_commit_errors_total"); got == 0 {
 				t.Fatal("commit_errors_total = 0 after a failed commit")
+			}
+			if tt.reopenFails > 0 {
+				// Until the file opens again, reads find the log closed and appends get the open's error.
+				for i := 0; reopenFails.Load() > 0; i++ {
+					if i == 5 {
+						t.Fatal("five appends did not use up the failures to open the file again")
+					}
+					if _, err := l.Read(0, 1); !errors.Is(err, ErrClosed) {
+						t.Fatalf("read while the file is not open again = %v, want ErrClosed", err)
+					}
+					if seq, err := l.Append(context.Background(), faultEvent(1500+i)); !errors.Is(err, errInjected) {
+						t.Fatalf("append while the file cannot be opened = %d, %v; want the open's error", seq, err)
+					}
+				}
+				add(1, 1600) // its commit opens the file and deletes the failed commit's events
+				if reopenFails.Load() >= 0 {
+					t.Fatal("the file was not opened again")
+				}
 			}
 			checkContent(t, l.Log, content, "after the failed commit")
 

@@ -87,8 +87,10 @@ type Log struct {
 	opened   string // how the last open of the file found it: openNew, openClean or openRebuilt
 
 	// Test hooks: beforeCommit fails a commit when it returns an error; now is the clock; statfs reports
-	// the free space of the filesystem holding a path.
+	// the free space of the filesystem holding a path; beforeReopen fails the opening of the file again after
+	// a failed commit when it returns an error.
 	beforeCommit   func() error
+	beforeReopen   func() error
 	now            func() time.Time
 	statfs         func(path string) (int64, error)
 	compactMinFile int64

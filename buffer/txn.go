@@ -412,6 +412,7 @@ func (t *txn) undo(from, to uint64) error {
 			return fmt.Errorf("undo %d-%d: %w", from, to, err)
 		}
 	}
+	t.prune() // a segment emptied here and written to again gets bounds of its own (openTail)
 	return nil
 }
 

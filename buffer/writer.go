@@ -626,7 +626,15 @@ func (l *Log) took(txid int) (bool, error) {
 
 // openAgain opens the log file after recoverCommit closed it and loads the state it holds.
 func (l *Log) openAgain() error {
-	db, kind, err := openDB(l.path, l.cfg.Durability)
+	var db *bolt.DB
+	var kind string
+	err := error(nil)
+	if l.beforeReopen != nil {
+		err = l.beforeReopen()
+	}
+	if err == nil {
+		db, kind, err = openDB(l.path, l.cfg.Durability)
+	}
 	if err != nil {
 		return fmt.Errorf("buffer: open again after a failed commit: %w", err)
 	}
