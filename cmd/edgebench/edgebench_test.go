@@ -96,7 +96,7 @@ func TestQuickRunOfEveryScenario(t *testing.T) {
 		}
 	})
 	t.Run("footprint", func(t *testing.T) {
-		r := need(t, byName, "footprint", 8)
+		r := need(t, byName, "footprint", 9)
 		for _, row := range r.Rows {
 			s := row.Samples[0]
 			switch {

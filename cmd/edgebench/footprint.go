@@ -11,9 +11,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
 
 	"github.com/edgegate/edgegate/buffer"
@@ -26,7 +28,9 @@ runs the reference rules of configs/rules.d; mosquitto is the baseline. Start-up
 directory whose log holds the backlog (written with buffer.Open beforehand; no sink is configured, so the events
 stay), and the time from process start to the first 200 from /readyz is measured, against the same gateway on an
 empty data directory; "cold page cache" drops the log file's pages from the kernel's cache first
-(posix_fadvise DONTNEED), as after a reboot. anon_mib is the anonymous part of the resident set (RssAnon: heap and
+(posix_fadvise DONTNEED), as after a reboot; "after a crash" starts it on the log as a crash leaves it (its last
+commit did not mark it closed, so the first start checks the whole file and rebuilds bbolt's free list), from a
+cold page cache too. anon_mib is the anonymous part of the resident set (RssAnon: heap and
 stacks); the rest is the mapped log file, whose pages the kernel can drop and read again. Binary size: the edgegate binary as go build makes it, stripped (-ldflags "-s -w"), and the
 mosquitto binary (which links libc, libssl and libcrypto dynamically).`
 
@@ -75,12 +79,18 @@ func runFootprint(ctx context.Context, h *harness, res *Result) error {
 	h.logf("footprint: wrote %d events in %s", backlog, time.Since(start).Round(time.Millisecond))
 	startup := fmt.Sprintf("start-up with %d events", backlog)
 	err = h.forRounds(ctx, func(round int) error {
-		for _, system := range []string{"gateway", "gateway (cold page cache)", "gateway (empty log)"} {
+		for _, system := range []string{"gateway", "gateway (cold page cache)", "gateway (after a crash, cold page cache)",
+			"gateway (empty log)"} {
 			o := gatewayOptions{Registry: reg, MaxBytes: 4 << 30}
 			if system != "gateway (empty log)" {
 				o.DataDir = dataDir
 			}
-			if system == "gateway (cold page cache)" {
+			if system == "gateway (after a crash, cold page cache)" {
+				if err := asAfterCrash(filepath.Join(dataDir, "events.db")); err != nil {
+					return err
+				}
+			}
+			if strings.Contains(system, "cold page cache") {
 				if err := dropCache(filepath.Join(dataDir, "events.db")); err != nil {
 					return err
 				}
@@ -161,6 +171,24 @@ func (h *harness) connectedOnce(ctx context.Context, system, reg, pw string, dev
 	smp.Extra = map[string]float64{"idle_mib": float64(idle.RSSKiB) / 1024, "anon_mib": float64(u.AnonKiB) / 1024,
 		"kib_per_device": float64(u.RSSKiB-idle.RSSKiB) / float64(sum.Connected), "connected": float64(sum.Connected)}
 	return smp, nil
+}
+
+// asAfterCrash leaves the log file at path as a crash leaves it: one more commit without bbolt's free list,
+// as every commit of a running gateway is made, so that the next start cannot take the clean path.
+func asAfterCrash(path string) error {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second, NoFreelistSync: true,
+		FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		return fmt.Errorf("as after a crash: %w", err)
+	}
+	err = db.Update(func(*bolt.Tx) error { return nil })
+	if cerr := db.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("as after a crash: %w", err)
+	}
+	return nil
 }
 
 // dropCache writes the file's dirty pages and asks the kernel to drop its cached pages, so that the next open
