@@ -26,6 +26,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/edgegate/edgegate/internal/eventually"
 	"github.com/edgegate/edgegate/internal/freeport"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 )
@@ -165,22 +166,25 @@ func startBrokerWith(t *testing.T, lines func(port int) []string) (*mosquittotes
 			continue
 		}
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		deadline := time.Now().Add(10 * time.Second)
-		for {
+		accepting := false
+		var dialErr error
+		settled := eventually.Within(10*time.Second, func() bool {
 			c, err := net.DialTimeout("tcp", addr, time.Second)
 			if err == nil {
 				_ = c.Close()
-				return b, port, nil
+				accepting = true
+				return true
 			}
-			if !b.Running() {
-				last = fmt.Errorf("mosquitto exited before %s accepted connections: %w\n%s", addr, err, b.Log())
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the listener on %s does not accept connections: %v\n%s", addr, err, b.Log())
-			}
-			time.Sleep(10 * time.Millisecond)
+			dialErr = err
+			return !b.Running()
+		})
+		switch {
+		case accepting:
+			return b, port, nil
+		case !settled:
+			t.Fatalf("the listener on %s does not accept connections: %v\n%s", addr, dialErr, b.Log())
 		}
+		last = fmt.Errorf("mosquitto exited before %s accepted connections: %w\n%s", addr, dialErr, b.Log())
 	}
 	return nil, 0, last
 }

@@ -606,10 +606,11 @@ func publishUntilKilled(t *testing.T, d *proc, from map[string]int, minAcked int
 		}()
 	}
 
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	var total, least int
+	if !eventually.Within(10*time.Second, func() bool {
 		mu.Lock()
-		total, least := 0, -1
+		defer mu.Unlock()
+		total, least = 0, -1
 		for _, id := range crashDevices {
 			n := len(r.acked[id])
 			total += n
@@ -617,16 +618,11 @@ func publishUntilKilled(t *testing.T, d *proc, from map[string]int, minAcked int
 				least = n
 			}
 		}
-		mu.Unlock()
-		if total >= minAcked && least >= 20 {
-			break
-		}
-		if time.Now().After(deadline) {
-			close(killed)
-			wg.Wait()
-			t.Fatalf("only %d events acknowledged (the slowest device %d) within 10s\n%s", total, least, d.log())
-		}
-		time.Sleep(time.Millisecond)
+		return total >= minAcked && least >= 20
+	}) {
+		close(killed)
+		wg.Wait()
+		t.Fatalf("only %d events acknowledged (the slowest device %d) within 10s\n%s", total, least, d.log())
 	}
 	if err := d.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
