@@ -14,7 +14,7 @@ import (
 )
 
 // TestDiskFull runs TestDiskFullChild in a private mount namespace on a 4 MiB tmpfs (root and unshare(1)
-// needed; skipped otherwise) and checks that it passed: a full filesystem makes appends fail with ErrFull,
+// needed) and checks that it passed: a full filesystem makes appends fail with ErrFull,
 // the process stays up, appends succeed again once space returns, and the file stays consistent.
 func TestDiskFull(t *testing.T) {
 	if os.Getenv("EDGEGATE_DISKFULL_CHILD") != "" {
@@ -24,7 +24,7 @@ func TestDiskFull(t *testing.T) {
 	out, err := runUnshared(t, 50*time.Second, []string{"EDGEGATE_DISKFULL_CHILD=1", "EDGEGATE_DISKFULL_DIR=" + dir},
 		[]string{"sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`, dir}, "TestDiskFullChild")
 	if !strings.Contains(string(out), "disk full child started") {
-		t.Skipf("cannot mount a private tmpfs here (%v): %s", err, out)
+		t.Fatalf("cannot mount a private tmpfs (%v): %s", err, out)
 	}
 	if err != nil || !strings.Contains(string(out), "--- PASS: TestDiskFullChild") {
 		t.Fatalf("child failed (%v):\n%s", err, out)
@@ -132,16 +132,16 @@ func TestDiskFullChild(t *testing.T) {
 
 // runUnshared runs the test named test of this binary (verbose, within timeout) in a private mount namespace,
 // with env added to its environment, and returns its output and error. A non-empty before is a command run
-// first in the namespace, given the test binary and its arguments to exec. It skips the calling test without
-// root or unshare(1).
+// first in the namespace, given the test binary and its arguments to exec. Without root or unshare(1) it
+// fails the calling test: .ci/run checks both.
 func runUnshared(t *testing.T, timeout time.Duration, env, before []string, test string) ([]byte, error) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a filesystem")
+		t.Fatal("needs root to mount a filesystem in a private mount namespace: run the tests as root")
 	}
 	unshare, err := exec.LookPath("unshare")
 	if err != nil {
-		t.Skip("unshare(1) not found")
+		t.Fatalf("unshare(1) (util-linux) is needed for a private mount namespace: %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+10*time.Second)
 	defer cancel()

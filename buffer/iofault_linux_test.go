@@ -21,7 +21,7 @@ import (
 )
 
 // TestIOFailure checks that real write and fsync failures in bbolt's commit fail the commit cleanly. In a
-// private mount namespace (root and unshare(1) needed; skipped otherwise), TestIOFailureServer mounts a FUSE
+// private mount namespace (root, unshare(1) and /dev/fuse needed), TestIOFailureServer mounts a FUSE
 // filesystem that passes every operation through to a directory and fails writes or an fsync when told to,
 // and runs TestIOFailureChild, which keeps the log on it, in a process of its own: a process that serves
 // FUSE must not fault on the mapped pages of a file it serves (bbolt maps its file), or it can deadlock.
