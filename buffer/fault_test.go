@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -32,14 +31,7 @@ func TestCommitFailure(t *testing.T) {
 	if err := l.Ack("sink", 5); err != nil {
 		t.Fatal(err)
 	}
-	const appenders = 20
-	var wg sync.WaitGroup
-	errs := make([]error, appenders)
-	seqs := make([]uint64, appenders)
-	for i := range appenders {
-		wg.Go(func() { seqs[i], errs[i] = l.Append(context.Background(), ev(100+i)) })
-	}
-	wg.Wait()
+	seqs, errs := appendConcurrently(l.Log, 20, 100)
 	for i, err := range errs {
 		if !errors.Is(err, errInjected) || seqs[i] != 0 {
 			t.Fatalf("appender %d during failure: seq %d, err %v; want 0 and the injected error", i, seqs[i], err)

@@ -110,7 +110,7 @@ func TestIOFailureChild(t *testing.T) {
 					if err != nil {
 						t.Fatalf("append %d: %v", first+i, err)
 					}
-					content[seqs[i]] = string(faultEvent(first + i).Data)
+					content[seqs[i]] = string(ev(first + i).Data)
 				}
 			}
 			add(50, 0)
@@ -128,7 +128,7 @@ func TestIOFailureChild(t *testing.T) {
 			for i, err := range errs {
 				switch {
 				case err == nil:
-					content[seqs[i]] = string(faultEvent(1000 + i).Data)
+					content[seqs[i]] = string(ev(1000 + i).Data)
 				case errors.Is(err, syscall.EIO) && seqs[i] == 0:
 					failed++
 				case tt.reopenFails > 0 && errors.Is(err, errInjected) && seqs[i] == 0:
@@ -153,7 +153,7 @@ func TestIOFailureChild(t *testing.T) {
 					if _, err := l.Read(0, 1); !errors.Is(err, ErrClosed) {
 						t.Fatalf("read while the file is not open again = %v, want ErrClosed", err)
 					}
-					if seq, err := l.Append(context.Background(), faultEvent(1500+i)); !errors.Is(err, errInjected) {
+					if seq, err := l.Append(context.Background(), ev(1500+i)); !errors.Is(err, errInjected) {
 						t.Fatalf("append while the file cannot be opened = %d, %v; want the open's error", seq, err)
 					}
 				}
@@ -195,23 +195,6 @@ func control(t *testing.T, mnt, cmd string) string {
 		t.Fatalf("fault state: %v", err)
 	}
 	return string(state)
-}
-
-// faultEvent is the i-th event of the test, its data naming i.
-func faultEvent(i int) Entry {
-	return Entry{Data: fmt.Appendf(nil, `{"i":%d,"pad":"%0200d"}`, i, i), Type: "t", Subject: fmt.Sprintf("d%d", i%7)}
-}
-
-// appendConcurrently appends the events first..first+n-1 from n goroutines at once (so that they share
-// commits) and returns each one's seq and error.
-func appendConcurrently(l *Log, n, first int) ([]uint64, []error) {
-	seqs, errs := make([]uint64, n), make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() { seqs[i], errs[i] = l.Append(context.Background(), faultEvent(first+i)) })
-	}
-	wg.Wait()
-	return seqs, errs
 }
 
 // checkContent fails unless the log holds exactly the events of want (seq → data), in seq order.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -79,6 +80,18 @@ func ev(i int) Entry {
 		Type:    "t.v",
 		Subject: "d1",
 	}
+}
+
+// appendConcurrently appends ev(first)..ev(first+n-1) from n goroutines at once (so that they share
+// commits) and returns each one's seq and error.
+func appendConcurrently(l *Log, n, first int) ([]uint64, []error) {
+	seqs, errs := make([]uint64, n), make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { seqs[i], errs[i] = l.Append(context.Background(), ev(first+i)) })
+	}
+	wg.Wait()
+	return seqs, errs
 }
 
 // appendN appends n entries made by mk and returns their seqs.
