@@ -626,15 +626,12 @@ func (l *Log) took(txid int) (bool, error) {
 
 // openAgain opens the log file after recoverCommit closed it and loads the state it holds.
 func (l *Log) openAgain() error {
-	var db *bolt.DB
-	var kind string
-	err := error(nil)
 	if l.beforeReopen != nil {
-		err = l.beforeReopen()
+		if err := l.beforeReopen(); err != nil {
+			return fmt.Errorf("buffer: open again after a failed commit: %w", err)
+		}
 	}
-	if err == nil {
-		db, kind, err = openDB(l.path, l.cfg.Durability)
-	}
+	db, kind, err := openDB(l.path, l.cfg.Durability)
 	if err != nil {
 		return fmt.Errorf("buffer: open again after a failed commit: %w", err)
 	}
