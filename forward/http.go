@@ -62,6 +62,9 @@ func newHTTPTransport(cfg SinkConfig, log *slog.Logger) (*httpTransport, error) 
 func (t *httpTransport) unitSize() int  { return t.batch }
 func (t *httpTransport) target() string { return t.where }
 func (t *httpTransport) wait()          {}
+func (t *httpTransport) dialReaches() bool {
+	return false // dial makes no request
+}
 
 func (t *httpTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	if err := ctx.Err(); err != nil {

@@ -83,6 +83,9 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 func (t *mqttTransport) unitSize() int  { return 1 }
 func (t *mqttTransport) target() string { return t.where }
 func (t *mqttTransport) wait()          { t.bg.Wait() }
+func (t *mqttTransport) dialReaches() bool {
+	return true // CONNACK
+}
 
 func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	c := &mqttConn{

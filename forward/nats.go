@@ -59,6 +59,9 @@ func newNATSTransport(cfg SinkConfig, gatewayID string, log *slog.Logger) (*nats
 func (t *natsTransport) unitSize() int  { return 1 }
 func (t *natsTransport) target() string { return t.where }
 func (t *natsTransport) wait()          {}
+func (t *natsTransport) dialReaches() bool {
+	return true // the server's INFO and PONG
+}
 
 func (t *natsTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	c := &natsConn{

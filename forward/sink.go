@@ -50,6 +50,9 @@ type transport interface {
 	target() string
 	// wait waits for what closed connections left running (bounded by the transport's timeouts).
 	wait()
+	// dialReaches reports whether a successful dial shows that the upstream is there (a broker connection);
+	// when it does not (an HTTP client, whose requests each stand alone), only an acknowledged send does.
+	dialReaches() bool
 }
 
 // errStalled ends a connection that stopped acknowledging.
@@ -263,9 +266,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	if err != nil {
 		return sessionResult{err: err}
 	}
-	if s.typ != TypeHTTP || !s.failing {
-		// An HTTP "connection" is only a client (each request stands alone): after a failed request the sink
-		// stays disconnected until a request succeeds, instead of looking healthy between its retries.
+	if s.tr.dialReaches() || !s.failing {
+		// After a failed send, a sink whose dial does not reach the upstream stays disconnected until a send
+		// is acknowledged, instead of looking healthy between its retries.
 		s.setConnected(true)
 	}
 	s.log.Info("upstream connected", "target", s.tr.target(), "cursor", s.done)
