@@ -2,7 +2,6 @@ package gateway_test
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +15,7 @@ import (
 	"github.com/edgegate/edgegate/forward"
 	"github.com/edgegate/edgegate/gateway"
 	"github.com/edgegate/edgegate/internal/freeport"
+	"github.com/edgegate/edgegate/internal/mqttraw"
 )
 
 // TestRefusedEventTriggersNothing: an event the log refuses (full, reject policy) neither changes the device's
@@ -57,17 +57,10 @@ func TestFullLogRefusesMQTT5WithQuotaExceeded(t *testing.T) {
 	send := func(pk packets.Packet) {
 		t.Helper()
 		pk.ProtocolVersion = 5
-		var buf bytes.Buffer
-		var err error
-		switch pk.FixedHeader.Type {
-		case packets.Connect:
-			err = pk.ConnectEncode(&buf)
-		case packets.Publish:
-			err = pk.PublishEncode(&buf)
-		}
+		b, err := mqttraw.Encode(pk)
 		if err == nil {
 			_ = c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			_, err = c.Write(buf.Bytes())
+			_, err = c.Write(b)
 		}
 		if err != nil {
 			t.Fatalf("send packet type %d: %v", pk.FixedHeader.Type, err)

@@ -34,6 +34,7 @@ import (
 	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/ingest"
 	"github.com/edgegate/edgegate/internal/metricstest"
+	"github.com/edgegate/edgegate/internal/mqttraw"
 )
 
 // waitTimeout bounds every wait for something the broker does in response to a client.
@@ -355,28 +356,11 @@ func (rc *rawConn) write(b []byte) error {
 
 func encode(t testing.TB, pk packets.Packet) []byte {
 	t.Helper()
-	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Connect:
-		err = pk.ConnectEncode(&buf)
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Subscribe:
-		err = pk.SubscribeEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	case packets.Puback:
-		err = pk.PubackEncode(&buf)
-	case packets.Pingreq:
-		err = pk.PingreqEncode(&buf)
-	default:
-		t.Fatalf("encode: packet type %d not supported", pk.FixedHeader.Type)
-	}
+	b, err := mqttraw.Encode(pk)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()
+	return b
 }
 
 func (rc *rawConn) send(pk packets.Packet) {
