@@ -235,3 +235,46 @@ func TestRunTwiceAndClose(t *testing.T) {
 		t.Fatalf("Run after Close = %v, want ErrClosed", err)
 	}
 }
+
+// TestBusy: a commit that does not return (a disk that stopped answering) shows in Busy for as long as it hangs;
+// an idle log and one whose commit has ended show 0.
+func TestBusy(t *testing.T) {
+	l := openTest(t, Config{}, 4)
+	var hang atomic.Bool
+	release := make(chan struct{})
+	l.beforeCommit = func() error {
+		if hang.Load() {
+			<-release
+		}
+		return nil
+	}
+	run(t, l.Log)
+	appendN(t, l.Log, 3, ev)
+	if d := l.Busy(); d != 0 {
+		t.Fatalf("Busy of an idle log = %s, want 0", d)
+	}
+
+	hang.Store(true)
+	p, err := l.AppendAsyncFunc(context.Background(), ev(3), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the hanging commit to show in Busy", func() bool { return l.Busy() > 0 })
+	first := l.Busy()
+	time.Sleep(20 * time.Millisecond)
+	if d := l.Busy(); d < first+20*time.Millisecond {
+		t.Fatalf("Busy went from %s to %s over 20ms of a hanging commit", first, d)
+	}
+	select {
+	case <-p.Done():
+		t.Fatal("the append completed while its commit hung")
+	default:
+	}
+
+	hang.Store(false)
+	close(release)
+	if seq, err := p.Wait(context.Background()); err != nil || seq != 4 {
+		t.Fatalf("append after the commit returned = %d, %v; want 4", seq, err)
+	}
+	waitFor(t, 10*time.Second, "Busy to return to 0", func() bool { return l.Busy() == 0 })
+}

@@ -125,7 +125,8 @@ type Log struct {
 	runDone      chan struct{}
 
 	wake      chan struct{}
-	saveAsked atomic.Bool // a cursor moved since the last commit took the positions to save
+	saveAsked atomic.Bool  // a cursor moved since the last commit took the positions to save
+	busySince atomic.Int64 // when the write transaction or fsync in progress began (Unix ns), 0 when none is
 
 	// Owned by the writer.
 	unsynced     bool

@@ -316,6 +316,7 @@ func (l *Log) commit(b *batch, s *settle) {
 
 // sync fsyncs the file in interval mode.
 func (l *Log) sync() {
+	defer l.busy()()
 	start := time.Now()
 	err := l.db.Sync()
 	l.m.fsyncDuration.Observe(time.Since(start).Seconds())
@@ -465,10 +466,31 @@ func (l *Log) freeRoom() (room int64, guarded bool) {
 	return avail + slack - l.cfg.MinFreeBytes, true
 }
 
+// busy marks a write transaction or fsync as in progress, unless one already is (a commit that retries within
+// itself), until the returned function is called.
+func (l *Log) busy() (done func()) {
+	if !l.busySince.CompareAndSwap(0, time.Now().UnixNano()) {
+		return func() {}
+	}
+	return func() { l.busySince.Store(0) }
+}
+
+// Busy returns how long the write transaction or fsync in progress has been running, or 0 when none is. A disk
+// that stops answering shows here, while appends wait for that commit. Compaction, which copies the file and
+// takes time in proportion to its size, is not counted.
+func (l *Log) Busy() time.Duration {
+	since := l.busySince.Load()
+	if since == 0 {
+		return 0
+	}
+	return max(time.Since(time.Unix(0, since)), time.Nanosecond)
+}
+
 // update runs one write transaction: fn, then the deletion of what every required cursor passed, the
 // moved cursors and the metadata. On success it publishes the new state; on failure the file's state is
 // reloaded. The caller holds writeMu.
 func (l *Log) update(fn func(*txn) error) (*txn, error) {
+	defer l.busy()()
 	if l.db == nil {
 		if !l.reopen {
 			return nil, ErrClosed

@@ -26,6 +26,10 @@ type Config struct {
 	DataDir string `yaml:"data_dir"`
 	// ShutdownTimeout bounds a graceful stop. Default 15s.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// StallTimeout is how long one commit of the log (its writes and fsyncs) or one rule evaluation may run
+	// before the gateway counts as stalled: /healthz answers 503 naming the part, and under systemd with
+	// WatchdogSec the watchdog is no longer fed, so systemd restarts the gateway. Default 60s.
+	StallTimeout time.Duration `yaml:"stall_timeout"`
 
 	Log        LogConfig              `yaml:"log"`
 	HTTP       HTTPConfig             `yaml:"http"`
@@ -62,6 +66,7 @@ func DefaultConfig() Config {
 		ID:              "edgegate",
 		DataDir:         "data",
 		ShutdownTimeout: 15 * time.Second,
+		StallTimeout:    time.Minute,
 		Log:             LogConfig{Level: "info", Format: "text"},
 		HTTP:            HTTPConfig{Listen: "127.0.0.1:8080"},
 		MQTT:            ingest.DefaultBrokerConfig(),
@@ -109,6 +114,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("shutdown_timeout: must be > 0, got %s", c.ShutdownTimeout))
+	}
+	if c.StallTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("stall_timeout: must be > 0, got %s", c.StallTimeout))
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

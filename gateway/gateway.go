@@ -246,5 +246,7 @@ func (g *Gateway) registerMetrics() {
 			return 1
 		}
 		return 0
-	}))
+	}), prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "edgegate_gateway_stalled", Help: "Parts stuck in one step for longer than stall_timeout (see /healthz).",
+	}, func() float64 { return float64(len(g.Stalls())) }))
 }

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strconv"
 	"time"
@@ -35,7 +36,15 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g.reg, promhttp.HandlerOpts{Registry: g.reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		_, _ = w.Write([]byte("ok\n"))
+		stalls := g.Stalls()
+		if len(stalls) == 0 {
+			_, _ = w.Write([]byte("ok\n"))
+			return
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+		for _, s := range stalls {
+			_, _ = fmt.Fprintln(w, "stalled:", s)
+		}
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		st := g.Status()
@@ -85,6 +94,20 @@ func (g *Gateway) Handler() http.Handler {
 	return mux
 }
 
+// Stalls names the parts stuck in one step for longer than stall_timeout: the log in a commit (a disk that stopped
+// answering) or the rules in one evaluation. None means the gateway is live; /healthz and the systemd watchdog
+// follow it.
+func (g *Gateway) Stalls() []string {
+	var out []string
+	if d := g.events.Busy(); d > g.cfg.StallTimeout {
+		out = append(out, fmt.Sprintf("buffer: a commit of the log (writes and fsyncs) has been running for %s", d.Round(time.Millisecond)))
+	}
+	if d := g.rules.Busy(); d > g.cfg.StallTimeout {
+		out = append(out, fmt.Sprintf("rules: one evaluation has been running for %s", d.Round(time.Millisecond)))
+	}
+	return out
+}
+
 // Status gathers the gateway's state for the status API and /readyz.
 func (g *Gateway) Status() Status {
 	st := Status{
@@ -99,6 +122,10 @@ func (g *Gateway) Status() Status {
 	}
 	if !g.started.IsZero() {
 		st.Uptime = time.Since(g.started).Round(time.Second).String()
+	}
+	for _, s := range g.Stalls() {
+		st.Healthy = false
+		st.Problems = append(st.Problems, "stalled: "+s)
 	}
 	sinks := g.fwd.Health()
 	st.Sinks = sinks

@@ -2,12 +2,14 @@ package gateway_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"testing"
 	"time"
 
 	"github.com/edgegate/edgegate/gateway"
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // TestHTTPAPI checks the admin API of a running gateway: health, readiness (not before Run, then yes, then not
@@ -108,6 +110,7 @@ func TestHTTPAPI(t *testing.T) {
 	}
 	mustContain(t, "/metrics", metrics,
 		"edgegate_gateway_ready 1",
+		"edgegate_gateway_stalled 0",
 		"edgegate_ingest_connections 2",
 		`edgegate_ingest_messages_total{qos="1"} 2`,
 		"edgegate_ingest_events_total",
@@ -132,5 +135,56 @@ func TestHTTPAPI(t *testing.T) {
 	var after map[string]any
 	if err := json.Unmarshal(rec.Body.Bytes(), &after); err != nil || rec.Code != http.StatusServiceUnavailable || after["ready"] != false {
 		t.Errorf("/readyz after stop: %d %s, want 503 with ready false", rec.Code, rec.Body)
+	}
+}
+
+// TestHealthzNamesAStalledPart: with a stall_timeout shorter than any commit, /healthz answers 503 naming the log
+// while devices keep it committing, and /readyz reports the problem; with the load over, both are fine again.
+func TestHealthzNamesAStalledPart(t *testing.T) {
+	t.Parallel()
+	gw := startGateway(t, func(c *gateway.Config) { c.StallTimeout = time.Nanosecond })
+	addr := gw.HTTPAddr()
+	thermo := connectDevice(t, gw.MQTTAddr("tcp"), "thermo-1")
+
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() { // bounded: 20,000 events or 30 s
+		defer close(done)
+		deadline := time.Now().Add(30 * time.Second)
+		for i := 0; i < 20000 && time.Now().Before(deadline); i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			thermo.Publish("devices/thermo-1/telemetry", 1, false, fmt.Sprintf(`{"temp":%d}`, i)).WaitTimeout(10 * time.Second)
+		}
+	}()
+	var code int
+	var body string
+	seen := eventually.Within(30*time.Second, func() bool {
+		code, body = httpGet(t, addr, "/healthz")
+		return code == http.StatusServiceUnavailable
+	})
+	close(stop)
+	<-done
+	if !seen {
+		t.Fatalf("/healthz stayed %d %q while the log committed with stall_timeout 1ns", code, body)
+	}
+	mustContain(t, "the /healthz body", body, "stalled: buffer: a commit of the log (writes and fsyncs) has been running for")
+
+	eventually.True(t, 10*time.Second, "/healthz to answer 200 ok once the load is over", func() bool {
+		code, body = httpGet(t, addr, "/healthz")
+		return code == http.StatusOK && body == "ok\n"
+	})
+	var ready struct {
+		Healthy  bool
+		Problems []string
+	}
+	httpJSON(t, addr, "/readyz", http.StatusOK, &ready)
+	if !ready.Healthy || len(ready.Problems) != 0 {
+		t.Errorf("/readyz after the load: %+v, want healthy without problems", ready)
+	}
+	if got := metricSum(t, gw.Reg, "edgegate_gateway_stalled", nil); got != 0 {
+		t.Errorf("edgegate_gateway_stalled = %v after the load, want 0", got)
 	}
 }

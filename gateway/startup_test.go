@@ -127,6 +127,7 @@ func TestStartupErrors(t *testing.T) {
 		yaml := strings.Join([]string{
 			"id: 'not an id'",
 			"shutdown_timeout: -1s",
+			"stall_timeout: 0s",
 			"log: {level: loud, format: xml}",
 			"http: {listen: nowhere}",
 			"devices: {registry: " + filepath.Join(t.TempDir(), "missing.yaml") + "}",
@@ -143,9 +144,9 @@ func TestStartupErrors(t *testing.T) {
 		}
 		err = cfg.Validate()
 		if err == nil {
-			t.Fatal("Validate accepted a config with 12 problems")
+			t.Fatal("Validate accepted a config with 13 problems")
 		}
-		keys := []string{"id:", "shutdown_timeout:", "log.level:", "log.format:", "http.listen:", "devices.registry:",
+		keys := []string{"id:", "shutdown_timeout:", "stall_timeout:", "log.level:", "log.format:", "http.listen:", "devices.registry:",
 			"mqtt.listen:", "mqtt.publish_rate:", "mqtt.command_topic:", "buffer.max_bytes:", "rules.dir:",
 			"rules.command_retries:"}
 		mustContain(t, "the Validate error", err.Error(), keys...)

@@ -39,10 +39,11 @@ type Engine struct {
 	clock   Clock
 	limiter *logLimiter
 
-	queue  chan *event.Event
-	queued atomic.Int64 // events submitted to queue and not yet evaluated
-	cmds   chan commandJob
-	wake   chan struct{}
+	queue     chan *event.Event
+	queued    atomic.Int64 // events submitted to queue and not yet evaluated
+	evalSince atomic.Int64 // when the evaluation in progress began (Unix ns), 0 when none is; set with mu held
+	cmds      chan commandJob
+	wake      chan struct{}
 
 	set      atomic.Pointer[ruleSet] // the rules in force (read by Submit and Rules)
 	running  atomic.Bool
@@ -238,7 +239,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	}
 
 	e.mu.Lock()
-	e.m.advance(e.clock.Now()) // absences that fell due while the gateway was down fire once, now
+	e.advanceLocked() // absences that fell due while the gateway was down fire once, now
 	e.scheduleWakeLocked()
 	e.unlockAfterEval()
 
@@ -259,7 +260,7 @@ loop:
 		case <-e.wake:
 			e.mu.Lock()
 			e.wakeAt = time.Time{}
-			e.m.advance(e.clock.Now())
+			e.advanceLocked()
 			e.scheduleWakeLocked()
 			e.unlockAfterEval()
 		case <-ticker.C:
@@ -334,10 +335,29 @@ func release(job commandJob) {
 
 // processLocked evaluates one event: due timers first, then the event. e.mu is held.
 func (e *Engine) processLocked(ev *event.Event) {
+	e.evalSince.Store(time.Now().UnixNano())
+	defer e.evalSince.Store(0)
 	now := e.clock.Now()
 	e.m.advance(now)
 	e.m.handle(ev, now)
 	e.scheduleWakeLocked()
+}
+
+// advanceLocked fires the timers that fell due. e.mu is held.
+func (e *Engine) advanceLocked() {
+	e.evalSince.Store(time.Now().UnixNano())
+	defer e.evalSince.Store(0)
+	e.m.advance(e.clock.Now())
+}
+
+// Busy returns how long the evaluation in progress (of an event, or of timers that fell due) has been running, or
+// 0 when none is. A rule whose condition does not end, or an action that blocks, shows here; meanwhile no other
+// event is evaluated.
+func (e *Engine) Busy() time.Duration {
+	if since := e.evalSince.Load(); since != 0 {
+		return max(time.Duration(time.Now().UnixNano()-since), 1)
+	}
+	return 0
 }
 
 // scheduleWakeLocked arranges a wake-up at the machine's next deadline.

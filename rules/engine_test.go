@@ -899,3 +899,36 @@ rules:
 		}
 	})
 }
+
+// TestEngineBusy: an evaluation that does not end (here a state action that blocks) shows in Busy for as long as
+// it lasts; an idle engine shows 0.
+func TestEngineBusy(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	f := newEngine(t, cfg, homeDevices)
+	startEngine(t, f.e)
+	f.e.Submit(newEvent("button.pressed", "b1", t0, nil))
+	waitFor(t, 5*time.Second, "the first event's state action", func() bool { return f.store.sets() == 1 })
+	if d := f.e.Busy(); d != 0 {
+		t.Fatalf("Busy of an idle engine = %s, want 0", d)
+	}
+
+	release := make(chan struct{})
+	f.store.mu.Lock()
+	f.store.block = release
+	f.store.mu.Unlock()
+	go f.e.Submit(newEvent("button.pressed", "b1", t0, nil))
+	waitFor(t, 5*time.Second, "the blocked evaluation to show in Busy", func() bool { return f.e.Busy() > 0 })
+	first := f.e.Busy()
+	time.Sleep(20 * time.Millisecond)
+	if d := f.e.Busy(); d < first+20*time.Millisecond {
+		t.Fatalf("Busy went from %s to %s over 20ms of a blocked evaluation", first, d)
+	}
+
+	f.store.mu.Lock()
+	f.store.block = nil
+	f.store.mu.Unlock()
+	close(release)
+	waitFor(t, 5*time.Second, "the second event's state action", func() bool { return f.store.sets() == 2 })
+	waitFor(t, 5*time.Second, "Busy to return to 0", func() bool { return f.e.Busy() == 0 })
+}

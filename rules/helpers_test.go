@@ -302,12 +302,19 @@ func (d *fakeDeadLetters) all() []deadLetter {
 
 // memStore is a concurrent StateStore.
 type memStore struct {
-	mu sync.Mutex
-	m  map[string]map[string]any
-	n  int
+	mu    sync.Mutex
+	m     map[string]map[string]any
+	n     int
+	block chan struct{} // when set, Set waits until it is closed
 }
 
 func (s *memStore) Set(device, key string, value any) {
+	s.mu.Lock()
+	block := s.block
+	s.mu.Unlock()
+	if block != nil {
+		<-block
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.m == nil {

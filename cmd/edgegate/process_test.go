@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -153,7 +154,9 @@ func TestReadyAfterBindAndCleanStop(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sock.Close()
+	// The watchdog's WATCHDOG=1 notifications (every 100 ms for WatchdogSec=200ms) are counted apart.
 	msgs := make(chan string, 16)
+	var fed atomic.Int64
 	go func() {
 		buf := make([]byte, 4096)
 		for {
@@ -162,12 +165,16 @@ func TestReadyAfterBindAndCleanStop(t *testing.T) {
 				close(msgs)
 				return
 			}
-			msgs <- string(buf[:n])
+			if m := string(buf[:n]); m == "WATCHDOG=1" {
+				fed.Add(1)
+			} else {
+				msgs <- m
+			}
 		}
 	}()
 
 	cfg, _ := writeConfig(t, "shutdown_timeout: 5s\n")
-	d := startDaemon(t, cfg, "NOTIFY_SOCKET="+sockPath)
+	d := startDaemon(t, cfg, "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=200000")
 	select {
 	case m := <-msgs:
 		if !strings.Contains(m, "READY=1") {
@@ -175,6 +182,10 @@ func TestReadyAfterBindAndCleanStop(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("no READY=1 notification")
+	}
+	n := fed.Load()
+	if !eventually.Within(10*time.Second, func() bool { return fed.Load() >= n+3 }) {
+		t.Fatalf("%d WATCHDOG=1 notifications in 10s after READY, want one every 100ms\n%s", fed.Load()-n, d.log())
 	}
 	// READY means the listeners are bound: both answer at once.
 	for _, addr := range []string{d.mqtt, d.http} {

@@ -89,6 +89,23 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 
+	// Under systemd with WatchdogSec the watchdog is fed from here on, start-up included, while no part stalls.
+	if every, err := daemon.SdWatchdogEnabled(false); err != nil {
+		logger.Warn("systemd watchdog settings not understood; the watchdog is not fed", "error", err)
+	} else if every > 0 {
+		wctx, stopWatchdog := context.WithCancel(context.Background())
+		fed := make(chan struct{})
+		go func() {
+			defer close(fed)
+			feedWatchdog(wctx, every/2, gw.Stalls, func() error {
+				_, err := daemon.SdNotify(false, daemon.SdNotifyWatchdog)
+				return err
+			}, logger)
+		}()
+		defer func() { stopWatchdog(); <-fed }()
+		logger.Info("feeding the systemd watchdog", "watchdog_sec", every, "stall_timeout", cfg.StallTimeout)
+	}
+
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	hup := make(chan os.Signal, 1)
@@ -130,6 +147,38 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 				logger.Info("ready", "mqtt", gw.MQTTAddr("tcp"), "http", gw.HTTPAddr())
 				tick.Reset(time.Hour)
 			}
+		}
+	}
+}
+
+// feedWatchdog notifies the systemd watchdog every interval while stalls reports nothing, until ctx ends. While a
+// part is stalled it sends nothing, so that systemd restarts the gateway once WatchdogSec has passed, and it logs
+// the stall when it begins and when it ends.
+func feedWatchdog(ctx context.Context, every time.Duration, stalls func() []string, notify func() error, logger *slog.Logger) {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	stalled, failing := false, false
+	for {
+		if s := stalls(); len(s) > 0 {
+			if !stalled {
+				logger.Error("stalled: the systemd watchdog is no longer fed and will restart the gateway", "stalls", s)
+			}
+			stalled = true
+		} else {
+			if stalled {
+				logger.Warn("no longer stalled: the systemd watchdog is fed again")
+			}
+			stalled = false
+			err := notify()
+			if err != nil && !failing {
+				logger.Warn("sd_notify WATCHDOG=1 failed", "error", err)
+			}
+			failing = err != nil
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
 		}
 	}
 }

@@ -2,16 +2,20 @@ package main
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/forward"
 	"github.com/edgegate/edgegate/gateway"
+	"github.com/edgegate/edgegate/internal/eventually"
 )
 
 // TestSystemdUnit checks the shipped unit: readiness by sd_notify, restart on failure, a state directory, a
@@ -22,7 +26,7 @@ func TestSystemdUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	unit := string(raw)
-	for _, want := range []string{"Type=notify", "Restart=on-failure", "StateDirectory=edgegate", "User=edgegate",
+	for _, want := range []string{"Type=notify", "WatchdogSec=30s", "Restart=on-failure", "StateDirectory=edgegate", "User=edgegate",
 		"NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
 		"ExecStart=/usr/local/bin/edgegate run --config /etc/edgegate/edgegate.yaml", "ExecReload=/bin/kill -HUP $MAINPID"} {
 		if !strings.Contains(unit, "\n"+want+"\n") {
@@ -99,4 +103,69 @@ cursor sink:old (no sink; holds no events): backlog 42
 	if !strings.Contains(b.String(), "log: 0 events, 0 B\nsinks: none configured\n") {
 		t.Errorf("without sinks:\n%s", b.String())
 	}
+}
+
+// TestFeedWatchdog: the watchdog is notified every interval while no part stalls, not at all while one does (the
+// stall is logged once), and again once the stall is over.
+func TestFeedWatchdog(t *testing.T) {
+	var stalled atomic.Bool
+	var fed atomic.Int64
+	var logs messages
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		feedWatchdog(ctx, 5*time.Millisecond, func() []string {
+			if stalled.Load() {
+				return []string{"buffer: a commit of the log has been running for 2m0s"}
+			}
+			return nil
+		}, func() error { fed.Add(1); return nil }, slog.New(&logs))
+	}()
+	defer func() { cancel(); <-done }()
+
+	if !eventually.Within(10*time.Second, func() bool { return fed.Load() >= 3 }) {
+		t.Fatalf("%d notifications, want one every 5ms", fed.Load())
+	}
+	stalled.Store(true)
+	if !eventually.Within(10*time.Second, func() bool { return strings.Contains(logs.String(), "stalled") }) {
+		t.Fatalf("no stall logged:\n%s", logs.String())
+	}
+	n := fed.Load()
+	time.Sleep(50 * time.Millisecond) // ten intervals
+	if got := fed.Load(); got != n {
+		t.Fatalf("%d notifications while stalled", got-n)
+	}
+	if c := strings.Count(logs.String(), "ERROR "); c != 1 {
+		t.Fatalf("the stall was logged %d times, want once:\n%s", c, logs.String())
+	}
+	stalled.Store(false)
+	if !eventually.Within(10*time.Second, func() bool { return fed.Load() >= n+3 }) {
+		t.Fatalf("%d notifications after the stall ended, want one every 5ms", fed.Load()-n)
+	}
+	if !strings.Contains(logs.String(), "no longer stalled") {
+		t.Fatalf("the end of the stall is not logged:\n%s", logs.String())
+	}
+}
+
+// messages is a slog handler that keeps each record as "LEVEL message".
+type messages struct {
+	mu   sync.Mutex
+	list []string
+}
+
+func (m *messages) Enabled(context.Context, slog.Level) bool { return true }
+func (m *messages) WithAttrs([]slog.Attr) slog.Handler       { return m }
+func (m *messages) WithGroup(string) slog.Handler            { return m }
+func (m *messages) Handle(_ context.Context, r slog.Record) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.list = append(m.list, r.Level.String()+" "+r.Message)
+	return nil
+}
+
+func (m *messages) String() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return strings.Join(m.list, "\n")
 }
