@@ -87,10 +87,18 @@ func newDeviceSet(devs []Device) *deviceSet {
 }
 
 // Replace makes r hold other's devices, atomically: checks already running finish against the old set. Remembered
-// logins of devices whose password hash changed or that are gone are forgotten. other must not be nil.
-func (r *Registry) Replace(other *Registry) {
+// logins of devices whose password hash changed or that are gone are forgotten. other must not be nil. It returns,
+// sorted, the ids of the devices whose access changed: gone, or with another password hash, certificate name or
+// publish or subscribe grants. Their open connections were let in, and their subscriptions granted, by the old
+// entry.
+func (r *Registry) Replace(other *Registry) (changed []string) {
 	s := other.set.Load()
-	r.set.Store(s)
+	old := r.set.Swap(s)
+	for _, e := range old.sorted {
+		if n, ok := s.byID[e.dev.ID]; !ok || !sameAccess(e.dev, n.dev) {
+			changed = append(changed, e.dev.ID)
+		}
+	}
 	r.cacheMu.Lock()
 	defer r.cacheMu.Unlock()
 	for id, c := range r.cache {
@@ -98,6 +106,13 @@ func (r *Registry) Replace(other *Registry) {
 			delete(r.cache, id)
 		}
 	}
+	return changed
+}
+
+// sameAccess reports whether two entries of a device let in the same credentials and grant the same topics.
+func sameAccess(a, b Device) bool {
+	return a.PasswordHash == b.PasswordHash && a.CertCN == b.CertCN && slices.Equal(a.Publish, b.Publish) &&
+		slices.Equal(a.Subscribe, b.Subscribe)
 }
 
 // Len returns the number of devices.

@@ -262,7 +262,9 @@ func TestReplace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	old.Replace(next)
+	if changed := old.Replace(next); !slices.Equal(changed, []string{"a", "b"}) {
+		t.Errorf("Replace reported %v changed, want [a b] (a new password, b gone)", changed)
+	}
 	if old.Len() != 2 || !slices.Equal(ids(old.All()), []string{"a", "c"}) {
 		t.Fatalf("after Replace: %v", ids(old.All()))
 	}
@@ -385,4 +387,46 @@ func TestDemoRegistry(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestReplaceReportsAccessChanges: a device counts as changed when it is gone or its credentials or grants differ;
+// new devices and changed metadata do not count.
+func TestReplaceReportsAccessChanges(t *testing.T) {
+	h, h2 := cheapBcrypt(t, "pw"), cheapBcrypt(t, "pw2")
+	base := []Device{
+		{ID: "same", PasswordHash: h, Room: "hall"},
+		{ID: "moved", PasswordHash: h, Room: "hall"},
+		{ID: "password", PasswordHash: h},
+		{ID: "cert", CertCN: "cert-1"},
+		{ID: "publish", PasswordHash: h, Publish: []string{"a/#"}},
+		{ID: "subscribe", PasswordHash: h, Subscribe: []string{"b/#"}},
+		{ID: "gone", PasswordHash: h},
+	}
+	next := []Device{
+		{ID: "same", PasswordHash: h, Room: "hall"},
+		{ID: "moved", PasswordHash: h, Room: "kitchen", Kind: "light", Labels: map[string]string{"floor": "1"}},
+		{ID: "password", PasswordHash: h2},
+		{ID: "cert", CertCN: "cert-2"},
+		{ID: "publish", PasswordHash: h, Publish: []string{"a/#", "c/#"}},
+		{ID: "subscribe", PasswordHash: h},
+		{ID: "new", PasswordHash: h},
+	}
+	r, err := NewRegistry(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := NewRegistry(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"cert", "gone", "password", "publish", "subscribe"}
+	if got := r.Replace(n); !slices.Equal(got, want) {
+		t.Fatalf("Replace reported %v changed, want %v", got, want)
+	}
+	if d, _ := r.Get("moved"); d.Room != "kitchen" {
+		t.Errorf("after Replace the moved device is in %q", d.Room)
+	}
+	if got := r.Replace(n); len(got) != 0 {
+		t.Errorf("replacing a registry by an equal one reported %v changed", got)
+	}
 }

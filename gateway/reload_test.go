@@ -1,16 +1,23 @@
 package gateway_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"regexp"
 	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"golang.org/x/crypto/bcrypt"
+
 	"github.com/edgegate/edgegate/gateway"
+	"github.com/edgegate/edgegate/internal/eventually"
 	"github.com/edgegate/edgegate/rules"
 )
 
@@ -181,4 +188,106 @@ func compact(ns []int) string {
 	}
 	b.WriteByte(']')
 	return b.String()
+}
+
+// TestReloadDevices: the registry is read again while devices stay connected. A broken file changes nothing and
+// names its line; a valid one puts in force at once a new light (which the rules select by room and kind, and which
+// can log in) and the removal of the thermometer (whose connection is closed and which can no longer log in), and
+// leaves the other devices' connections alone.
+func TestReloadDevices(t *testing.T) {
+	t.Parallel()
+	gw := startGateway(t, func(c *gateway.Config) {
+		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "5m"))
+	})
+	path := gw.Cfg.Devices.Registry
+	original, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := gw.MQTTAddr("tcp")
+	lost := make(chan error, 1)
+	thermo := connectClientWith(t, addr, "thermo-1", "thermo-1", "thermo-1-pw", func(o *paho.ClientOptions) {
+		o.SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
+	})
+	motion := connectDevice(t, addr, "kitchen-motion")
+	light1c := connectDevice(t, addr, "kitchen-light-1")
+	light1 := subscribe(t, light1c, "devices/kitchen-light-1/commands/#")
+
+	// A broken file: the error names it and the line; every device keeps its access.
+	broken := append(slices.Clone(original), "  - id: \"not an id!\"\n    password_hash: x\n"...)
+	if err := os.WriteFile(path, broken, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := gw.ReloadDevices(); err == nil {
+		t.Fatal("ReloadDevices accepted a broken registry")
+	} else {
+		line := bytes.Count(original, []byte("\n")) + 1
+		mustContain(t, "the reload error", err.Error(), "previous registry stays in force",
+			fmt.Sprintf("%s:%d: devices[", path, line), `.id: "not an id!"`)
+	}
+	publish(t, thermo, "devices/thermo-1/telemetry", 1, `{"temp":20}`)
+
+	// Without thermo-1, with a new kitchen light.
+	hash, err := bcrypt.GenerateFromPassword([]byte("kitchen-light-3-pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := regexp.MustCompile(`(?s)\n  - id: thermo-1\n.*?\n\n`)
+	if !block.Match(original) {
+		t.Fatal("the registry has no thermo-1 entry to remove")
+	}
+	next := block.ReplaceAll(original, []byte("\n"))
+	next = fmt.Appendf(next, "\n  - id: kitchen-light-3\n    room: kitchen\n    kind: light\n    password_hash: %q\n", hash)
+	if err := os.WriteFile(path, next, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changed, err := gw.ReloadDevices()
+	if err != nil {
+		t.Fatalf("ReloadDevices: %v", err)
+	}
+	if !slices.Equal(changed, []string{"thermo-1"}) {
+		t.Errorf("access changed for %v, want [thermo-1]", changed)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("thermo-1's connection is still open 10s after its removal")
+	}
+	if c, err := tryConnect(addr, "thermo-1", "thermo-1-pw"); err == nil {
+		c.Disconnect(0)
+		t.Fatal("thermo-1 logged in after its removal")
+	}
+	light3 := subscribe(t, connectDevice(t, addr, "kitchen-light-3"), "devices/kitchen-light-3/commands/#")
+	for id, c := range map[string]paho.Client{"kitchen-motion": motion, "kitchen-light-1": light1c} {
+		if !c.IsConnectionOpen() {
+			t.Errorf("%s was disconnected by a reload that did not change it", id)
+		}
+	}
+
+	// The rules select the new light by its room and kind.
+	publish(t, motion, "devices/kitchen-motion/events/room.entered", 1, `{"room":"kitchen"}`)
+	for name, in := range map[string]*inbox{"kitchen-light-1": light1, "kitchen-light-3": light3} {
+		if m := in.waitLen(t, 1, 10*time.Second); !strings.HasSuffix(m[0].Topic, "/lights.on") {
+			t.Errorf("%s received %s, want lights.on", name, m[0].Topic)
+		}
+	}
+	eventually.True(t, 10*time.Second, "thermo-1's disconnect in the log", func() bool {
+		for _, e := range eventsOfType(logEvents(t, gw.Log()), "device.disconnected") {
+			if e.Subject == "thermo-1" && string(e.Data) == `{"reason":"revoked"}` {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// tryConnect connects a client without failing the test.
+func tryConnect(addr, id, password string) (paho.Client, error) {
+	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).SetUsername(id).
+		SetPassword(password).SetAutoReconnect(false).SetConnectTimeout(10 * time.Second))
+	tok := c.Connect()
+	if !tok.WaitTimeout(20 * time.Second) {
+		return nil, errors.New("connect timed out")
+	}
+	return c, tok.Error()
 }

@@ -7,6 +7,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/edgegate/edgegate/ingest"
 )
 
 // aclDevices: "granted" has extra grants; "watcher" may subscribe to every device topic.
@@ -231,4 +233,77 @@ func TestACLWillToForbiddenTopicNeverPublished(t *testing.T) {
 		t.Fatalf("watcher received %s, want the will", tp)
 	}
 	tb.cons.waitCount(t, "own.will", "sensor-1", 1)
+}
+
+// TestRevoke: Revoke closes every connection of the device — an MQTT 5 one with DISCONNECT "not authorized" —
+// without publishing its will, records "revoked" as the reason, and drops its stored session; other devices keep
+// their connections.
+func TestRevoke(t *testing.T) {
+	tb := startBroker(t, brokerOpts{})
+	other := mustPaho(t, tb, "sensor-2")
+
+	// A stored session of sensor-1 (clean session off), then two live connections: MQTT 5 with a will, and 3.1.1.
+	if storedSession(t, tb) {
+		t.Fatal("a session is stored before the first connection")
+	}
+	if !storedSession(t, tb) {
+		t.Fatal("no session stored between two connections with clean session off")
+	}
+	v5 := dialRaw(t, tb.addr, 5)
+	will := &packets.Packet{TopicName: "devices/sensor-1/events/went.offline", Payload: []byte(`{}`)}
+	if code := v5.connect(connectOpts{user: "sensor-1", will: will}); code != 0 {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	v4 := dialRaw(t, tb.addr, 4)
+	if code := v4.connect(connectOpts{user: "sensor-1", clientID: "sensor-1:b"}); code != 0 {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	tb.cons.waitCount(t, "device.connected", "sensor-1", 4)
+
+	if n := tb.Revoke("sensor-1"); n != 2 {
+		t.Fatalf("Revoke closed %d connections, want 2", n)
+	}
+	if pk := v5.expect(packets.Disconnect); pk.ReasonCode != packets.ErrNotAuthorized.Code {
+		t.Errorf("MQTT 5 DISCONNECT reason 0x%02x, want 0x%02x", pk.ReasonCode, packets.ErrNotAuthorized.Code)
+	}
+	v5.expectClosed(waitTimeout)
+	v4.expectClosed(waitTimeout)
+	waitFor(t, "both disconnects", func() bool { return len(tb.cons.disconnectReasons("sensor-1")) == 4 })
+	for i, r := range tb.cons.disconnectReasons("sensor-1")[2:] {
+		if r != ingest.PresenceRevoked {
+			t.Errorf("disconnect %d: reason %q, want %q", i+3, r, ingest.PresenceRevoked)
+		}
+	}
+	if tb.Connected("sensor-1") {
+		t.Error("sensor-1 still connected after Revoke")
+	}
+
+	if storedSession(t, tb) {
+		t.Error("the stored session of sensor-1 survived Revoke")
+	}
+	// Other devices were not touched; the will was not published.
+	publish(t, other, "devices/sensor-2/events/sentinel", 1, `{}`)
+	tb.cons.waitCount(t, "sentinel", "sensor-2", 1)
+	if n := tb.cons.count("went.offline", "sensor-1"); n != 0 {
+		t.Errorf("the revoked connection's will was published (%d events)", n)
+	}
+}
+
+// storedSession connects sensor-1 as "sensor-1:stored" with clean session off, subscribes to its commands and
+// disconnects; it reports whether the broker had a session stored for it (CONNACK session present).
+func storedSession(t *testing.T, tb *testBroker) bool {
+	t.Helper()
+	opts := paho.NewClientOptions().AddBroker("tcp://" + tb.addr).SetClientID("sensor-1:stored").
+		SetUsername("sensor-1").SetPassword(password("sensor-1")).SetCleanSession(false).SetProtocolVersion(4).
+		SetAutoReconnect(false).SetConnectTimeout(waitTimeout)
+	c := paho.NewClient(opts)
+	tok := c.Connect()
+	if !tok.WaitTimeout(2*waitTimeout) || tok.Error() != nil {
+		t.Fatalf("connect sensor-1:stored: %v", tok.Error())
+	}
+	defer c.Disconnect(0)
+	if s := c.Subscribe("devices/sensor-1/commands/#", 1, nil); !s.WaitTimeout(waitTimeout) || s.Error() != nil {
+		t.Fatalf("subscribe: %v", s.Error())
+	}
+	return tok.(*paho.ConnectToken).SessionPresent()
 }

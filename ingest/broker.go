@@ -270,6 +270,11 @@ func (b *Broker) Publish(topic string, payload []byte, retain bool, qos byte) er
 // Connected reports whether the device has at least one live connection.
 func (b *Broker) Connected(device string) bool { return b.hook.connected(device) }
 
+// Revoke closes every connection of the device and forgets its stored sessions: call it when the device left the
+// registry, or its credentials or grants changed. The device reconnects under its new entry, if it has one. It
+// returns how many connections it closed.
+func (b *Broker) Revoke(device string) int { return b.hook.revoke(device) }
+
 // Clients returns the number of connected clients.
 func (b *Broker) Clients() int { return int(b.guard.open.Load()) }
 

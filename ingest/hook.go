@@ -282,6 +282,8 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 		reason = "server_shutdown"
 	case kickedForLimit(err):
 		reason = PresenceKickedLimit
+	case errors.Is(cl.StopCause(), errRevoked):
+		reason = PresenceRevoked
 	case err == nil || errors.Is(err, packets.CodeDisconnect):
 		reason = "clean_disconnect"
 	}
@@ -294,6 +296,45 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	h.mu.Unlock()
 	h.b.log.Debug("device disconnected", "device_id", ds.id, "client_id", cl.ID, "reason", reason, "error", err)
 	h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
+}
+
+// errRevoked ends the connections of a device whose registry entry is gone or no longer lets them in.
+var errRevoked = errors.New("ingest: the device's registry entry changed")
+
+// revoke closes every connection of the device (an MQTT 5 client is told "not authorized" first; no will is
+// published) and drops its stored sessions, whose subscriptions the old entry granted. It returns how many
+// connections it closed.
+func (h *hook) revoke(device string) int {
+	h.mu.Lock()
+	var open []*mqtt.Client
+	if ds := h.devices[device]; ds != nil {
+		for cl := range ds.clients {
+			open = append(open, cl)
+		}
+	}
+	h.mu.Unlock()
+	for _, cl := range open {
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		if cl.Properties.ProtocolVersion == 5 {
+			_ = cl.Net.Conn.SetWriteDeadline(time.Now().Add(time.Second)) // the connection ends anyway
+			_ = cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect},
+				ReasonCode: packets.ErrNotAuthorized.Code,
+				Properties: packets.Properties{ReasonString: "the device's registry entry changed"}})
+		}
+		cl.Stop(errRevoked)
+	}
+	for _, cl := range h.b.srv.Clients.GetAll() {
+		if string(cl.Properties.Username) != device || cl.Net.Inline {
+			continue
+		}
+		cl.Stop(errRevoked) // no-op for one already stopped
+		cl.ClearInflights()
+		h.b.srv.UnsubscribeClient(cl)
+		if cur, ok := h.b.srv.Clients.Get(cl.ID); ok && cur == cl {
+			h.b.srv.Clients.Delete(cl.ID)
+		}
+	}
+	return len(open)
 }
 
 // errAbandoned ends the session of a client whose connection panicked.

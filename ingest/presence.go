@@ -13,6 +13,7 @@ const (
 	PresenceKickedLimit     = "kicked_limit"     // the broker closed the connection (a limit was exceeded)
 	PresenceTakenOver       = "taken_over"       // a new connection with the same client id replaced it
 	PresenceServerShutdown  = "server_shutdown"  // the gateway is stopping
+	PresenceRevoked         = "revoked"          // the device left the registry, or its credentials or grants changed
 )
 
 // Presence returns the event that a device connected (type device.connected) or disconnected

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/internal/eventually"
@@ -248,7 +249,7 @@ func TestPortInUseNamesTheKey(t *testing.T) {
 	}
 }
 
-func TestSIGHUPReloadsRules(t *testing.T) {
+func TestSIGHUPReloadsRulesAndDevices(t *testing.T) {
 	rulesDir := t.TempDir()
 	write := func(body string) {
 		if err := os.WriteFile(filepath.Join(rulesDir, "r.yaml"), []byte(body), 0o600); err != nil {
@@ -259,6 +260,16 @@ func TestSIGHUPReloadsRules(t *testing.T) {
 	cfg, _ := writeConfig(t, "")
 	data, _ := os.ReadFile(cfg)
 	data = regexp.MustCompile(`(?m)^  dir: .*$`).ReplaceAll(data, []byte("  dir: "+rulesDir+"\n  watch: false"))
+	// The registry is a copy, to which a device is added below.
+	registry := filepath.Join(t.TempDir(), "devices.yaml")
+	shipped, err := os.ReadFile(filepath.Join(repo, "configs/devices.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(registry, shipped, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	data = regexp.MustCompile(`(?m)^  registry: .*$`).ReplaceAll(data, []byte("  registry: "+registry))
 	if err := os.WriteFile(cfg, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -293,6 +304,31 @@ func TestSIGHUPReloadsRules(t *testing.T) {
 	if got := rulesNow(); len(got) != 1 || got[0] != "second" {
 		t.Fatalf("rules after SIGHUP %v, want [second]", got)
 	}
+
+	// The registry is read again too: a device added to it logs in without a restart.
+	hash, err := bcrypt.GenerateFromPassword([]byte("pantry-sensor-pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	added := fmt.Appendf(slices.Clone(shipped), "\n  - id: pantry-sensor\n    password_hash: %q\n", hash)
+	if err := os.WriteFile(registry, added, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pantry := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + d.mqtt).SetClientID("pantry-sensor").
+		SetUsername("pantry-sensor").SetPassword("pantry-sensor-pw").SetAutoReconnect(false))
+	if tok := pantry.Connect(); tok.WaitTimeout(10*time.Second) && tok.Error() == nil {
+		t.Fatal("pantry-sensor logged in before the registry was reloaded")
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	eventually.True(t, 5*time.Second, "the second registry reload", func() bool {
+		return strings.Count(d.log(), "device registry reloaded") == 2 // the first came with the rules above
+	})
+	if tok := pantry.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		t.Fatalf("pantry-sensor cannot log in after the registry was reloaded: %v", tok.Error())
+	}
+	pantry.Disconnect(0)
 
 	// A broken file keeps the rules in force and says where the mistake is.
 	write("rules:\n  - name: third\n    on: {type: a.b}\n    actions:\n      - explode: {}\n")

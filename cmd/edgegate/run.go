@@ -126,6 +126,10 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 			_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
 			return err
 		case <-hup:
+			// The registry first: the rules may name devices that it adds.
+			if _, err := gw.ReloadDevices(); err != nil {
+				logger.Error("device registry reload failed; the previous registry stays in force", "error", err)
+			}
 			if err := gw.Rules().Reload(); err != nil {
 				logger.Error("rules reload failed; the previous rules stay active", "error", err)
 			} else {
