@@ -103,7 +103,9 @@ type SinkConfig struct {
 type TLSConfig struct {
 	// CAFile is a PEM bundle of the authorities that verify the server (default: the system roots).
 	CAFile string `yaml:"ca_file"`
-	// CertFile and KeyFile are the client certificate and key (PEM) for mutual TLS; set both or neither.
+	// CertFile and KeyFile are the client certificate and key (PEM) for mutual TLS; set both or neither. When
+	// they change on disk (a renewal), the next connection loads them again; until both load, the previous
+	// certificate is used.
 	CertFile string `yaml:"cert_file"`
 	KeyFile  string `yaml:"key_file"`
 	// ServerName overrides the name checked in the server's certificate (default: the URL's host).

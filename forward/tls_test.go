@@ -45,6 +45,8 @@ type testPKI struct {
 	clientCert, clientKey string
 	pool                  *x509.CertPool
 	server                tls.Certificate
+	// renewClient replaces the client certificate and key files with a new certificate for cn.
+	renewClient func(cn string)
 }
 
 func newTestPKI(t *testing.T) *testPKI {
@@ -128,6 +130,11 @@ func newTestPKI(t *testing.T) *testPKI {
 		pool:       x509.NewCertPool(),
 	}
 	p.pool.AddCert(ca)
+	p.renewClient = func(cn string) {
+		der, k := issue(cn, x509.ExtKeyUsageClientAuth, nil, nil)
+		write("client.pem", "CERTIFICATE", der)
+		writeKey("client-key.pem", k)
+	}
 	if p.server, err = tls.LoadX509KeyPair(p.serverCert, p.serverKey); err != nil {
 		t.Fatalf("server key pair: %v", err)
 	}
@@ -514,4 +521,41 @@ func TestHTTPMTLS(t *testing.T) {
 			t.Errorf("the server logged errors:\n%s", l)
 		}
 	})
+}
+
+// TestClientCertificateRenewal: a sink's new TLS connections use its client certificate as renewed on disk, with
+// no restart; a renewal that does not load (a truncated file) keeps the previous certificate in use.
+func TestClientCertificateRenewal(t *testing.T) {
+	pki := newTestPKI(t)
+	up := newMTLSUpstream(t, pki)
+	log := newMemLog(t)
+	sc := tlsHTTPSink(up.srv.URL, TLSConfig{CAFile: pki.caFile, CertFile: pki.clientCert, KeyFile: pki.clientKey})
+	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+	deliver := func(n int, what string) string {
+		t.Helper()
+		up.srv.CloseClientConnections() // the next request makes a new TLS connection
+		log.add("sensor.reading", "hall", n)
+		waitSink(t, r, "web", 15*time.Second, what, func() bool { return log.Cursor("sink:web") == uint64(n) })
+		_, peers := up.requests()
+		return peers[len(peers)-1]
+	}
+	if got := deliver(1, "the first event"); got != testClientCN {
+		t.Fatalf("first request from %q, want %q", got, testClientCN)
+	}
+
+	pki.renewClient("edgegate-renewed")
+	if got := deliver(2, "an event after the renewal"); got != "edgegate-renewed" {
+		t.Fatalf("request after the renewal from %q, want edgegate-renewed", got)
+	}
+
+	data, err := os.ReadFile(pki.clientCert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pki.clientCert, data[:len(data)/2], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := deliver(3, "an event after a broken renewal"); got != "edgegate-renewed" {
+		t.Fatalf("request after a broken renewal from %q, want the previous certificate's edgegate-renewed", got)
+	}
 }

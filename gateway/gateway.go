@@ -232,6 +232,19 @@ func (g *Gateway) ReloadDevices() ([]string, error) {
 	return changed, nil
 }
 
+// ReloadTLS loads the certificate, key and client CAs of the MQTT TLS listener again, for new connections; if they
+// do not load, the previous ones stay in use and the error says why. Without a TLS listener it does nothing.
+func (g *Gateway) ReloadTLS() error {
+	notAfter, err := g.broker.ReloadTLS()
+	if err != nil {
+		return fmt.Errorf("gateway: mqtt.tls: reload: %w", err)
+	}
+	if !notAfter.IsZero() {
+		g.log.Info("TLS certificate reloaded", "not_after", notAfter)
+	}
+	return nil
+}
+
 // Ready reports whether every listener is bound and every part is running.
 func (g *Gateway) Ready() bool { return g.ready.Load() }
 

@@ -73,6 +73,7 @@ type Broker struct {
 	addrs  map[string]string
 	ctx    atomic.Pointer[context.Context]
 	closed atomic.Bool
+	tls    atomic.Pointer[tls.Config] // the TLS listener's certificate and client CAs, replaced by ReloadTLS
 }
 
 // NewBroker validates the configuration and binds every listener; it starts nothing. A port that is already in
@@ -136,11 +137,14 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 		if err != nil {
 			return fail(err)
 		}
+		b.tls.Store(tc)
 		ln, err := bind("mqtt.tls.listen", cfg.TLS.Listen)
 		if err != nil {
 			return fail(err)
 		}
-		bound = append(bound, &tcpListener{id: "tls", proto: "tls", ln: tls.NewListener(ln, tc), g: b.guard})
+		// Each handshake takes the configuration in force, so that ReloadTLS applies to the next connection.
+		current := &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return b.tls.Load(), nil }}
+		bound = append(bound, &tcpListener{id: "tls", proto: "tls", ln: tls.NewListener(ln, current), g: b.guard})
 	}
 	if cfg.WebSocket != "" {
 		ln, err := bind("mqtt.websocket", cfg.WebSocket)
@@ -154,6 +158,13 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 			return fail(fmt.Errorf("ingest: add listener %s: %w", l.ID(), err))
 		}
 		b.addrs[l.ID()] = l.Address()
+	}
+	if b.tls.Load() != nil {
+		expiry := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "edgegate_ingest_tls_cert_expiry_timestamp_seconds",
+			Help: "When the certificate of the MQTT TLS listener expires (Unix time); SIGHUP loads a renewed one."}, b.certExpiry)
+		if err := reg.Register(expiry); err != nil {
+			return fail(fmt.Errorf("ingest: metrics: %w", err))
+		}
 	}
 	return b, nil
 }
@@ -180,6 +191,41 @@ func serverTLS(c TLSConfig) (*tls.Config, error) {
 		}
 	}
 	return tc, nil
+}
+
+// ReloadTLS reads the TLS listener's certificate, key and client CAs again (after a renewal): new connections get
+// them, open ones keep theirs. If they do not load, the previous ones stay in use and the error says why. Without a
+// TLS listener it does nothing. It returns when the new certificate expires.
+func (b *Broker) ReloadTLS() (notAfter time.Time, err error) {
+	if b.tls.Load() == nil {
+		return time.Time{}, nil
+	}
+	tc, err := serverTLS(b.cfg.TLS)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%w (the previous certificate stays in use)", err)
+	}
+	b.tls.Store(tc)
+	return leafOf(tc).NotAfter, nil
+}
+
+// leafOf is the parsed server certificate of a configuration made by serverTLS.
+func leafOf(tc *tls.Config) *x509.Certificate {
+	if leaf := tc.Certificates[0].Leaf; leaf != nil {
+		return leaf
+	}
+	leaf, err := x509.ParseCertificate(tc.Certificates[0].Certificate[0])
+	if err != nil { // not reached: tls.LoadX509KeyPair parsed it
+		return &x509.Certificate{}
+	}
+	return leaf
+}
+
+// certExpiry is when the TLS listener's certificate expires, in Unix seconds.
+func (b *Broker) certExpiry() float64 {
+	if tc := b.tls.Load(); tc != nil {
+		return float64(leafOf(tc).NotAfter.Unix())
+	}
+	return 0
 }
 
 // Addr returns the bound address of a listener ("tcp", "tls" or "ws"), or "" if it is not enabled.

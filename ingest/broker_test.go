@@ -962,3 +962,66 @@ func TestConsumerFull(t *testing.T) {
 		t.Errorf("rejected{full} = %v, want 2", got)
 	}
 }
+
+// TestReloadTLS: ReloadTLS puts a renewed server certificate in force for new connections, keeps open ones, keeps
+// the previous certificate when the files do not load, and the expiry metric follows.
+func TestReloadTLS(t *testing.T) {
+	ca := newCA(t, "edgegate test CA")
+	first, firstCert, firstKey := ca.issue(t, "gateway-first", true)
+	dir := t.TempDir()
+	certFile, keyFile := writeFile(t, dir, "server.pem", firstCert), writeFile(t, dir, "server.key", firstKey)
+	tb := startBroker(t, brokerOpts{cfg: func(c *ingest.BrokerConfig) {
+		c.TLS = ingest.TLSConfig{Listen: "127.0.0.1:0", CertFile: certFile, KeyFile: keyFile}
+	}})
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.cert)
+	served := func() string {
+		t.Helper()
+		c, err := tls.Dial("tcp", tb.Addr("tls"), &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+		if err != nil {
+			t.Fatalf("TLS handshake: %v", err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].Subject.CommonName
+	}
+	expiry := func() int64 { return int64(tb.metric(t, "edgegate_ingest_tls_cert_expiry_timestamp_seconds")) }
+	if got := served(); got != "gateway-first" {
+		t.Fatalf("served certificate %q", got)
+	}
+	if got, want := expiry(), first.Leaf.NotAfter.Unix(); got != want {
+		t.Errorf("expiry metric %d, want %d", got, want)
+	}
+	open, err := pahoConnect(t, "ssl://"+tb.Addr("tls"), pahoOpts{user: "sensor-1", pass: password("sensor-1"),
+		tls: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A half-written renewal does not load: the first certificate stays.
+	writeFile(t, dir, "server.pem", firstCert[:len(firstCert)/2])
+	if _, err := tb.ReloadTLS(); err == nil || !strings.Contains(err.Error(), "previous certificate stays in use") {
+		t.Fatalf("ReloadTLS of a truncated certificate: %v", err)
+	}
+	if got := served(); got != "gateway-first" {
+		t.Fatalf("after a failed reload the served certificate is %q", got)
+	}
+
+	second, secondCert, secondKey := ca.issue(t, "gateway-second", true)
+	writeFile(t, dir, "server.pem", secondCert)
+	writeFile(t, dir, "server.key", secondKey)
+	notAfter, err := tb.ReloadTLS()
+	if err != nil {
+		t.Fatalf("ReloadTLS: %v", err)
+	}
+	if !notAfter.Equal(second.Leaf.NotAfter) {
+		t.Errorf("ReloadTLS returned expiry %s, want %s", notAfter, second.Leaf.NotAfter)
+	}
+	if got := served(); got != "gateway-second" {
+		t.Fatalf("after the reload the served certificate is %q", got)
+	}
+	if got, want := expiry(), second.Leaf.NotAfter.Unix(); got != want {
+		t.Errorf("expiry metric %d, want %d", got, want)
+	}
+	publish(t, open, "devices/sensor-1/events/still.open", 1, `{}`)
+	tb.cons.waitCount(t, "still.open", "sensor-1", 1)
+}

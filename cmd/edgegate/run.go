@@ -130,6 +130,9 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 			if _, err := gw.ReloadDevices(); err != nil {
 				logger.Error("device registry reload failed; the previous registry stays in force", "error", err)
 			}
+			if err := gw.ReloadTLS(); err != nil {
+				logger.Error("TLS certificate reload failed", "error", err)
+			}
 			if err := gw.Rules().Reload(); err != nil {
 				logger.Error("rules reload failed; the previous rules stay active", "error", err)
 			} else {
