@@ -2,6 +2,9 @@ package devices
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -124,6 +127,39 @@ func FuzzFilterCovers(f *testing.F) {
 		}
 		if !FilterCovers("#", filter) && !strings.HasPrefix(filter, "$") {
 			t.Fatalf(`FilterCovers("#", %q) = false`, filter)
+		}
+	})
+}
+
+// FuzzStateLoad: any file either loads or is refused with an error naming it, never a panic; what loads saves and
+// loads again to the same state.
+func FuzzStateLoad(f *testing.F) {
+	f.Add([]byte(`{"version":1,"devices":{"a":{"last_seen":"2026-03-01T12:00:00Z","online":true,"reported":{"x":1}}}}`))
+	f.Add([]byte(`{"version":1,"devices":{"b":{"mode":"away","reported":null}}}`))
+	f.Add([]byte(`{"version":1,"devices":{}}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		dir := t.TempDir()
+		path := filepath.Join(dir, "state.json")
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s := NewStateView()
+		if _, err := s.Load(path); err != nil {
+			if !strings.Contains(err.Error(), path) {
+				t.Fatalf("error does not name the file: %v", err)
+			}
+			return
+		}
+		again := filepath.Join(dir, "again.json")
+		if err := s.Save(again); err != nil {
+			t.Fatal(err)
+		}
+		r := NewStateView()
+		if _, err := r.Load(again); err != nil {
+			t.Fatalf("a saved state does not load: %v", err)
+		}
+		if a, b := s.Snapshot(), r.Snapshot(); !reflect.DeepEqual(a, b) {
+			t.Fatalf("state changed through Save and Load:\n%#v\n%#v", a, b)
 		}
 	})
 }

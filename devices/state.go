@@ -57,6 +57,7 @@ type StateView struct {
 	lru     list.List                // front: updated most recently
 	evicted uint64
 	dropped uint64
+	changes uint64 // events applied and Set calls
 }
 
 type deviceState struct {
@@ -134,6 +135,7 @@ func (s *StateView) apply(ev *event.Event, checked bool) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.changes++
 	d := s.touch(ev.Subject())
 	if last, ok := d.fields[KeyLastSeen].(time.Time); !ok || at.After(last) {
 		s.setField(d, KeyLastSeen, at)
@@ -175,6 +177,7 @@ func (s *StateView) Set(device, key string, value any) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.changes++
 	s.setField(s.touch(device), key, deepCopy(value))
 }
 

@@ -54,10 +54,14 @@ type HTTPConfig struct {
 	Listen string `yaml:"listen"`
 }
 
-// DevicesConfig points at the device registry.
+// DevicesConfig points at the device registry and says how often the device state view is saved.
 type DevicesConfig struct {
 	// Registry is the YAML file listing devices, credentials and metadata. Default "configs/devices.yaml".
 	Registry string `yaml:"registry"`
+	// StateSaveInterval is how often the device state view (what devices reported, their last_seen, the keys
+	// rules set) is saved to data_dir/device-state.json when it changed; it is saved at every stop too and loaded
+	// at start, so a restart keeps it. A crash loses at most this much. Default 30s.
+	StateSaveInterval time.Duration `yaml:"state_save_interval"`
 }
 
 // DefaultConfig returns the configuration used for every key the YAML leaves out.
@@ -71,7 +75,7 @@ func DefaultConfig() Config {
 		HTTP:            HTTPConfig{Listen: "127.0.0.1:8080"},
 		MQTT:            ingest.DefaultBrokerConfig(),
 		Ingest:          ingest.DefaultNormalizeConfig(),
-		Devices:         DevicesConfig{Registry: "configs/devices.yaml"},
+		Devices:         DevicesConfig{Registry: "configs/devices.yaml", StateSaveInterval: 30 * time.Second},
 		Buffer:          buffer.DefaultConfig(),
 		Forward:         forward.Config{},
 		Rules:           rules.DefaultConfig(),
@@ -130,6 +134,9 @@ func (c Config) Validate() error {
 		if _, _, err := net.SplitHostPort(c.HTTP.Listen); err != nil {
 			errs = append(errs, fmt.Errorf("http.listen: %q is not host:port or off", c.HTTP.Listen))
 		}
+	}
+	if c.Devices.StateSaveInterval <= 0 {
+		errs = append(errs, fmt.Errorf("devices.state_save_interval: must be > 0, got %s", c.Devices.StateSaveInterval))
 	}
 	if c.Devices.Registry == "" {
 		errs = append(errs, errors.New("devices.registry: must name the device registry file"))

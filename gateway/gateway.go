@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -39,6 +40,9 @@ type Gateway struct {
 	httpLn   net.Listener
 	ready    atomic.Bool
 	started  time.Time
+
+	saveMu     sync.Mutex // one save of the device state at a time
+	savedState uint64     // the state view's Changes at the last save or load
 }
 
 // New validates the configuration, opens the data directory, loads the registry and the rules, and binds the
@@ -64,6 +68,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 		return nil, fmt.Errorf("gateway: devices.registry: %w", err)
 	}
 	g.state = devices.NewStateView()
+	g.loadState()
 
 	if g.dead, err = deadletter.Open(filepath.Join(cfg.DataDir, "deadletter.db"), cfg.DeadLetter, logger, reg); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -166,6 +171,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	logG.Go(wrap("buffer", func() error { return g.events.Run(logCtx) }))
 	midG.Go(wrap("forward", func() error { return g.fwd.Run(midCtx) }))
 	midG.Go(wrap("rules", func() error { return g.rules.Run(midCtx) }))
+	midG.Go(func() error { g.saveStateEvery(midCtx); return nil })
 	var srv *http.Server
 	if g.httpLn != nil {
 		srv = &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second}
@@ -203,6 +209,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		cancel()
 	}
 	errMid := midG.Wait()
+	g.saveState() // after the rules: their last state actions are in it
 	stopLog()
 	errLog := logG.Wait()
 	if err := g.dead.Close(); err != nil {
@@ -243,6 +250,59 @@ func (g *Gateway) ReloadTLS() error {
 		g.log.Info("TLS certificate reloaded", "not_after", notAfter)
 	}
 	return nil
+}
+
+// statePath is the file of the device state view.
+func (g *Gateway) statePath() string { return filepath.Join(g.cfg.DataDir, "device-state.json") }
+
+// loadState loads the device state view saved by the previous run. A file that cannot be read as one is moved
+// aside (named in the log) and the view starts empty: it fills again as devices report.
+func (g *Gateway) loadState() {
+	n, err := g.state.Load(g.statePath())
+	if err == nil {
+		g.savedState = g.state.Changes()
+		if n > 0 {
+			g.log.Info("device state loaded", "path", g.statePath(), "devices", n)
+		}
+		return
+	}
+	aside := fmt.Sprintf("%s.bad-%s", g.statePath(), time.Now().UTC().Format("20060102T150405Z"))
+	if rerr := os.Rename(g.statePath(), aside); rerr != nil {
+		g.log.Error("device state not loaded; starting without it", "error", err, "move_aside_error", rerr)
+		return
+	}
+	g.log.Error("device state not loaded; the file is moved aside and the view starts empty", "error", err,
+		"moved_to", aside)
+}
+
+// saveStateEvery saves the device state view every devices.state_save_interval while it changes, until ctx ends.
+func (g *Gateway) saveStateEvery(ctx context.Context) {
+	tick := time.NewTicker(g.cfg.Devices.StateSaveInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			g.saveState()
+		}
+	}
+}
+
+// saveState saves the device state view if it changed since the last save; a failure is logged and retried by the
+// next save.
+func (g *Gateway) saveState() {
+	g.saveMu.Lock()
+	defer g.saveMu.Unlock()
+	changes := g.state.Changes()
+	if changes == g.savedState {
+		return
+	}
+	if err := g.state.Save(g.statePath()); err != nil {
+		g.log.Error("device state not saved", "error", err)
+		return
+	}
+	g.savedState = changes
 }
 
 // Ready reports whether every listener is bound and every part is running.

@@ -108,3 +108,105 @@ func TestReferenceScenario(t *testing.T) {
 		t.Errorf("edgegate_ingest_commands_total{outcome=acked} = %g, want 4 (2 lights × on, off)", got)
 	}
 }
+
+// stateRules arm and disarm a device by events; a door opening while its device is armed sends an alarm. The
+// condition reads the state view, so it depends on the view coming back after a restart.
+const stateRules = `
+rules:
+  - name: arm
+    on: mode.armed
+    actions:
+      - state: {key: armed, value: true}
+  - name: disarm
+    on: mode.disarmed
+    actions:
+      - state: {key: armed, value: false}
+  - name: alarm
+    on: door.opened
+    when: 'state.armed == true'
+    actions:
+      - command: {device: hall-light, command: alarm, payload: '{"door":"{{ event.subject }}"}'}
+`
+
+// TestDeviceStateSurvivesRestart: the device state view — what a device reported, its last_seen and the keys rules
+// set — is saved at stop and loaded at start, with online false until the device connects again, so that a rule
+// condition on it holds across the restart.
+func TestDeviceStateSurvivesRestart(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t)
+	writeRules(t, cfg.Rules.Dir, "state.yaml", stateRules)
+	gw := runGateway(t, cfg)
+	addr := gw.MQTTAddr("tcp")
+	door := connectDevice(t, addr, "thermo-1")
+	publish(t, door, "devices/thermo-1/telemetry", 1, `{"celsius":19.5}`)
+	publish(t, door, "devices/thermo-1/events/mode.armed", 1, `{}`)
+	waitFor(t, 10*time.Second, "thermo-1 armed", func() bool {
+		st, _ := gw.State().Get("thermo-1")
+		return st["armed"] == true
+	})
+	door.Disconnect(100)
+	gw.stop()
+	before, _ := gw.State().Get("thermo-1") // as saved at the stop
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, "device-state.json")); err != nil {
+		t.Fatalf("no device state saved at stop: %v", err)
+	}
+
+	gw = runGateway(t, cfg)
+	after, ok := gw.State().Get("thermo-1")
+	if !ok {
+		t.Fatal("no state for thermo-1 after the restart")
+	}
+	for _, k := range []string{"armed", "last_seen", "reported"} {
+		if !equalJSON(t, after[k], before[k]) {
+			t.Errorf("%s after the restart = %v, before %v", k, after[k], before[k])
+		}
+	}
+	if after["online"] != false {
+		t.Errorf("online after the restart = %v, want false", after["online"])
+	}
+
+	// The condition holds on the loaded state: the door opening sends the alarm.
+	addr = gw.MQTTAddr("tcp")
+	light := subscribe(t, connectDevice(t, addr, "hall-light"), "devices/hall-light/commands/#")
+	door = connectDevice(t, addr, "thermo-1")
+	publish(t, door, "devices/thermo-1/events/door.opened", 1, `{}`)
+	if m := light.waitLen(t, 1, 10*time.Second); !strings.HasSuffix(m[0].Topic, "/alarm") {
+		t.Fatalf("hall-light received %s, want the alarm", m[0].Topic)
+	}
+}
+
+// TestDeviceStateBadFileMovedAside: a state file that does not load is moved aside, named in the log, and the
+// gateway starts with an empty view.
+func TestDeviceStateBadFileMovedAside(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t)
+	path := filepath.Join(cfg.DataDir, "device-state.json")
+	if err := os.WriteFile(path, []byte(`{"version":1,"devices":{"thermo-1":`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	gw := runGateway(t, cfg)
+	if st := gw.State().Stats(); st.Devices != 0 {
+		t.Errorf("%d devices in the view, want 0", st.Devices)
+	}
+	moved, _ := filepath.Glob(path + ".bad-*")
+	if len(moved) != 1 {
+		t.Fatalf("moved-aside files %v, want one", moved)
+	}
+	if data, err := os.ReadFile(moved[0]); err != nil || !strings.Contains(string(data), "thermo-1") {
+		t.Errorf("the moved-aside file holds %q (%v), want the bad file's bytes", data, err)
+	}
+}
+
+// equalJSON reports whether two values encode to the same JSON.
+func equalJSON(t *testing.T, a, b any) bool {
+	t.Helper()
+	ja, err := json.Marshal(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	jb, err := json.Marshal(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(ja) == string(jb)
+}
