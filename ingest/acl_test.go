@@ -249,6 +249,7 @@ func TestRevoke(t *testing.T) {
 	if !storedSession(t, tb) {
 		t.Fatal("no session stored between two connections with clean session off")
 	}
+	waitFor(t, "the stored session's connections to end", func() bool { return len(tb.cons.disconnectReasons("sensor-1")) == 2 })
 	v5 := dialRaw(t, tb.addr, 5)
 	will := &packets.Packet{TopicName: "devices/sensor-1/events/went.offline", Payload: []byte(`{}`)}
 	if code := v5.connect(connectOpts{user: "sensor-1", will: will}); code != 0 {
