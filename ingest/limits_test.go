@@ -256,6 +256,8 @@ func TestPanicAfterConnectEndsTheSession(t *testing.T) {
 	waitFor(t, "the panic counted", func() bool { return tb.metric(t, "edgegate_ingest_panics_recovered_total") == 1 })
 	// The device's session ended: it is no longer connected, its presence says so, commands fail fast.
 	waitFor(t, "sensor-1 disconnected", func() bool { return !tb.Connected("sensor-1") })
+	// Its presence event follows the end of the session.
+	waitFor(t, "sensor-1's presence event", func() bool { return len(tb.cons.disconnectReasons("sensor-1")) > 0 })
 	if r := tb.cons.disconnectReasons("sensor-1"); len(r) != 1 || r[0] != ingest.PresenceConnectionLost {
 		t.Errorf("disconnect reasons %v, want [%s]", r, ingest.PresenceConnectionLost)
 	}
