@@ -13,12 +13,12 @@ import (
 )
 
 // BenchmarkMQTTSinkThroughput drains b.N stored events (about 300 bytes each) into a private mosquitto over
-// loopback and reports events/s, with a window of 1 (one publish at a time: every event waits for its PUBACK)
-// and of 64 (the default).
+// loopback and reports events/s, with a window of 1 (one publish at a time: every event waits for its PUBACK),
+// 64 and DefaultWindow.
 //
 //	go test -run '^$' -bench MQTTSinkThroughput -benchtime 20000x ./forward/
 func BenchmarkMQTTSinkThroughput(b *testing.B) {
-	for _, window := range []int{1, 64} {
+	for _, window := range []int{1, 64, DefaultWindow} {
 		b.Run(fmt.Sprintf("window=%d", window), func(b *testing.B) {
 			broker := mosquittotest.Start(b)
 			log := newMemLog(b)
