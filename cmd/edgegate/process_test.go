@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -187,6 +189,23 @@ func TestReadyAfterBindAndCleanStop(t *testing.T) {
 	n := fed.Load()
 	if !eventually.Within(10*time.Second, func() bool { return fed.Load() >= n+3 }) {
 		t.Fatalf("%d WATCHDOG=1 notifications in 10s after READY, want one every 100ms\n%s", fed.Load()-n, d.log())
+	}
+	// The garbage collector runs at the daemon's default GOGC unless the environment sets one.
+	wantGC := "300"
+	if v, ok := os.LookupEnv("GOGC"); ok {
+		wantGC = v
+	}
+	resp, err := http.Get("http://" + d.http + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(metrics), "\ngo_gc_gogc_percent "+wantGC+"\n") {
+		t.Errorf("/metrics does not show go_gc_gogc_percent %s", wantGC)
 	}
 	// READY means the listeners are bound: both answer at once.
 	for _, addr := range []string{d.mqtt, d.http} {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -23,6 +24,9 @@ import (
 )
 
 const defaultConfig = "configs/edgegate.yaml"
+
+// defaultGCPercent is the daemon's GOGC unless the environment sets one.
+const defaultGCPercent = 300
 
 func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("edgegate "+name, flag.ContinueOnError)
@@ -81,6 +85,11 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	logger := newLogger(cfg.Log, stderr)
+	if _, set := os.LookupEnv("GOGC"); !set {
+		// The heap is small and mostly short-lived (one event's bytes): collecting at 300% instead of Go's 100%
+		// costs a few MiB and saves about a tenth of the CPU under load.
+		debug.SetGCPercent(defaultGCPercent)
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
