@@ -2,17 +2,11 @@ package forward
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
 	stdlog "log"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -29,6 +23,7 @@ import (
 	"github.com/edgegate/edgegate/internal/eventually"
 	"github.com/edgegate/edgegate/internal/freeport"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
+	"github.com/edgegate/edgegate/internal/testpki"
 )
 
 // Names in the test certificates.
@@ -52,93 +47,30 @@ type testPKI struct {
 func newTestPKI(t *testing.T) *testPKI {
 	t.Helper()
 	dir := t.TempDir()
-	now := time.Now()
-	serial := func() *big.Int {
-		n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
-		if err != nil {
-			t.Fatalf("serial: %v", err)
-		}
-		return n
-	}
-	newKey := func() *ecdsa.PrivateKey {
-		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatalf("key: %v", err)
-		}
-		return k
-	}
-	write := func(name, typ string, der []byte) string {
+	write := func(name string, data []byte) string {
 		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
 			t.Fatalf("write %s: %v", name, err)
 		}
 		return path
 	}
-	writeKey := func(name string, k *ecdsa.PrivateKey) string {
-		der, err := x509.MarshalPKCS8PrivateKey(k)
-		if err != nil {
-			t.Fatalf("marshal key: %v", err)
-		}
-		return write(name, "PRIVATE KEY", der)
+	ca := testpki.NewCA(t, "edgegate test CA")
+	server, srvCert, srvKey := ca.Issue(t, testServerCN, true)
+	_, cliCert, cliKey := ca.Issue(t, testClientCN, false)
+	return &testPKI{
+		caFile:     write("ca.pem", ca.PEM),
+		serverCert: write("server.pem", srvCert),
+		serverKey:  write("server-key.pem", srvKey),
+		clientCert: write("client.pem", cliCert),
+		clientKey:  write("client-key.pem", cliKey),
+		pool:       ca.Pool(),
+		server:     server,
+		renewClient: func(cn string) {
+			_, c, k := ca.Issue(t, cn, false)
+			write("client.pem", c)
+			write("client-key.pem", k)
+		},
 	}
-
-	caKey := newKey()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          serial(),
-		Subject:               pkix.Name{CommonName: "edgegate test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatalf("CA certificate: %v", err)
-	}
-	ca, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatalf("CA certificate: %v", err)
-	}
-	issue := func(cn string, usage x509.ExtKeyUsage, dns []string, ips []net.IP) ([]byte, *ecdsa.PrivateKey) {
-		k := newKey()
-		tmpl := &x509.Certificate{
-			SerialNumber: serial(),
-			Subject:      pkix.Name{CommonName: cn},
-			NotBefore:    now.Add(-time.Hour),
-			NotAfter:     now.Add(24 * time.Hour),
-			KeyUsage:     x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-			DNSNames:     dns,
-			IPAddresses:  ips,
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &k.PublicKey, caKey)
-		if err != nil {
-			t.Fatalf("certificate %s: %v", cn, err)
-		}
-		return der, k
-	}
-	srvDER, srvKey := issue(testServerCN, x509.ExtKeyUsageServerAuth, []string{"localhost"}, []net.IP{net.IPv4(127, 0, 0, 1)})
-	cliDER, cliKey := issue(testClientCN, x509.ExtKeyUsageClientAuth, nil, nil)
-
-	p := &testPKI{
-		caFile:     write("ca.pem", "CERTIFICATE", caDER),
-		serverCert: write("server.pem", "CERTIFICATE", srvDER),
-		serverKey:  writeKey("server-key.pem", srvKey),
-		clientCert: write("client.pem", "CERTIFICATE", cliDER),
-		clientKey:  writeKey("client-key.pem", cliKey),
-		pool:       x509.NewCertPool(),
-	}
-	p.pool.AddCert(ca)
-	p.renewClient = func(cn string) {
-		der, k := issue(cn, x509.ExtKeyUsageClientAuth, nil, nil)
-		write("client.pem", "CERTIFICATE", der)
-		writeKey("client-key.pem", k)
-	}
-	if p.server, err = tls.LoadX509KeyPair(p.serverCert, p.serverKey); err != nil {
-		t.Fatalf("server key pair: %v", err)
-	}
-	return p
 }
 
 // tlsListener is the configuration of a mosquitto listener on 127.0.0.1 that speaks TLS with the PKI's server

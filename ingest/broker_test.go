@@ -4,19 +4,12 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -35,6 +28,7 @@ import (
 	"github.com/edgegate/edgegate/ingest"
 	"github.com/edgegate/edgegate/internal/metricstest"
 	"github.com/edgegate/edgegate/internal/mqttraw"
+	"github.com/edgegate/edgegate/internal/testpki"
 )
 
 // waitTimeout bounds every wait for something the broker does in response to a client.
@@ -615,64 +609,6 @@ func TestAuthAnonymousAllowedOnlyWhenConfigured(t *testing.T) {
 
 // ---- mutual TLS ----
 
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newCA(t testing.TB, name string) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true,
-		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature, BasicConstraintsValid: true}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// issue returns a certificate signed by the CA, with its certificate and key in PEM.
-func (ca *testCA) issue(t testing.TB, cn string, server bool) (tls.Certificate, []byte, []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	if server {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
-		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
-	pair, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pair, certPEM, keyPEM
-}
-
 func writeFile(t testing.TB, dir, name string, data []byte) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
@@ -683,22 +619,21 @@ func writeFile(t testing.TB, dir, name string, data []byte) string {
 }
 
 func TestAuthMutualTLS(t *testing.T) {
-	ca, other := newCA(t, "edgegate test CA"), newCA(t, "another CA")
-	_, srvCert, srvKey := ca.issue(t, "gateway", true)
+	ca, other := testpki.NewCA(t, "edgegate test CA"), testpki.NewCA(t, "another CA")
+	_, srvCert, srvKey := ca.Issue(t, "gateway", true)
 	dir := t.TempDir()
 	tlsCfg := ingest.TLSConfig{Listen: "127.0.0.1:0", CertFile: writeFile(t, dir, "server.pem", srvCert),
-		KeyFile: writeFile(t, dir, "server.key", srvKey), ClientCAFile: writeFile(t, dir, "ca.pem", ca.pem),
+		KeyFile: writeFile(t, dir, "server.key", srvKey), ClientCAFile: writeFile(t, dir, "ca.pem", ca.PEM),
 		RequireClientCert: true}
 	tb := startBroker(t, brokerOpts{
 		devices: []dev{{id: "cam-1", noPassword: true, certCN: "cam-1"}, {id: "sensor-1"}},
 		cfg:     func(c *ingest.BrokerConfig) { c.TLS = tlsCfg },
 	})
 	url := "ssl://" + tb.Addr("tls")
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.cert)
-	good, _, _ := ca.issue(t, "cam-1", false)
-	unknown, _, _ := ca.issue(t, "cam-9", false)
-	foreign, _, _ := other.issue(t, "cam-1", false)
+	roots := ca.Pool()
+	good, _, _ := ca.Issue(t, "cam-1", false)
+	unknown, _, _ := ca.Issue(t, "cam-9", false)
+	foreign, _, _ := other.Issue(t, "cam-1", false)
 	clientTLS := func(certs ...tls.Certificate) *tls.Config {
 		return &tls.Config{RootCAs: roots, Certificates: certs, MinVersion: tls.VersionTLS12}
 	}
@@ -966,15 +901,14 @@ func TestConsumerFull(t *testing.T) {
 // TestReloadTLS: ReloadTLS puts a renewed server certificate in force for new connections, keeps open ones, keeps
 // the previous certificate when the files do not load, and the expiry metric follows.
 func TestReloadTLS(t *testing.T) {
-	ca := newCA(t, "edgegate test CA")
-	first, firstCert, firstKey := ca.issue(t, "gateway-first", true)
+	ca := testpki.NewCA(t, "edgegate test CA")
+	first, firstCert, firstKey := ca.Issue(t, "gateway-first", true)
 	dir := t.TempDir()
 	certFile, keyFile := writeFile(t, dir, "server.pem", firstCert), writeFile(t, dir, "server.key", firstKey)
 	tb := startBroker(t, brokerOpts{cfg: func(c *ingest.BrokerConfig) {
 		c.TLS = ingest.TLSConfig{Listen: "127.0.0.1:0", CertFile: certFile, KeyFile: keyFile}
 	}})
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.cert)
+	roots := ca.Pool()
 	served := func() string {
 		t.Helper()
 		c, err := tls.Dial("tcp", tb.Addr("tls"), &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
@@ -1006,7 +940,7 @@ func TestReloadTLS(t *testing.T) {
 		t.Fatalf("after a failed reload the served certificate is %q", got)
 	}
 
-	second, secondCert, secondKey := ca.issue(t, "gateway-second", true)
+	second, secondCert, secondKey := ca.Issue(t, "gateway-second", true)
 	writeFile(t, dir, "server.pem", secondCert)
 	writeFile(t, dir, "server.key", secondKey)
 	notAfter, err := tb.ReloadTLS()

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/internal/eventually"
+	"github.com/edgegate/edgegate/internal/testpki"
 )
 
 var (
@@ -838,5 +840,64 @@ func TestKill9ManyDevicesRestartTwice(t *testing.T) {
 	}
 	for _, id := range crashDevices {
 		t.Logf("%s: %d events after round 1, %d after round 2", id, len(have1[id]), len(have2[id]))
+	}
+}
+
+// TestSIGHUPReloadsTLSCertificate: the daemon's MQTT TLS listener serves a renewed certificate after SIGHUP.
+func TestSIGHUPReloadsTLSCertificate(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := filepath.Join(dir, "server.pem"), filepath.Join(dir, "server.key")
+	ca := testpki.NewCA(t, "edgegate test CA")
+	roots := ca.Pool()
+	issue := func(cn string) {
+		_, certPEM, keyPEM := ca.Issue(t, cn, true)
+		for path, data := range map[string][]byte{certFile: certPEM, keyFile: keyPEM} {
+			if err := os.WriteFile(path, data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	issue("gateway-first")
+	cfg, _ := writeConfig(t, fmt.Sprintf("mqtt:\n  listen: 127.0.0.1:0\n  tls: {listen: \"127.0.0.1:0\", cert_file: %s, key_file: %s}\n",
+		certFile, keyFile))
+	data, _ := os.ReadFile(cfg)
+	// writeConfig already sets mqtt.listen; the extra mqtt block above replaces that section.
+	data = regexp.MustCompile(`(?m)^mqtt:\n  listen: 127.0.0.1:0\nhttp:`).ReplaceAll(data, []byte("http:"))
+	if err := os.WriteFile(cfg, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, cfg)
+	var tlsAddr string
+	tlsRE := regexp.MustCompile(`msg="mqtt listener ready" component=ingest listener=tls addr=(\S+)`)
+	eventually.True(t, 5*time.Second, "the TLS listener's address in the log", func() bool {
+		m := tlsRE.FindStringSubmatch(d.log())
+		if m != nil {
+			tlsAddr = m[1]
+		}
+		return m != nil
+	})
+	served := func() string {
+		t.Helper()
+		c, err := tls.Dial("tcp", tlsAddr, &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+		if err != nil {
+			t.Fatalf("TLS handshake: %v", err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].Subject.CommonName
+	}
+	if got := served(); got != "gateway-first" {
+		t.Fatalf("served %q, want gateway-first", got)
+	}
+
+	issue("gateway-renewed")
+	if got := served(); got != "gateway-first" {
+		t.Fatalf("served %q before SIGHUP, want gateway-first", got)
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d.waitLog(t, "TLS certificate reloaded", 5*time.Second)
+	if got := served(); got != "gateway-renewed" {
+		t.Fatalf("served %q after SIGHUP, want gateway-renewed", got)
 	}
 }
