@@ -43,6 +43,7 @@ type Gateway struct {
 
 	saveMu     sync.Mutex // one save of the device state at a time
 	savedState uint64     // the state view's Changes at the last save or load
+	reloads    *prometheus.CounterVec
 }
 
 // New validates the configuration, opens the data directory, loads the registry and the rules, and binds the
@@ -227,8 +228,10 @@ func (g *Gateway) Run(ctx context.Context) error {
 func (g *Gateway) ReloadDevices() ([]string, error) {
 	next, err := devices.LoadRegistry(g.cfg.Devices.Registry)
 	if err != nil {
+		g.reloads.WithLabelValues("devices", "error").Inc()
 		return nil, fmt.Errorf("gateway: devices.registry: reload (the previous registry stays in force): %w", err)
 	}
+	g.reloads.WithLabelValues("devices", "ok").Inc()
 	changed := g.registry.Replace(next)
 	closed := 0
 	for _, id := range changed {
@@ -244,9 +247,11 @@ func (g *Gateway) ReloadDevices() ([]string, error) {
 func (g *Gateway) ReloadTLS() error {
 	notAfter, err := g.broker.ReloadTLS()
 	if err != nil {
+		g.reloads.WithLabelValues("tls", "error").Inc()
 		return fmt.Errorf("gateway: mqtt.tls: reload: %w", err)
 	}
 	if !notAfter.IsZero() {
+		g.reloads.WithLabelValues("tls", "ok").Inc()
 		g.log.Info("TLS certificate reloaded", "not_after", notAfter)
 	}
 	return nil
@@ -332,6 +337,10 @@ func (g *Gateway) Rules() *rules.Engine { return g.rules }
 func (g *Gateway) DeadLetters() *deadletter.Store { return g.dead }
 
 func (g *Gateway) registerMetrics() {
+	g.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_gateway_reloads_total",
+		Help: "Reloads of the device registry (what=devices) and of the MQTT TLS certificate (what=tls), by result (ok, error)."},
+		[]string{"what", "result"})
+	g.reg.MustRegister(g.reloads)
 	g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "edgegate_gateway_ready", Help: "1 when every part is running.",
 	}, func() float64 {

@@ -226,6 +226,9 @@ func TestReloadDevices(t *testing.T) {
 			fmt.Sprintf("%s:%d: devices[", path, line), `.id: "not an id!"`)
 	}
 	publish(t, thermo, "devices/thermo-1/telemetry", 1, `{"temp":20}`)
+	if got := metricSum(t, gw.Reg, "edgegate_gateway_reloads_total", map[string]string{"what": "devices", "result": "error"}); got != 1 {
+		t.Errorf("reloads{devices,error} = %v, want 1", got)
+	}
 
 	// Without thermo-1, with a new kitchen light.
 	hash, err := bcrypt.GenerateFromPassword([]byte("kitchen-light-3-pw"), bcrypt.MinCost)
@@ -247,6 +250,9 @@ func TestReloadDevices(t *testing.T) {
 	}
 	if !slices.Equal(changed, []string{"thermo-1"}) {
 		t.Errorf("access changed for %v, want [thermo-1]", changed)
+	}
+	if got := metricSum(t, gw.Reg, "edgegate_gateway_reloads_total", map[string]string{"what": "devices", "result": "ok"}); got != 1 {
+		t.Errorf("reloads{devices,ok} = %v, want 1", got)
 	}
 	select {
 	case <-lost:

@@ -128,6 +128,21 @@ func (d *proc) log() string {
 }
 
 // waitLog waits until a log line contains s.
+// metrics returns the daemon's /metrics page.
+func (d *proc) metrics(t *testing.T) string {
+	t.Helper()
+	resp, err := http.Get("http://" + d.http + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(body)
+}
+
 func (d *proc) waitLog(t *testing.T, s string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -197,16 +212,8 @@ func TestReadyAfterBindAndCleanStop(t *testing.T) {
 	if v, ok := os.LookupEnv("GOGC"); ok {
 		wantGC = v
 	}
-	resp, err := http.Get("http://" + d.http + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(metrics), "\ngo_gc_gogc_percent "+wantGC+"\n") {
+	metrics := d.metrics(t)
+	if !strings.Contains(metrics, "\ngo_gc_gogc_percent "+wantGC+"\n") {
 		t.Errorf("/metrics does not show go_gc_gogc_percent %s", wantGC)
 	}
 	// READY means the listeners are bound: both answer at once.
@@ -899,5 +906,9 @@ func TestSIGHUPReloadsTLSCertificate(t *testing.T) {
 	d.waitLog(t, "TLS certificate reloaded", 5*time.Second)
 	if got := served(); got != "gateway-renewed" {
 		t.Fatalf("served %q after SIGHUP, want gateway-renewed", got)
+	}
+	metrics := d.metrics(t)
+	if want := `edgegate_gateway_reloads_total{result="ok",what="tls"} 1`; !strings.Contains(metrics, want) {
+		t.Errorf("/metrics lacks %s", want)
 	}
 }
