@@ -13,31 +13,28 @@ import (
 	"time"
 )
 
-// TestDiskFull runs TestDiskFullChild in a private mount namespace on a 4 MiB tmpfs (root and unshare(1)
-// needed) and checks that it passed: a full filesystem makes appends fail with ErrFull,
-// the process stays up, appends succeed again once space returns, and the file stays consistent.
+// TestDiskFull starts itself again in a private mount namespace on a 4 MiB tmpfs (root and unshare(1)
+// needed), where it runs diskFullChild, and checks that it passed: a full filesystem makes appends fail with
+// ErrFull, the process stays up, appends succeed again once space returns, and the file stays consistent.
 func TestDiskFull(t *testing.T) {
-	if os.Getenv("EDGEGATE_DISKFULL_CHILD") != "" {
-		t.Skip("in the child")
+	if dir := os.Getenv("EDGEGATE_DISKFULL_DIR"); dir != "" {
+		diskFullChild(t, dir)
+		return
 	}
 	dir := t.TempDir()
-	out, err := runUnshared(t, 50*time.Second, []string{"EDGEGATE_DISKFULL_CHILD=1", "EDGEGATE_DISKFULL_DIR=" + dir},
-		[]string{"sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`, dir}, "TestDiskFullChild")
+	out, err := runUnshared(t, 50*time.Second, []string{"EDGEGATE_DISKFULL_DIR=" + dir},
+		[]string{"sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`, dir}, "TestDiskFull")
 	if !strings.Contains(string(out), "disk full child started") {
 		t.Fatalf("cannot mount a private tmpfs (%v): %s", err, out)
 	}
-	if err != nil || !strings.Contains(string(out), "--- PASS: TestDiskFullChild") {
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestDiskFull (") {
 		t.Fatalf("child failed (%v):\n%s", err, out)
 	}
 	t.Logf("child:\n%s", out)
 }
 
-// TestDiskFullChild is the child of TestDiskFull; it must run on a small, otherwise empty filesystem.
-func TestDiskFullChild(t *testing.T) {
-	dir := os.Getenv("EDGEGATE_DISKFULL_DIR")
-	if os.Getenv("EDGEGATE_DISKFULL_CHILD") != "1" || dir == "" {
-		t.Skip("run by TestDiskFull")
-	}
+// diskFullChild is TestDiskFull in the mount namespace; dir must be on a small, otherwise empty filesystem.
+func diskFullChild(t *testing.T, dir string) {
 	fmt.Println("disk full child started")
 	tests := []struct {
 		name     string

@@ -20,30 +20,32 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
-// TestIOFailure checks that real write and fsync failures in bbolt's commit fail the commit cleanly. In a
-// private mount namespace (root, unshare(1) and /dev/fuse needed), TestIOFailureServer mounts a FUSE
-// filesystem that passes every operation through to a directory and fails writes or an fsync when told to,
-// and runs TestIOFailureChild, which keeps the log on it, in a process of its own: a process that serves
-// FUSE must not fault on the mapped pages of a file it serves (bbolt maps its file), or it can deadlock.
-// The file builds on 64-bit Linux only, as the FUSE library does.
+// TestIOFailure checks that real write and fsync failures in bbolt's commit fail the commit cleanly. The test
+// plays three roles, each in a process of its own. Run normally, it starts itself again in a private mount
+// namespace (root, unshare(1) and /dev/fuse needed) as the server: that mounts a FUSE filesystem that passes
+// every operation through to a directory and fails writes or an fsync when told to, and starts itself once more
+// as the client, which keeps the log on that filesystem (ioFailureClient). A process that serves FUSE must not
+// fault on the mapped pages of a file it serves (bbolt maps its file), or it can deadlock. The file builds on
+// 64-bit Linux only, as the FUSE library does.
 func TestIOFailure(t *testing.T) {
-	if os.Getenv("EDGEGATE_IOFAULT_DIR") != "" {
-		t.Skip("in the child")
+	if mnt := os.Getenv("EDGEGATE_IOFAULT_MOUNT"); mnt != "" {
+		ioFailureClient(t, mnt, os.Getenv("EDGEGATE_IOFAULT_BACK"))
+		return
 	}
-	out, err := runUnshared(t, 90*time.Second, []string{"EDGEGATE_IOFAULT_DIR=" + t.TempDir()}, nil,
-		"TestIOFailureServer")
-	if err != nil || !strings.Contains(string(out), "--- PASS: TestIOFailureChild") {
-		t.Fatalf("child failed (%v):\n%s", err, out)
+	if dir := os.Getenv("EDGEGATE_IOFAULT_DIR"); dir != "" {
+		ioFailureServer(t, dir)
+		return
 	}
-	t.Logf("child:\n%s", out)
+	out, err := runUnshared(t, 90*time.Second, []string{"EDGEGATE_IOFAULT_DIR=" + t.TempDir()}, nil, "TestIOFailure")
+	// The server's output holds the client's: both must have passed.
+	if err != nil || strings.Count(string(out), "--- PASS: TestIOFailure (") != 2 {
+		t.Fatalf("server or client failed (%v):\n%s", err, out)
+	}
+	t.Logf("server and client:\n%s", out)
 }
 
-// TestIOFailureServer is run by TestIOFailure: it serves the faulty filesystem while TestIOFailureChild runs.
-func TestIOFailureServer(t *testing.T) {
-	dir := os.Getenv("EDGEGATE_IOFAULT_DIR")
-	if dir == "" || os.Getenv("EDGEGATE_IOFAULT_MOUNT") != "" {
-		t.Skip("run by TestIOFailure")
-	}
+// ioFailureServer serves the faulty filesystem under dir while the client role of TestIOFailure runs on it.
+func ioFailureServer(t *testing.T, dir string) {
 	back, mnt := filepath.Join(dir, "back"), filepath.Join(dir, "mnt")
 	for _, d := range []string{back, mnt} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -53,26 +55,23 @@ func TestIOFailureServer(t *testing.T) {
 	mountFaulty(t, back, mnt, &ioFaults{})
 	ctx, cancel := context.WithTimeout(context.Background(), 80*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestIOFailureChild$", "-test.count=1", "-test.v",
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestIOFailure$", "-test.count=1", "-test.v",
 		"-test.timeout=75s")
 	cmd.Env = append(os.Environ(), "EDGEGATE_IOFAULT_MOUNT="+mnt, "EDGEGATE_IOFAULT_BACK="+back)
 	out, err := cmd.CombinedOutput()
 	fmt.Printf("%s", out)
 	if err != nil {
-		t.Fatalf("TestIOFailureChild: %v", err)
+		t.Fatalf("client: %v", err)
 	}
 }
 
-// TestIOFailureChild is run by TestIOFailureServer. For a failing data write, a failing fsync of the data
-// pages and a failing fsync of the meta page (after which the page cache already holds the new meta page):
-// every appender of the failed commit gets the error and none of its events is in the log, the events
-// acknowledged before and after are all there, in order and intact, and bbolt's consistency check passes on
-// the file — also after many commits that reuse freed pages.
-func TestIOFailureChild(t *testing.T) {
-	mnt, back := os.Getenv("EDGEGATE_IOFAULT_MOUNT"), os.Getenv("EDGEGATE_IOFAULT_BACK")
-	if mnt == "" || back == "" {
-		t.Skip("run by TestIOFailureServer")
-	}
+// ioFailureClient is the client role of TestIOFailure, on the faulty filesystem mounted at mnt (backed by
+// back). For a failing data write, a failing fsync of the data pages and a failing fsync of the meta page
+// (after which the page cache already holds the new meta page): every appender of the failed commit gets the
+// error and none of its events is in the log, the events acknowledged before and after are all there, in
+// order and intact, and bbolt's consistency check passes on the file — also after many commits that reuse
+// freed pages.
+func ioFailureClient(t *testing.T, mnt, back string) {
 	for i, tt := range []struct {
 		name, arm   string
 		reopenFails int // how many times opening the file again fails at first
