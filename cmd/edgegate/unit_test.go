@@ -109,13 +109,14 @@ cursor sink:old (no sink; holds no events): backlog 42
 // stall is logged once), and again once the stall is over.
 func TestFeedWatchdog(t *testing.T) {
 	var stalled atomic.Bool
-	var fed atomic.Int64
+	var fed, checks atomic.Int64
 	var logs messages
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		feedWatchdog(ctx, 5*time.Millisecond, func() []string {
+			checks.Add(1)
 			if stalled.Load() {
 				return []string{"buffer: a commit of the log has been running for 2m0s"}
 			}
@@ -131,10 +132,12 @@ func TestFeedWatchdog(t *testing.T) {
 	if !eventually.Within(10*time.Second, func() bool { return strings.Contains(logs.String(), "stalled") }) {
 		t.Fatalf("no stall logged:\n%s", logs.String())
 	}
-	n := fed.Load()
-	time.Sleep(50 * time.Millisecond) // ten intervals
+	n, c := fed.Load(), checks.Load()
+	if !eventually.Within(10*time.Second, func() bool { return checks.Load() >= c+10 }) {
+		t.Fatalf("the feeder stopped checking for stalls")
+	}
 	if got := fed.Load(); got != n {
-		t.Fatalf("%d notifications while stalled", got-n)
+		t.Fatalf("%d notifications over ten checks while stalled", got-n)
 	}
 	if c := strings.Count(logs.String(), "ERROR "); c != 1 {
 		t.Fatalf("the stall was logged %d times, want once:\n%s", c, logs.String())
