@@ -22,20 +22,13 @@ func TestDiskFull(t *testing.T) {
 		return
 	}
 	dir := t.TempDir()
-	out, err := runUnshared(t, 50*time.Second, []string{"EDGEGATE_DISKFULL_DIR=" + dir},
-		[]string{"sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`, dir}, "TestDiskFull")
-	if !strings.Contains(string(out), "disk full child started") {
-		t.Fatalf("cannot mount a private tmpfs (%v): %s", err, out)
-	}
-	if err != nil || !strings.Contains(string(out), "--- PASS: TestDiskFull (") {
-		t.Fatalf("child failed (%v):\n%s", err, out)
-	}
-	t.Logf("child:\n%s", out)
+	// A tmpfs that cannot be mounted ends the namespace's process before the child starts: its output says why.
+	runUnshared(t, 50*time.Second, []string{"EDGEGATE_DISKFULL_DIR=" + dir},
+		[]string{"sh", "-c", `mount -t tmpfs -o size=4m tmpfs "$0" && exec "$@"`, dir}, 1)
 }
 
 // diskFullChild is TestDiskFull in the mount namespace; dir must be on a small, otherwise empty filesystem.
 func diskFullChild(t *testing.T, dir string) {
-	fmt.Println("disk full child started")
 	tests := []struct {
 		name     string
 		minFree  int64
@@ -127,11 +120,12 @@ func diskFullChild(t *testing.T, dir string) {
 	}
 }
 
-// runUnshared runs the test named test of this binary (verbose, within timeout) in a private mount namespace,
-// with env added to its environment, and returns its output and error. A non-empty before is a command run
-// first in the namespace, given the test binary and its arguments to exec. Without root or unshare(1) it
-// fails the calling test: .ci/run checks both.
-func runUnshared(t *testing.T, timeout time.Duration, env, before []string, test string) ([]byte, error) {
+// runUnshared runs the calling test again in a process of its own (verbose, within timeout) in a private mount
+// namespace, with env added to its environment, which chooses the role it plays there.
+// A non-empty before is a command run first in the namespace, given the test binary and its arguments to exec.
+// It fails the calling test unless the process passed and its output holds passes lines "--- PASS: <test> ("
+// (the test in that process, and in any it starts in turn); and without root or unshare(1): .ci/run checks both.
+func runUnshared(t *testing.T, timeout time.Duration, env, before []string, passes int) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root to mount a filesystem in a private mount namespace: run the tests as root")
@@ -142,9 +136,13 @@ func runUnshared(t *testing.T, timeout time.Duration, env, before []string, test
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+10*time.Second)
 	defer cancel()
-	args := append(append([]string{"-m"}, before...), os.Args[0], "-test.run=^"+test+"$", "-test.count=1",
+	args := append(append([]string{"-m"}, before...), os.Args[0], "-test.run=^"+t.Name()+"$", "-test.count=1",
 		"-test.v", "-test.timeout="+timeout.String())
 	cmd := exec.CommandContext(ctx, unshare, args...)
 	cmd.Env = append(os.Environ(), env...)
-	return cmd.CombinedOutput()
+	out, err := cmd.CombinedOutput()
+	if err != nil || strings.Count(string(out), "--- PASS: "+t.Name()+" (") != passes {
+		t.Fatalf("%s in a private mount namespace failed (%v):\n%s", t.Name(), err, out)
+	}
+	t.Logf("in the namespace:\n%s", out)
 }
