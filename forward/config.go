@@ -206,7 +206,7 @@ func (s *Secret) UnmarshalText(b []byte) error { *s = Secret(b); return nil }
 func CursorName(sink string) string { return "sink:" + sink }
 
 // CursorNames returns the log cursors the sinks of c use, their priority lanes' included, in configuration order:
-// the names Forwarder.CursorNames gives once the sinks are built.
+// Forwarder.CursorNames returns these.
 func (c Config) CursorNames() []string {
 	var names []string
 	for _, s := range c.Sinks {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -104,6 +105,7 @@ type SinkHealth struct {
 // Forwarder runs the configured sinks, each draining the log through its own cursor.
 type Forwarder struct {
 	sinks     []*sink
+	cursors   []string // the sinks' and lanes' log cursors (Config.CursorNames)
 	metrics   *metrics
 	log       *slog.Logger
 	rateEvery time.Duration // how often the drain rate is measured
@@ -130,7 +132,7 @@ func New(cfg Config, gatewayID string, src Source, cmds CommandSink, dl DeadLett
 	if err != nil {
 		return nil, fmt.Errorf("forward: new: %w", err)
 	}
-	f := &Forwarder{metrics: m, log: log, rateEvery: time.Second}
+	f := &Forwarder{metrics: m, log: log, rateEvery: time.Second, cursors: cfg.CursorNames()}
 	for _, sc := range cfg.Sinks {
 		sc = sc.withDefaults()
 		lanes := sc.lanes()
@@ -172,11 +174,7 @@ func New(cfg Config, gatewayID string, src Source, cmds CommandSink, dl DeadLett
 // CursorNames returns the log cursors of the sinks and their priority lanes ("sink:<name>",
 // "sink:<name>@p<n>"); the log keeps an event until all of them have passed it.
 func (f *Forwarder) CursorNames() []string {
-	names := make([]string, len(f.sinks))
-	for i, s := range f.sinks {
-		names[i] = s.cursor
-	}
-	return names
+	return slices.Clone(f.cursors)
 }
 
 // Run runs every sink until ctx ends, then closes their connections and returns nil. A sink never gives up:
