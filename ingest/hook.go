@@ -144,15 +144,24 @@ func (h *hook) trimSessions(id string, connecting *mqtt.Client) {
 	}
 	slices.SortFunc(stored, func(a, b *mqtt.Client) int { return cmp.Compare(a.StopTime(), b.StopTime()) })
 	for _, c := range stored[:len(stored)-maxStoredSessions+1] {
-		if cur, ok := h.b.srv.Clients.Get(c.ID); !ok || cur != c {
+		if !h.dropSession(c) {
 			continue // reconnected meanwhile
 		}
-		c.ClearInflights()
-		h.b.srv.UnsubscribeClient(c)
-		h.b.srv.Clients.Delete(c.ID)
 		h.b.m.sessionsDropped.Inc()
 		h.b.log.Debug("stored session dropped", "device_id", id, "client_id", c.ID, "max", maxStoredSessions)
 	}
+}
+
+// dropSession forgets the session of a stopped client — its messages in flight, its subscriptions and its entry in
+// mochi's client list — unless a new connection has taken its client id meanwhile (false).
+func (h *hook) dropSession(cl *mqtt.Client) bool {
+	if cur, ok := h.b.srv.Clients.Get(cl.ID); !ok || cur != cl {
+		return false
+	}
+	cl.ClearInflights()
+	h.b.srv.UnsubscribeClient(cl)
+	h.b.srv.Clients.Delete(cl.ID)
+	return true
 }
 
 func hasPrefixSep(s, prefix string, sep byte) bool {
@@ -328,11 +337,7 @@ func (h *hook) revoke(device string) int {
 			continue
 		}
 		cl.Stop(errRevoked) // no-op for one already stopped
-		cl.ClearInflights()
-		h.b.srv.UnsubscribeClient(cl)
-		if cur, ok := h.b.srv.Clients.Get(cl.ID); ok && cur == cl {
-			h.b.srv.Clients.Delete(cl.ID)
-		}
+		h.dropSession(cl)
 	}
 	return len(open)
 }
@@ -356,10 +361,7 @@ func (h *hook) abandon(conn net.Conn) {
 	}
 	cl.Stop(errAbandoned)
 	h.OnDisconnect(cl, errAbandoned, true)
-	if cur, ok := h.b.srv.Clients.Get(cl.ID); ok && cur == cl {
-		h.b.srv.UnsubscribeClient(cl)
-		h.b.srv.Clients.Delete(cl.ID)
-	}
+	h.dropSession(cl)
 }
 
 // kickedForLimit reports whether mochi closed the connection because the client exceeded a limit.
