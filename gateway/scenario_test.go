@@ -210,3 +210,21 @@ func equalJSON(t *testing.T, a, b any) bool {
 	}
 	return string(ja) == string(jb)
 }
+
+// TestDeviceStateSavedWhileRunning: the device state view is saved every devices.state_save_interval while it
+// changes, not only at stop, so that a crash loses at most that much of it.
+func TestDeviceStateSavedWhileRunning(t *testing.T) {
+	t.Parallel()
+	cfg := testConfig(t)
+	cfg.Devices.StateSaveInterval = 20 * time.Millisecond
+	gw := runGateway(t, cfg)
+	thermo := connectDevice(t, gw.MQTTAddr("tcp"), "thermo-1")
+	path := filepath.Join(cfg.DataDir, "device-state.json")
+	for _, celsius := range []string{"19.5", "20.5"} {
+		publish(t, thermo, "devices/thermo-1/telemetry", 1, `{"celsius":`+celsius+`}`)
+		waitFor(t, 10*time.Second, "celsius "+celsius+" in the saved state", func() bool {
+			data, err := os.ReadFile(path)
+			return err == nil && strings.Contains(string(data), `"celsius":`+celsius)
+		})
+	}
+}
