@@ -20,15 +20,16 @@ import (
 // longTests reports whether the long variants run (EDGEGATE_LONG=1).
 func longTests() bool { return os.Getenv("EDGEGATE_LONG") == "1" }
 
-// TestCrash kills a real child process (this test binary running TestCrashChild) with SIGKILL while it appends
+// TestCrash kills a real child process (this test in a process of its own, crashChild) with SIGKILL while it appends
 // from many goroutines, then reopens the log: the file passes bbolt's check, every acknowledged append is
 // there with its payload, in order (each appending goroutine's events in the order it appended them), and no
 // event is stored twice. Each round continues the same file: the
 // reopen after the kill takes the full check and free list rebuild, and the next child, started after that
 // reopen's Close, opens the file the clean way. EDGEGATE_LONG=1 runs 30 rounds instead of 5.
 func TestCrash(t *testing.T) {
-	if os.Getenv("EDGEGATE_CRASH_CHILD") != "" {
-		t.Skip("in the child")
+	if path := os.Getenv("EDGEGATE_CRASH_PATH"); path != "" {
+		crashChild(t, path, os.Getenv("EDGEGATE_CRASH_ROUND"))
+		return
 	}
 	if testing.Short() {
 		t.Skip("kills child processes")
@@ -42,8 +43,8 @@ func TestCrash(t *testing.T) {
 	acked := map[uint64]string{} // seq → payload id, over all rounds
 	var cursorMax uint64         // the highest position the child acknowledged for "sink"
 	for round := range rounds {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.count=1", "-test.timeout=60s")
-		cmd.Env = append(os.Environ(), "EDGEGATE_CRASH_CHILD=1", "EDGEGATE_CRASH_PATH="+path,
+		cmd := exec.Command(os.Args[0], "-test.run=^TestCrash$", "-test.count=1", "-test.timeout=60s")
+		cmd.Env = append(os.Environ(), "EDGEGATE_CRASH_PATH="+path,
 			"EDGEGATE_CRASH_ROUND="+strconv.Itoa(round))
 		out, err := cmd.StdoutPipe()
 		if err != nil {
@@ -175,14 +176,9 @@ func verifyAfterCrash(t *testing.T, path string, acked map[uint64]string, cursor
 	}
 }
 
-// TestCrashChild is the child process of TestCrash: it appends until killed and prints each acknowledged
-// append ("ack <seq> <id>") and each cursor position it is about to acknowledge ("cursor <pos>").
-func TestCrashChild(t *testing.T) {
-	path := os.Getenv("EDGEGATE_CRASH_PATH")
-	if os.Getenv("EDGEGATE_CRASH_CHILD") != "1" || path == "" {
-		t.Skip("run by TestCrash")
-	}
-	round := os.Getenv("EDGEGATE_CRASH_ROUND")
+// crashChild is TestCrash in its child process, on the log at path: it appends until killed and prints each
+// acknowledged append ("ack <seq> <id>") and each cursor position it is about to acknowledge ("cursor <pos>").
+func crashChild(t *testing.T, path, round string) {
 	l, err := open(Config{Path: path, Cursors: []string{"sink"}}, nil, nil, openOptions{segSize: 256})
 	if err != nil {
 		t.Fatal(err)

@@ -163,19 +163,20 @@ func TestWaitPersistedEnds(t *testing.T) {
 	}
 }
 
-// TestAckPersistedCrash kills a child process (this test binary running TestAckPersistedChild) with SIGKILL
+// TestAckPersistedCrash kills a child process (this test in a process of its own, ackPersistedChild) with SIGKILL
 // right after it saw its acknowledged cursor persisted, with no append after the Ack and no housekeeping tick:
 // the reopened log has the cursor there (and the file passes the check).
 func TestAckPersistedCrash(t *testing.T) {
-	if os.Getenv("EDGEGATE_PERSIST_CHILD") != "" {
-		t.Skip("in the child")
+	if path := os.Getenv("EDGEGATE_PERSIST_PATH"); path != "" {
+		ackPersistedChild(t, path)
+		return
 	}
 	if testing.Short() {
 		t.Skip("kills a child process")
 	}
 	path := filepath.Join(t.TempDir(), "events.db")
-	cmd := exec.Command(os.Args[0], "-test.run=^TestAckPersistedChild$", "-test.count=1", "-test.timeout=60s")
-	cmd.Env = append(os.Environ(), "EDGEGATE_PERSIST_CHILD=1", "EDGEGATE_PERSIST_PATH="+path)
+	cmd := exec.Command(os.Args[0], "-test.run=^TestAckPersistedCrash$", "-test.count=1", "-test.timeout=60s")
+	cmd.Env = append(os.Environ(), "EDGEGATE_PERSIST_PATH="+path)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -227,13 +228,9 @@ func TestAckPersistedCrash(t *testing.T) {
 	}
 }
 
-// TestAckPersistedChild is the child process of TestAckPersistedCrash: it appends 20 events, acknowledges 15,
-// prints "persisted 15" once WaitPersisted says so, and waits to be killed.
-func TestAckPersistedChild(t *testing.T) {
-	path := os.Getenv("EDGEGATE_PERSIST_PATH")
-	if os.Getenv("EDGEGATE_PERSIST_CHILD") != "1" || path == "" {
-		t.Skip("run by TestAckPersistedCrash")
-	}
+// ackPersistedChild is TestAckPersistedCrash in its child process, on the log at path: it appends 20 events,
+// acknowledges 15, prints "persisted 15" once WaitPersisted says so, and waits to be killed.
+func ackPersistedChild(t *testing.T, path string) {
 	l, err := open(Config{Path: path, Cursors: []string{"sink"}}, nil, nil, openOptions{})
 	if err != nil {
 		t.Fatal(err)

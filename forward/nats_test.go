@@ -16,12 +16,12 @@ import (
 const natsURL = "nats://127.0.0.1:4222"
 
 // natsStream connects to the shared server and creates a stream of its own capturing <prefix>.>, deleted by the
-// test's cleanup. The test is skipped when no server is reachable.
+// test's cleanup. The test fails when no server is reachable: .ci/run starts one.
 func natsStream(t *testing.T) (js jetstream.JetStream, stream jetstream.Stream, prefix string) {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", "127.0.0.1:4222", time.Second)
 	if err != nil {
-		t.Skipf("no NATS server on 127.0.0.1:4222 (start one with: nats-server -a 127.0.0.1 -p 4222 -js): %v", err)
+		t.Fatalf("no NATS server on 127.0.0.1:4222 (start one with: nats-server -a 127.0.0.1 -p 4222 -js): %v", err)
 	}
 	_ = c.Close()
 	nc, err := nats.Connect(natsURL)
@@ -44,7 +44,7 @@ func natsStream(t *testing.T) (js jetstream.JetStream, stream jetstream.Stream, 
 		Duplicates: time.Minute,
 	})
 	if err != nil {
-		t.Skipf("NATS on 127.0.0.1:4222 has no JetStream (start it with -js): %v", err)
+		t.Fatalf("NATS on 127.0.0.1:4222 has no JetStream (start it with -js): %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
