@@ -277,7 +277,8 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 
 	tr := newTracker(s.done)
 	defer s.setInFlight(0)
-	next := s.done // the last Seq read (sent or passed over)
+	defer s.advance(&tr, true) // whatever ends the connection, what it acknowledged goes to the log now
+	next := s.done             // the last Seq read (sent or passed over)
 	var pending []Record
 	var held []heldEvent // events of the lanes the cursor waits for
 	s.forgetUnacked()
@@ -409,7 +410,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			tr.skip(skipTo)
 			next = skipTo
 		}
-		s.advance(&tr)
+		s.advance(&tr, false)
 		if !storing && s.handed > s.persisted {
 			storing = true
 			wg.Add(1)
@@ -442,7 +443,6 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				case o := <-c.outcomes():
 					if err := s.settle(&tr, o, gen); err != nil {
 						res.err = err
-						s.advance(&tr)
 						return res
 					}
 				default:
@@ -455,7 +455,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				s.failing = false
 				s.setConnected(true)
 			}
-			s.advance(&tr)
+			s.advance(&tr, false)
 		case <-c.lost():
 			res.err = c.cause()
 			return res
@@ -470,7 +470,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				return res
 			}
 		case <-stall.C:
-			s.advance(&tr) // retries storing the cursor should the log have refused it
+			s.advance(&tr, true) // hands a cursor held back, or retries one the log refused
 			if tr.unacked > 0 && time.Since(lastProgress) > s.cfg.AckTimeout {
 				s.setStalled(true)
 				s.log.Warn("upstream stalled: events in flight and no acknowledgement; reconnecting",
@@ -480,7 +480,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			}
 		case <-s.moved:
 			held = s.release(&tr, held)
-			s.advance(&tr)
+			s.advance(&tr, false)
 		case <-holdC:
 			holdC = nil
 		case <-ctx.Done():
@@ -558,7 +558,6 @@ func (s *sink) finish(c conn, tr *tracker, gen uint64) {
 			}
 		}
 	}
-	s.advance(tr)
 }
 
 // settle applies one outcome; it returns the error that ends the connection, if any.
@@ -631,7 +630,13 @@ func (s *sink) learnPersisted() {
 }
 
 // advance moves the cursor to the tracker's acknowledged prefix and hands it to the log to store.
-func (s *sink) advance(tr *tracker) {
+//
+// Each hand costs the log a commit of its own (two fsyncs) when no append carries it, so while events are still
+// in flight the cursor is handed only once a quarter of the window is acknowledged and not yet stored: a backlog
+// drains with one cursor commit per quarter window instead of one per acknowledgement, and the other three
+// quarters keep the upstream busy meanwhile. With nothing in flight (caught up, or a trickle), or when force is
+// set (the stall check's tick, the end of a connection), it is handed at once.
+func (s *sink) advance(tr *tracker, force bool) {
 	if tr.done > s.done {
 		s.done = tr.done
 		if s.pub != nil {
@@ -644,6 +649,9 @@ func (s *sink) advance(tr *tracker) {
 	s.mu.Unlock()
 	s.m.inFlight.Set(float64(tr.unacked))
 	if s.done <= s.handed {
+		return
+	}
+	if !force && tr.unacked > 0 && s.unsavedN-tr.unacked < max(1, s.cfg.Window/4) {
 		return
 	}
 	if err := s.src.Ack(s.cursor, s.done); err != nil {
