@@ -33,7 +33,7 @@ const (
 // Defaults applied to zero fields (see SinkConfig).
 const (
 	DefaultBatchSize     = 128
-	DefaultWindow        = 256
+	DefaultWindow        = 1024
 	DefaultAckTimeout    = 10 * time.Second
 	DefaultBackoffMin    = 500 * time.Millisecond
 	DefaultBackoffMax    = 30 * time.Second
@@ -71,7 +71,7 @@ type SinkConfig struct {
 	// in one request (default 128).
 	BatchSize int `yaml:"batch_size"`
 	// Window is the most events sent past the sink's cursor as the log has durably stored it, in flight or
-	// acknowledged and not yet stored (default 256). After a reconnect, or a restart after a crash, at most this
+	// acknowledged and not yet stored (default 1024). After a reconnect, or a restart after a crash, at most this
 	// many events are sent again.
 	Window int `yaml:"window"`
 	// RateLimit caps the events sent per second (0, the default: no cap); the sink's priority lanes share it.

@@ -8,7 +8,9 @@
 // (an MQTT PUBACK, a JetStream PubAck, an HTTP 2xx) on the connection that sent them, and over events the sink
 // does not carry (its types filter) or that an HTTP upstream refused for good (dead-lettered). At most window
 // events are sent past the cursor as the log has durably stored it, in flight or acknowledged and not yet
-// stored; acknowledgements that arrive out of order are held until the gap before them fills. After any
+// stored; acknowledgements that arrive out of order are held until the gap before them fills. While events are
+// in flight the cursor goes to the log each time a quarter of the window is acknowledged (it rides along with
+// the appends' commits, or takes a commit of its own), and at once when nothing is in flight. After any
 // failure the sink reconnects (exponential backoff with full jitter) and sends again from its cursor, so an
 // upstream may see an event twice — at most a window of events per reconnect, and per restart after a crash
 // of the gateway (kill -9) as well. The CloudEvent id never changes and is the key to drop duplicates with
@@ -51,7 +53,7 @@
 //	    - name: cloud                 # cursor "sink:cloud"
 //	      type: mqtt
 //	      types: ["sensor.*", door.opened]   # optional filter
-//	      window: 256                 # events in flight
+//	      window: 1024                # events in flight
 //	      priority_lanes: [5]         # optional: priorities 5-9 go first, on a connection of their own
 //	      ack_timeout: 10s            # stall detection
 //	      mqtt:
