@@ -47,71 +47,133 @@ func (c *handConn) next(t *testing.T) []Record {
 	}
 }
 
-// TestCursorHandedPerQuarterWindow: while events are in flight, the sink hands its cursor to the log once a
-// quarter of its window is acknowledged, not on every acknowledgement (each hand is a commit with two fsyncs when
-// no append carries it); with nothing in flight, at the stall check's tick and when a connection ends, it hands
-// what is acknowledged at once. No event is skipped, none sent twice.
+// startHandSink runs a forwarder whose one sink (window events) sends to a handTransport and checks for a
+// stall every tick; it returns the transport and the sink's first connection.
+func startHandSink(t *testing.T, log *memLog, window int, tick time.Duration) (*running, *handTransport, *handConn) {
+	t.Helper()
+	ht := &handTransport{conns: make(chan *handConn, 4)}
+	sc := mqttSink("up", "tcp://127.0.0.1:1")
+	sc.Window = window
+	sc.AckTimeout = time.Hour
+	r := startForwarderWith(t, Config{Sinks: []SinkConfig{sc}}, log, nil, func(f *Forwarder) {
+		f.sinks[0].tr, f.sinks[0].tick = ht, tick
+	})
+	return r, ht, <-ht.conns
+}
+
+func (l *memLog) ackCount() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.acks
+}
+
+// TestCursorHandedPerQuarterWindow: while events are in flight and the window has room, the sink hands its
+// cursor to the log once a quarter of its window is acknowledged, not on every acknowledgement (each hand is a
+// commit with two fsyncs when no append carries it). With the window full it hands every acknowledgement at once:
+// nothing more is sent until the log stores the cursor, and an upstream may hold its acknowledgements back until
+// it sees more traffic. When a connection ends it hands what that connection got acknowledged. No event is
+// skipped, none sent twice. The stall check does not tick here: nothing else hands the cursor.
 func TestCursorHandedPerQuarterWindow(t *testing.T) {
-	const window, backlog = 16, 200
+	const window, backlog = 64, 48
 	log := newMemLog(t)
 	for i := 1; i <= backlog; i++ {
 		log.add("sensor.reading", "hall", i)
 	}
-	ht := &handTransport{conns: make(chan *handConn, 4)}
-	sc := mqttSink("up", "tcp://127.0.0.1:1")
-	sc.Window = window
-	sc.AckTimeout = 4 * time.Second // the stall check ticks every second
-	r := startForwarderWith(t, Config{Sinks: []SinkConfig{sc}}, log, nil, func(f *Forwarder) { f.sinks[0].tr = ht })
+	r, _, c := startHandSink(t, log, window, time.Hour)
 	name := CursorName("up")
-	c := <-ht.conns
 
-	// Acknowledge the backlog one event at a time, each taken in before the next arrives.
+	// The window has room: acknowledged one at a time, each taken in before the next arrives.
 	var sent []uint64
-	for seq := uint64(1); seq <= backlog; seq++ {
-		for uint64(len(sent)) < seq {
-			sent = append(sent, c.next(t)[0].Seq)
-		}
-		c.ack(seq)
-		waitFor(t, 5*time.Second, "the acknowledgement taken in", func() bool { return sinkHealth(r, "up").Cursor >= seq })
+	for range backlog {
+		sent = append(sent, c.next(t)[0].Seq)
 	}
 	if want := seqs(1, backlog); !slices.Equal(sent, want) {
 		t.Fatalf("sent %v, want 1..%d once each, in order", sent, backlog)
 	}
-	waitFor(t, 5*time.Second, "the cursor stored at the end of the backlog", func() bool { return log.Cursor(name) == backlog })
-	log.mu.Lock()
-	hands := log.acks
-	log.mu.Unlock()
-	if most := backlog/(window/4) + 1; hands > most {
-		t.Errorf("the cursor was handed to the log %d times for %d events acknowledged one by one, want at most %d (one per quarter window)",
-			hands, backlog, most)
+	for seq := uint64(1); seq <= backlog; seq++ {
+		c.ack(seq)
+		waitFor(t, 5*time.Second, "the acknowledgement taken in", func() bool { return sinkHealth(r, "up").Cursor >= seq })
 	}
-	t.Logf("%d events acknowledged one by one, cursor handed %d times", backlog, hands)
+	waitFor(t, 5*time.Second, "the cursor stored at the end of the backlog", func() bool { return log.Cursor(name) == backlog })
+	if hands, most := log.ackCount(), backlog/(window/4); hands > most {
+		t.Errorf("the cursor was handed to the log %d times for %d events acknowledged one by one with room in the window %d, want at most %d (one per quarter window)",
+			hands, backlog, window, most)
+	}
 
-	// One acknowledged among events in flight: stored by the stall check's tick, without more acknowledgements.
-	for i := 1; i <= 4; i++ {
+	// The window full: each acknowledgement is stored at once and lets one more event go.
+	for i := 1; i <= 2*window; i++ {
 		log.add("sensor.reading", "hall", backlog+i)
 	}
-	for range 4 {
+	for i := 1; i <= window; i++ {
+		if got, want := c.next(t)[0].Seq, uint64(backlog+i); got != want {
+			t.Fatalf("sent seq %d, want %d", got, want)
+		}
+	}
+	for i := 1; i <= 4; i++ {
+		c.ack(uint64(backlog + i))
+		if got, want := c.next(t)[0].Seq, uint64(backlog+window+i); got != want {
+			t.Fatalf("with the window full, acknowledging seq %d let seq %d go, want %d", backlog+i, got, want)
+		}
+	}
+	if got := log.Cursor(name); got != backlog+4 {
+		t.Errorf("cursor stored at %d, want %d", got, backlog+4)
+	}
+
+	for seq := uint64(backlog + 5); seq <= backlog+2*window; seq++ {
+		if seq > backlog+window+4 {
+			c.next(t)
+		}
+		c.ack(seq)
+	}
+	waitFor(t, 5*time.Second, "the cursor stored at the end", func() bool { return log.Cursor(name) == backlog+2*window })
+}
+
+// TestCursorHandedWhenConnectionEnds: an acknowledgement held back (events still in flight, the window has room)
+// is handed to the log when the connection fails, and the next connection sends what was not acknowledged, not
+// the acknowledged event. The stall check does not tick here.
+func TestCursorHandedWhenConnectionEnds(t *testing.T) {
+	log := newMemLog(t)
+	for i := 1; i <= 8; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	r, ht, c := startHandSink(t, log, 64, time.Hour)
+	for range 8 {
 		c.next(t)
 	}
-	c.ack(backlog + 1)
-	waitFor(t, 3*time.Second, "the cursor stored by the tick", func() bool { return log.Cursor(name) == backlog+1 })
-
-	// One more acknowledged, then the connection fails: stored when the connection ends, and the next one
-	// sends the rest again, not the acknowledged ones.
-	c.ack(backlog + 2)
-	waitFor(t, 5*time.Second, "the acknowledgement taken in", func() bool { return sinkHealth(r, "up").Cursor == backlog+2 })
+	c.ack(1)
+	waitFor(t, 5*time.Second, "the acknowledgement taken in", func() bool { return sinkHealth(r, "up").Cursor == 1 })
+	if got := log.Cursor(CursorName("up")); got != 0 {
+		t.Fatalf("cursor stored at %d with 7 events in flight and room in the window, want it held back", got)
+	}
 	c.close()
-	waitFor(t, 5*time.Second, "the cursor stored when the connection ended", func() bool { return log.Cursor(name) == backlog+2 })
+	waitFor(t, 5*time.Second, "the cursor stored when the connection ended", func() bool { return log.Cursor(CursorName("up")) == 1 })
 	c = <-ht.conns
-	for _, want := range []uint64{backlog + 3, backlog + 4} {
+	for want := uint64(2); want <= 8; want++ {
 		if got := c.next(t)[0].Seq; got != want {
 			t.Fatalf("the new connection sent seq %d, want %d", got, want)
 		}
+		c.ack(want)
 	}
-	c.ack(backlog + 3)
-	c.ack(backlog + 4)
-	waitFor(t, 5*time.Second, "the cursor stored at the end", func() bool { return log.Cursor(name) == backlog+4 })
+	waitFor(t, 5*time.Second, "the cursor stored at the end", func() bool { return log.Cursor(CursorName("up")) == 8 })
+}
+
+// TestCursorHandedAtTick: an acknowledgement held back (events still in flight, the window has room) is handed
+// to the log at the stall check's next tick, without waiting for more acknowledgements.
+func TestCursorHandedAtTick(t *testing.T) {
+	log := newMemLog(t)
+	for i := 1; i <= 8; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	_, _, c := startHandSink(t, log, 64, 20*time.Millisecond)
+	for range 8 {
+		c.next(t)
+	}
+	c.ack(1)
+	waitFor(t, 5*time.Second, "the cursor stored by the tick", func() bool { return log.Cursor(CursorName("up")) == 1 })
+	for seq := uint64(2); seq <= 8; seq++ {
+		c.ack(seq)
+	}
+	waitFor(t, 5*time.Second, "the cursor stored at the end", func() bool { return log.Cursor(CursorName("up")) == 8 })
 }
 
 func seqs(from, to uint64) []uint64 {

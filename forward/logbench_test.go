@@ -19,7 +19,7 @@ import (
 //	go test -run '^$' -bench MQTTSinkFromLog -benchtime 5000x ./forward/
 func BenchmarkMQTTSinkFromLog(b *testing.B) {
 	for _, live := range []bool{false, true} {
-		for _, window := range []int{1, 64} {
+		for _, window := range []int{1, 64, DefaultWindow} {
 			name := "backlog"
 			if live {
 				name = "live"

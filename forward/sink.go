@@ -81,6 +81,7 @@ type sink struct {
 	m                 sinkMetrics
 	filter            typeFilter
 	lim               *rate.Limiter // nil: no rate cap; a sink's lanes share its limiter
+	tick              time.Duration // how often a connection checks for a stall (and hands a held-back cursor)
 
 	// The priorities this sink carries: lo <= p < hi. A lane of a sink carries those of its own range and
 	// passes over the others; the sink itself leaves those of its lanes to them (see lane).
@@ -150,6 +151,7 @@ func newSink(cfg SinkConfig, name string, lo, hi uint8, gatewayID string, src So
 		log:    log,
 		m:      m.forSink(name),
 		filter: newTypeFilter(cfg.Types),
+		tick:   stallCheckEvery(cfg.AckTimeout),
 		lo:     lo,
 		hi:     hi,
 	}
@@ -294,7 +296,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	stored := make(chan error, 1)
 	storing := false
 
-	stall := time.NewTicker(stallCheckEvery(s.cfg.AckTimeout))
+	stall := time.NewTicker(s.tick)
 	defer stall.Stop()
 	lastProgress := time.Now()
 
@@ -632,10 +634,13 @@ func (s *sink) learnPersisted() {
 // advance moves the cursor to the tracker's acknowledged prefix and hands it to the log to store.
 //
 // Each hand costs the log a commit of its own (two fsyncs) when no append carries it, so while events are still
-// in flight the cursor is handed only once a quarter of the window is acknowledged and not yet stored: a backlog
-// drains with one cursor commit per quarter window instead of one per acknowledgement, and the other three
-// quarters keep the upstream busy meanwhile. With nothing in flight (caught up, or a trickle), or when force is
-// set (the stall check's tick, the end of a connection), it is handed at once.
+// in flight and the window has room, the cursor is handed only once a quarter of the window is acknowledged and
+// not yet stored: a backlog drains with about one cursor commit per quarter window instead of one per
+// acknowledgement. It is handed at once when nothing is in flight (caught up, or a trickle), when force is set
+// (the stall check's tick, the end of a connection) and when the window is full: then nothing more is sent until
+// the log stores the cursor, and an upstream that holds back its acknowledgements until it sees more traffic
+// (Nagle's algorithm against the gateway's delayed TCP acknowledgement, about 40 ms on Linux) would otherwise
+// stall the sink.
 func (s *sink) advance(tr *tracker, force bool) {
 	if tr.done > s.done {
 		s.done = tr.done
@@ -651,7 +656,7 @@ func (s *sink) advance(tr *tracker, force bool) {
 	if s.done <= s.handed {
 		return
 	}
-	if !force && tr.unacked > 0 && s.unsavedN-tr.unacked < max(1, s.cfg.Window/4) {
+	if !force && tr.unacked > 0 && s.unsavedN < s.cfg.Window && s.unsavedN-tr.unacked < max(1, s.cfg.Window/4) {
 		return
 	}
 	if err := s.src.Ack(s.cursor, s.done); err != nil {
