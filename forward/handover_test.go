@@ -176,6 +176,28 @@ func TestCursorHandedAtTick(t *testing.T) {
 	waitFor(t, 5*time.Second, "the cursor stored at the end", func() bool { return log.Cursor(CursorName("up")) == 8 })
 }
 
+// TestSendsWhatIsAppendedWhileInFlight: an event appended while the sink has events in flight, and room in its
+// window, goes out at once, not after the next acknowledgement (a round trip to the upstream, long on a
+// cellular or satellite link). The upstream here acknowledges nothing until the end, and the stall check does
+// not tick.
+func TestSendsWhatIsAppendedWhileInFlight(t *testing.T) {
+	log := newMemLog(t)
+	log.add("sensor.reading", "hall", 1)
+	_, _, c := startHandSink(t, log, 64, time.Hour)
+	for want := uint64(1); want <= 5; want++ {
+		if want > 1 {
+			log.add("sensor.reading", "hall", int(want))
+		}
+		if got := c.next(t)[0].Seq; got != want {
+			t.Fatalf("sent seq %d, want %d", got, want)
+		}
+	}
+	for seq := uint64(1); seq <= 5; seq++ {
+		c.ack(seq)
+	}
+	waitFor(t, 5*time.Second, "the cursor stored at the end", func() bool { return log.Cursor(CursorName("up")) == 5 })
+}
+
 func seqs(from, to uint64) []uint64 {
 	var s []uint64
 	for i := from; i <= to; i++ {

@@ -421,6 +421,12 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				stored <- s.src.WaitPersisted(wctx, s.cursor, after)
 			}(s.persisted)
 		}
+		if len(pending) == 0 && !waiting && s.unsavedN < s.cfg.Window && ctx.Err() == nil {
+			// Everything read is sent and the window has room: read on at once, for what was appended
+			// meanwhile, or wait for the log to grow. Otherwise those events would wait for the next
+			// acknowledgement (a round trip to the upstream) or the stall check's tick.
+			continue
+		}
 
 		select {
 		case err := <-stored:
