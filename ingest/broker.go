@@ -16,6 +16,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -114,6 +115,7 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 	b.guard = newGuard(cfg, log, m)
 	b.hook = newHook(b)
 	b.guard.onAbandon = b.hook.abandon
+	b.guard.disconnect = b.disconnectListener
 	if err := srv.AddHook(b.hook, nil); err != nil {
 		return nil, fmt.Errorf("ingest: add hook: %w", err)
 	}
@@ -257,6 +259,18 @@ func (b *Broker) Run(ctx context.Context) error {
 	}
 	b.log.Info("mqtt broker stopped")
 	return nil
+}
+
+// disconnectListener ends the sessions of the clients connected through the listener id, as mochi's Server.Close
+// does for each listener, with reason "server shutting down". mochi's own way (Clients.GetByListener) takes the
+// clients' read lock twice; a client that connects or disconnects between the two deadlocks the shutdown for good
+// (mochi-mqtt/server#488). This takes it once.
+func (b *Broker) disconnectListener(id string) {
+	for _, cl := range b.srv.Clients.GetAll() {
+		if cl.Net.Listener == id && !cl.Closed() {
+			_ = b.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 // Command publishes a command to a device's command topic with QoS 1 and returns once one of the device's

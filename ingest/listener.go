@@ -62,6 +62,17 @@ type guard struct {
 
 	// onAbandon is called with the connection after a panic, to end the session of its client.
 	onAbandon func(net.Conn)
+	// disconnect ends the sessions of a closing listener's clients; nil: mochi's own CloseFn does.
+	disconnect func(listener string)
+}
+
+// closeClients ends the sessions of the clients of the listener id as it closes, through disconnect when set.
+func (g *guard) closeClients(id string, mochiClose listeners.CloseFn) {
+	if g.disconnect != nil {
+		g.disconnect(id)
+		return
+	}
+	mochiClose(id)
 }
 
 func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
@@ -265,7 +276,7 @@ func (l *tcpListener) Close(closeClients listeners.CloseFn) {
 	if l.done.CompareAndSwap(false, true) {
 		_ = l.ln.Close()
 	}
-	closeClients(l.id)
+	l.g.closeClients(l.id, closeClients)
 }
 
 // wsListener serves MQTT over WebSocket (subprotocol "mqtt") on an already bound net.Listener.
@@ -320,7 +331,7 @@ func (l *wsListener) Close(closeClients listeners.CloseFn) {
 		}
 		_ = l.ln.Close()
 	}
-	closeClients(l.id)
+	l.g.closeClients(l.id, closeClients)
 }
 
 // wsConn presents a WebSocket as a byte stream: binary messages in, one binary message per write out.
