@@ -239,6 +239,40 @@ func startBroker(t testing.TB, o brokerOpts) *testBroker {
 	return tb
 }
 
+// runBroker runs a broker with real parts and cfg until stop, which ends it and returns what Run returned; the
+// test fails if Run does not return within 10s of the stop. The test's cleanup stops it too.
+func runBroker(t testing.TB, cfg ingest.BrokerConfig) (b *ingest.Broker, stop func() error) {
+	t.Helper()
+	n, err := ingest.NewNormalizer("gw-test", ingest.NormalizeConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	registry := newRegistry(t, defaultDevices)
+	b, err = ingest.NewBroker(cfg, ingest.Deps{Normalizer: n, Auth: registry, ACL: registry, Consumer: &consumer{},
+		DeadLetters: &deadLetters{}}, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	var once sync.Once
+	var runErr error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case runErr = <-done:
+			case <-time.After(10 * time.Second):
+				runErr = errors.New("Run did not return within 10s of the stop")
+			}
+		})
+		return runErr
+	}
+	t.Cleanup(func() { _ = stop() })
+	return b, stop
+}
+
 // metric returns the value of the counter or gauge name with the given label pairs (0 when absent).
 func (tb *testBroker) metric(t testing.TB, name string, labels ...string) float64 {
 	t.Helper()

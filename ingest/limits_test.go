@@ -3,14 +3,12 @@ package ingest_test
 import (
 	"context"
 	"errors"
-	"log/slog"
 	"net"
 	"runtime"
 	"testing"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/ingest"
@@ -283,19 +281,7 @@ func TestShutdownClosesConnectionsWithoutConnect(t *testing.T) {
 	cfg := ingest.DefaultBrokerConfig()
 	cfg.Listen = "127.0.0.1:0"
 	cfg.ConnectTimeout = time.Minute
-	n, err := ingest.NewNormalizer("gw-test", ingest.NormalizeConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	registry := newRegistry(t, defaultDevices)
-	b, err := ingest.NewBroker(cfg, ingest.Deps{Normalizer: n, Auth: registry, ACL: registry, Consumer: &consumer{},
-		DeadLetters: &deadLetters{}}, slog.New(slog.DiscardHandler), prometheus.NewRegistry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- b.Run(ctx) }()
+	b, stop := runBroker(t, cfg)
 	var idle []net.Conn
 	for range 5 {
 		c, err := net.DialTimeout("tcp", b.Addr("tcp"), waitTimeout)
@@ -307,11 +293,8 @@ func TestShutdownClosesConnectionsWithoutConnect(t *testing.T) {
 	}
 	waitFor(t, "5 open connections", func() bool { return b.Clients() >= 5 })
 	start := time.Now()
-	cancel()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Run did not return within 10s of the stop with idle connections open")
+	if err := stop(); err != nil {
+		t.Fatalf("with idle connections open: %v", err)
 	}
 	if took := time.Since(start); took > 3*time.Second {
 		t.Errorf("stop took %s with idle connections (connect_timeout 1m)", took)
