@@ -62,17 +62,9 @@ type guard struct {
 
 	// onAbandon is called with the connection after a panic, to end the session of its client.
 	onAbandon func(net.Conn)
-	// disconnect ends the sessions of a closing listener's clients; nil: mochi's own CloseFn does.
+	// disconnect ends the sessions of a closing listener's clients, in place of the CloseFn mochi passes to the
+	// listener's Close (see Broker.disconnectListener).
 	disconnect func(listener string)
-}
-
-// closeClients ends the sessions of the clients of the listener id as it closes, through disconnect when set.
-func (g *guard) closeClients(id string, mochiClose listeners.CloseFn) {
-	if g.disconnect != nil {
-		g.disconnect(id)
-		return
-	}
-	mochiClose(id)
 }
 
 func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
@@ -272,11 +264,11 @@ func (l *tcpListener) Serve(establish listeners.EstablishFn) {
 	}
 }
 
-func (l *tcpListener) Close(closeClients listeners.CloseFn) {
+func (l *tcpListener) Close(listeners.CloseFn) {
 	if l.done.CompareAndSwap(false, true) {
 		_ = l.ln.Close()
 	}
-	l.g.closeClients(l.id, closeClients)
+	l.g.disconnect(l.id)
 }
 
 // wsListener serves MQTT over WebSocket (subprotocol "mqtt") on an already bound net.Listener.
@@ -324,14 +316,14 @@ func (l *wsListener) Serve(establish listeners.EstablishFn) {
 	}
 }
 
-func (l *wsListener) Close(closeClients listeners.CloseFn) {
+func (l *wsListener) Close(listeners.CloseFn) {
 	if l.done.CompareAndSwap(false, true) {
 		if l.srv != nil {
 			_ = l.srv.Close()
 		}
 		_ = l.ln.Close()
 	}
-	l.g.closeClients(l.id, closeClients)
+	l.g.disconnect(l.id)
 }
 
 // wsConn presents a WebSocket as a byte stream: binary messages in, one binary message per write out.

@@ -127,7 +127,6 @@ func (d *proc) log() string {
 	return strings.Join(d.lines, "\n")
 }
 
-// waitLog waits until a log line contains s.
 // metrics returns the daemon's /metrics page.
 func (d *proc) metrics(t *testing.T) string {
 	t.Helper()
@@ -143,6 +142,7 @@ func (d *proc) metrics(t *testing.T) string {
 	return string(body)
 }
 
+// waitLog waits until a log line contains s.
 func (d *proc) waitLog(t *testing.T, s string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
