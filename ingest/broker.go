@@ -248,7 +248,8 @@ func (b *Broker) Run(ctx context.Context) error {
 	}
 	<-ctx.Done()
 	b.closed.Store(true)
-	b.guard.closePending() // mochi's Close would wait for connections that never sent CONNECT until their deadline
+	// mochi's Close would wait for connections that never sent CONNECT until their deadline.
+	b.guard.closePending(5 * time.Second)
 	_ = b.srv.Close()
 	done := make(chan struct{})
 	go func() { b.guard.wg.Wait(); b.hook.ackers.Wait(); close(done) }()

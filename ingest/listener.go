@@ -58,6 +58,7 @@ type guard struct {
 	// them to finish reading their CONNECT, so they are closed first.
 	pending map[net.Conn]struct{}
 	shut    bool           // closePending was called: connections still arriving are closed at once
+	drained chan struct{}  // closed once shut and pending is empty
 	wg      sync.WaitGroup // every connection goroutine
 
 	// onAbandon is called with the connection after a panic, to end the session of its client.
@@ -79,20 +80,43 @@ func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
 	}
 }
 
-// closePending closes every connection whose session is not established (shutdown).
-func (g *guard) closePending() {
+// closePending closes every connection whose session is not established (shutdown), and waits (up to limit) until
+// each of them has either ended or got its session; connections arriving from now on are closed without reaching
+// mochi. Then mochi's Close can wait for its clients safely: its server counts a connection (a WaitGroup Add)
+// inside the connection's own goroutine, and a count that starts while Close is waiting panics ("WaitGroup is
+// reused before previous Wait has returned").
+func (g *guard) closePending(limit time.Duration) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	g.shut = true
+	if g.drained == nil {
+		g.drained = make(chan struct{})
+		if len(g.pending) == 0 {
+			close(g.drained)
+		}
+	}
 	for c := range g.pending {
 		_ = c.Close()
 	}
+	drained := g.drained
+	g.mu.Unlock()
+	t := time.NewTimer(limit)
+	defer t.Stop()
+	select {
+	case <-drained:
+	case <-t.C:
+		g.log.Warn("connections still reading their CONNECT after the shutdown closed them", "waited", limit)
+	}
 }
 
-// established records that conn carries an MQTT session now.
+// established records that conn carries an MQTT session now, or has ended.
 func (g *guard) established(conn net.Conn) {
 	g.mu.Lock()
-	delete(g.pending, conn)
+	if _, ok := g.pending[conn]; ok {
+		delete(g.pending, conn)
+		if g.shut && len(g.pending) == 0 {
+			close(g.drained)
+		}
+	}
 	g.mu.Unlock()
 }
 
@@ -144,10 +168,11 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 	defer release()
 	defer conn.Close()
 	g.mu.Lock()
-	g.pending[conn] = struct{}{}
 	if g.shut {
-		_ = conn.Close()
+		g.mu.Unlock()
+		return // the broker is stopping: the connection never reaches mochi (see closePending)
 	}
+	g.pending[conn] = struct{}{}
 	g.mu.Unlock()
 	defer g.established(conn) // forgotten when it ends, whether or not it got a session
 	defer func() {
