@@ -741,7 +741,13 @@ func (l *Log) seal(b *batch) {
 
 // Read returns up to max committed records with Seq > after, in order. Records removed by acknowledgement or
 // retention are skipped, so the returned seqs may have gaps; an empty result means nothing newer is stored.
-func (l *Log) Read(after uint64, max int) (out []Record, err error) {
+func (l *Log) Read(after uint64, max int) ([]Record, error) { return l.read(after, max, true) }
+
+// ReadHeaders is Read without the events' data (Data is nil): a pass over a backlog's types, subjects and
+// priorities that copies no payload.
+func (l *Log) ReadHeaders(after uint64, max int) ([]Record, error) { return l.read(after, max, false) }
+
+func (l *Log) read(after uint64, max int, data bool) (out []Record, err error) {
 	if max <= 0 {
 		return nil, fmt.Errorf("buffer: read: max must be > 0, got %d", max)
 	}
@@ -750,7 +756,7 @@ func (l *Log) Read(after uint64, max int) (out []Record, err error) {
 			if seq > st.lastSeq {
 				return false, nil
 			}
-			r, err := toRecord(seq, v)
+			r, err := toRecord(seq, v, data)
 			if err != nil {
 				return false, fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, err)
 			}
@@ -810,7 +816,7 @@ func (l *Log) ReadPriority(after uint64, most int, lo, hi uint8) (out []Record, 
 					return fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, errBadRecord)
 				}
 				if prio >= lo && prio < hi {
-					r, err := toRecord(seq, v)
+					r, err := toRecord(seq, v, true)
 					if err != nil {
 						return fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, err)
 					}

@@ -96,6 +96,48 @@ func TestReadArgs(t *testing.T) {
 	}
 }
 
+// TestReadHeaders: ReadHeaders returns what Read does, in the same order and with the same limits, without the data.
+func TestReadHeaders(t *testing.T) {
+	l := openTest(t, Config{}, 4)
+	run(t, l.Log)
+	for i := range 10 {
+		e := ev(i)
+		e.Subject, e.Type, e.Priority = fmt.Sprintf("d%d", i%3), fmt.Sprintf("t.%d", i%2), uint8(i%4)
+		if _, err := l.Append(context.Background(), e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		after uint64
+		max   int
+	}{{0, 100}, {0, 3}, {4, 100}, {10, 5}} {
+		full, err := l.Read(tc.after, tc.max)
+		if err != nil {
+			t.Fatal(err)
+		}
+		heads, err := l.ReadHeaders(tc.after, tc.max)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(heads) != len(full) {
+			t.Fatalf("after %d max %d: %d headers, %d records", tc.after, tc.max, len(heads), len(full))
+		}
+		for i, h := range heads {
+			r := full[i]
+			if h.Data != nil {
+				t.Errorf("seq %d: header carries %d bytes of data", h.Seq, len(h.Data))
+			}
+			r.Data = nil
+			if h.Seq != r.Seq || h.Type != r.Type || h.Subject != r.Subject || h.Priority != r.Priority || !h.Time.Equal(r.Time) {
+				t.Errorf("after %d: header %+v, record %+v", tc.after, h, r)
+			}
+		}
+	}
+	if _, err := l.ReadHeaders(0, 0); err == nil {
+		t.Error("ReadHeaders with max 0: no error")
+	}
+}
+
 func TestWait(t *testing.T) {
 	l := openTest(t, Config{}, 0)
 	stop := run(t, l.Log)

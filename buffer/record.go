@@ -131,11 +131,14 @@ func takeString(b []byte) (s, rest []byte, err error) {
 	return b[:n], b[n:], nil
 }
 
-// toRecord decodes a stored record into a Record whose fields own their memory.
-func toRecord(seq uint64, v []byte) (Record, error) {
+// toRecord decodes a stored record into a Record whose fields own their memory; without withData, Data is nil.
+func toRecord(seq uint64, v []byte, withData bool) (Record, error) {
 	h, data, err := decodeRecord(v)
 	if err != nil {
 		return Record{}, err
+	}
+	if !withData {
+		data = nil
 	}
 	return Record{Seq: seq, Entry: Entry{
 		Data:     append([]byte(nil), data...),

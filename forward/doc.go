@@ -13,11 +13,23 @@
 // the appends' commits, or takes a commit of its own), and at once when nothing is in flight. After any
 // failure the sink reconnects (exponential backoff with full jitter) and sends again from its cursor, so an
 // upstream may see an event twice — at most a window of events per reconnect, and per restart after a crash
-// of the gateway (kill -9) as well. The CloudEvent id never changes and is the key to drop duplicates with
-// (JetStream does so by Nats-Msg-Id).
+// of the gateway (kill -9) as well, plus the events sent ahead of a backlog (below; at most four windows). The
+// CloudEvent id never changes and is the key to drop duplicates with (JetStream does so by Nats-Msg-Id).
 //
-// Order: a sink sends in log order on one connection, so the events of one device (subject) arrive in order; a
-// reconnect may repeat events already sent, never bring a newer one before an older one.
+// Order: a sink sends on one connection, in log order except for the events sent ahead of a backlog, so the
+// events of one device (subject) arrive in order; a reconnect may repeat events already sent, never bring a newer
+// one before an older one.
+//
+// # Ahead of a backlog
+//
+// When a connection starts with more than a window of events to send (after an outage, or a restart with a
+// backlog), the sink reads the headers of that backlog once (edgegate_forward_sending_ahead is 1 from then until
+// it has caught up). A device with events in the backlog before its last window waits for the backlog, in log
+// order. Every other device — quiet during the outage, or online only near its end — has nothing older still to
+// send, so its events, those in the last window and the new ones, go upstream at once, on the same connection,
+// ahead of the backlog (counted in edgegate_forward_sent_ahead_total). The cursor passes such an event only when
+// the sink's reader reaches it in log order, so a reconnect sends it again. Sinks with a rate_limit, priority
+// lanes themselves and windows below 8 send in log order only.
 //
 // # Priority lanes
 //
@@ -70,6 +82,7 @@
 //
 // # Metrics
 //
-// All labelled by sink: edgegate_forward_sent_total, _acked_total, _resent_total, _reconnects_total,
-// _errors_total, _connected, _stalled, _in_flight, _last_ack_age_seconds and _drain_rate_events_per_second.
+// All labelled by sink: edgegate_forward_sent_total, _sent_ahead_total, _acked_total, _resent_total,
+// _reconnects_total, _errors_total, _connected, _stalled, _in_flight, _sending_ahead, _last_ack_age_seconds and
+// _drain_rate_events_per_second.
 package forward

@@ -32,6 +32,7 @@ type memLog struct {
 	acked   chan struct{} // closed and replaced on every Ack (stored at once)
 	ackErr  error
 	acks    int
+	woke    map[uint64]int // Wait calls that returned nil, by after
 }
 
 func newMemLog(t testing.TB) *memLog {
@@ -76,10 +77,30 @@ func (l *memLog) Read(after uint64, max int) ([]Record, error) {
 	return slices.Clone(l.recs[i:j]), nil
 }
 
+// ReadHeaders is Read without the data (HeaderReader).
+func (l *memLog) ReadHeaders(after uint64, max int) ([]Record, error) {
+	recs, err := l.Read(after, max)
+	for i := range recs {
+		recs[i].Data = nil
+	}
+	return recs, err
+}
+
+// wokeAfter counts the Wait calls for records past after that returned.
+func (l *memLog) wokeAfter(after uint64) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.woke[after]
+}
+
 func (l *memLog) Wait(ctx context.Context, after uint64) error {
 	for {
 		l.mu.Lock()
 		if l.seq > after {
+			if l.woke == nil {
+				l.woke = map[uint64]int{}
+			}
+			l.woke[after]++
 			l.mu.Unlock()
 			return nil
 		}

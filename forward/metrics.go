@@ -8,14 +8,14 @@ import (
 
 // metrics are the forwarder's collectors, labelled by sink only.
 type metrics struct {
-	sent, acked, resent, reconnects, errors *prometheus.CounterVec
-	connected, stalled, inFlight, drainRate *prometheus.GaugeVec
+	sent, sentAhead, acked, resent, reconnects, errors *prometheus.CounterVec
+	connected, stalled, inFlight, drainRate, ahead     *prometheus.GaugeVec
 }
 
 // sinkMetrics are one sink's children of the collectors.
 type sinkMetrics struct {
-	sent, acked, resent, reconnects, errors prometheus.Counter
-	connected, stalled, inFlight, drainRate prometheus.Gauge
+	sent, sentAhead, acked, resent, reconnects, errors prometheus.Counter
+	connected, stalled, inFlight, drainRate, ahead     prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -26,8 +26,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "edgegate_forward_" + name, Help: help}, []string{"sink"})
 	}
 	m := &metrics{
-		sent:       counter("sent_total", "Events handed to the upstream connection, resends included."),
-		acked:      counter("acked_total", "Events acknowledged by the upstream (counted once, when the sink's cursor passes them)."),
+		sent: counter("sent_total", "Events handed to the upstream connection, resends included."),
+		sentAhead: counter("sent_ahead_total", "Events sent ahead of a backlog (included in sent_total): after a reconnect with more than a "+
+			"window of events to send, the new events of devices with none in the backlog go first."),
+		acked: counter("acked_total", "Events acknowledged by the upstream (counted once: when the sink's cursor passes them, "+
+			"or for an event sent ahead of a backlog, when it is acknowledged)."),
 		resent:     counter("resent_total", "Events sent again after a reconnect because their acknowledgement was not received."),
 		reconnects: counter("reconnects_total", "Connection attempts after a failure (lost connection, stall, refused or failed attempt)."),
 		errors:     counter("errors_total", "Failures: connection attempts and connections that failed, stalls, sends refused, log errors, events rejected."),
@@ -35,8 +38,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		stalled:    gauge("stalled", "1 when the upstream stopped acknowledging events in flight (until an acknowledgement arrives again), else 0."),
 		inFlight:   gauge("in_flight", "Events sent and not yet acknowledged."),
 		drainRate:  gauge("drain_rate_events_per_second", "Events acknowledged per second, measured over the last second."),
+		ahead: gauge("sending_ahead", "1 while the sink drains a backlog and sends the new events of devices with none in it "+
+			"ahead of it, else 0."),
 	}
-	for _, c := range []prometheus.Collector{m.sent, m.acked, m.resent, m.reconnects, m.errors, m.connected, m.stalled, m.inFlight, m.drainRate} {
+	for _, c := range []prometheus.Collector{m.sent, m.sentAhead, m.acked, m.resent, m.reconnects, m.errors, m.connected, m.stalled, m.inFlight, m.drainRate, m.ahead} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -47,6 +52,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 func (m *metrics) forSink(name string) sinkMetrics {
 	return sinkMetrics{
 		sent:       m.sent.WithLabelValues(name),
+		sentAhead:  m.sentAhead.WithLabelValues(name),
 		acked:      m.acked.WithLabelValues(name),
 		resent:     m.resent.WithLabelValues(name),
 		reconnects: m.reconnects.WithLabelValues(name),
@@ -55,6 +61,7 @@ func (m *metrics) forSink(name string) sinkMetrics {
 		stalled:    m.stalled.WithLabelValues(name),
 		inFlight:   m.inFlight.WithLabelValues(name),
 		drainRate:  m.drainRate.WithLabelValues(name),
+		ahead:      m.ahead.WithLabelValues(name),
 	}
 }
 

@@ -65,7 +65,7 @@ func TestMQTTDeliversInOrder(t *testing.T) {
 				t.Errorf("health target/type = %s/%s", h.Target, h.Type)
 			}
 			err := testutil.GatherAndCompare(r.reg, strings.NewReader(joinLines(
-				"# HELP edgegate_forward_acked_total Events acknowledged by the upstream (counted once, when the sink's cursor passes them).",
+				"# HELP edgegate_forward_acked_total Events acknowledged by the upstream (counted once: when the sink's cursor passes them, or for an event sent ahead of a backlog, when it is acknowledged).",
 				"# TYPE edgegate_forward_acked_total counter",
 				`edgegate_forward_acked_total{sink="up"} `+strconv.Itoa(want),
 				"# HELP edgegate_forward_sent_total Events handed to the upstream connection, resends included.",

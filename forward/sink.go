@@ -95,14 +95,16 @@ type sink struct {
 
 	// Owned by the run goroutine.
 	gen       uint64
-	done      uint64     // the cursor: everything up to it is carried
-	handed    uint64     // the cursor as last handed to the log (Ack)
-	persisted uint64     // the cursor as durably stored in the log, as last learned
-	unsaved   []sentUnit // the units sent past persisted, in send order: what a crash would send again
-	unsavedN  int        // events in unsaved; never more than the window
-	maxSent   uint64     // the highest Seq ever sent (for resent_total)
-	ackFail   bool       // the last Ack to the log failed (logged once)
-	failing   bool       // the last connection ended in a failure and none has been acknowledged since
+	done      uint64              // the cursor: everything up to it is carried
+	handed    uint64              // the cursor as last handed to the log (Ack)
+	persisted uint64              // the cursor as durably stored in the log, as last learned
+	unsaved   []sentUnit          // the units sent past persisted, in send order: what a crash would send again
+	unsavedN  int                 // events in unsaved; never more than the window
+	maxSent   uint64              // the highest Seq ever sent in log order (for resent_total)
+	ahead     *ahead              // events going ahead of the backlog on this connection (nil: none)
+	sentAhead map[uint64]struct{} // sent ahead on an earlier connection and not under the cursor (for resent_total)
+	ackFail   bool                // the last Ack to the log failed (logged once)
+	failing   bool                // the last connection ended in a failure and none has been acknowledged since
 
 	mu      sync.Mutex
 	started time.Time
@@ -154,6 +156,8 @@ func newSink(cfg SinkConfig, name string, lo, hi uint8, gatewayID string, src So
 		tick:   stallCheckEvery(cfg.AckTimeout),
 		lo:     lo,
 		hi:     hi,
+
+		sentAhead: map[uint64]struct{}{},
 	}
 	var err error
 	switch cfg.Type {
@@ -279,6 +283,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 
 	tr := newTracker(s.done)
 	defer s.setInFlight(0)
+	defer s.endAhead()
 	defer s.advance(&tr, true) // whatever ends the connection, what it acknowledged goes to the log now
 	next := s.done             // the last Seq read (sent or passed over)
 	var pending []Record
@@ -295,6 +300,23 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 	// One goroutine at a time waits for the log to store the cursor.
 	stored := make(chan error, 1)
 	storing := false
+	// With a backlog, one goroutine scans it (see ahead), then one at a time waits for the log to grow past what
+	// was read ahead.
+	type scanResult struct {
+		a   *ahead
+		err error
+	}
+	var scanned chan scanResult
+	if hr, ok := s.aheadAllowed(); ok {
+		scanned = make(chan scanResult, 1)
+		wg.Add(1)
+		go func(after uint64) {
+			defer wg.Done()
+			a, err := s.scanBacklog(wctx, hr, after)
+			scanned <- scanResult{a, err}
+		}(s.done)
+	}
+	aheadWake := make(chan error, 1)
 
 	stall := time.NewTicker(s.tick)
 	defer stall.Stop()
@@ -351,8 +373,47 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			woke = false
 		}
 
-		for len(pending) > 0 && s.unsavedN < s.cfg.Window {
-			if r := &pending[0]; !s.carries(r) {
+		// Events going ahead of a backlog take the window's room first (see ahead); the log growing past what was
+		// read ahead is taken in before any acknowledgement.
+		if a := s.ahead; a != nil && a.waiting {
+			select {
+			case err := <-aheadWake:
+				a.waiting = false
+				if err != nil {
+					if ctx.Err() != nil {
+						s.finish(c, &tr, gen)
+						return res
+					}
+					res.err = fmt.Errorf("forward: wait for the log: %w", err)
+					return res
+				}
+			default:
+			}
+		}
+		if a := s.ahead; a != nil && a.reading && !a.waiting {
+			idle := tr.unacked+a.unacked == 0
+			wait, err := s.sendAhead(c, next)
+			if err != nil {
+				res.err = err
+				return res
+			}
+			if idle && a.unacked > 0 {
+				lastProgress = time.Now()
+			}
+			if wait {
+				a.waiting = true
+				wg.Add(1)
+				go func(after uint64) {
+					defer wg.Done()
+					aheadWake <- s.src.Wait(wctx, after)
+				}(a.tail)
+			}
+		}
+		for len(pending) > 0 && s.unsavedN < s.window() {
+			if r := &pending[0]; s.passAhead(&tr, r) {
+				next, pending = r.Seq, pending[1:]
+				continue
+			} else if !s.carries(r) {
 				if l := s.laneOf(r); l != nil && l.done.Load() < r.Seq {
 					tr.hold(r.Seq) // the cursor passes it once the lane has carried it
 					held = append(held, heldEvent{l, r.Seq})
@@ -362,8 +423,8 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				next, pending = r.Seq, pending[1:]
 				continue
 			}
-			n, limit := 1, min(s.tr.unitSize(), s.cfg.Window-s.unsavedN)
-			for n < len(pending) && n < limit && s.carries(&pending[n]) {
+			n, limit := 1, min(s.tr.unitSize(), s.window()-s.unsavedN)
+			for n < len(pending) && n < limit && s.carries(&pending[n]) && !s.wentAhead(pending[n].Seq) {
 				n++
 			}
 			if s.lim != nil {
@@ -394,12 +455,13 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			}
 			s.m.sent.Add(float64(n))
 			for _, r := range u {
-				if r.Seq <= s.maxSent {
+				if _, again := s.sentAhead[r.Seq]; again || r.Seq <= s.maxSent {
 					s.m.resent.Inc()
+					delete(s.sentAhead, r.Seq)
 				}
 			}
 			s.maxSent = max(s.maxSent, u[n-1].Seq)
-			if tr.unacked == 0 {
+			if tr.unacked+s.aheadUnacked() == 0 {
 				lastProgress = time.Now()
 			}
 			tr.push(u)
@@ -421,7 +483,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				stored <- s.src.WaitPersisted(wctx, s.cursor, after)
 			}(s.persisted)
 		}
-		if len(pending) == 0 && !waiting && s.unsavedN < s.cfg.Window && ctx.Err() == nil {
+		if len(pending) == 0 && !waiting && s.unsavedN < s.window() && ctx.Err() == nil {
 			// Everything read is sent and the window has room: read on at once, for what was appended
 			// meanwhile, or wait for the log to grow. Otherwise those events would wait for the next
 			// acknowledgement (a round trip to the upstream) or the stall check's tick.
@@ -477,12 +539,39 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				res.err = fmt.Errorf("forward: wait for the log: %w", err)
 				return res
 			}
+		case r := <-scanned:
+			scanned = nil
+			switch {
+			case r.err != nil && ctx.Err() != nil:
+				s.finish(c, &tr, gen)
+				return res
+			case r.err != nil:
+				s.log.Warn("cannot scan the backlog; sending in log order only", "error", r.err)
+			case r.a != nil && next < r.a.from:
+				s.ahead = r.a
+				s.m.ahead.Set(1)
+				s.log.Info("backlog: the events of devices with none in it before its last window go ahead of it",
+					"backlog", r.a.backlog, "devices_behind", len(r.a.behind), "backlog_end", r.a.mark,
+					"scanned_in", r.a.scan.Round(time.Millisecond))
+			}
+		case err := <-aheadWake:
+			if s.ahead != nil {
+				s.ahead.waiting = false
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					s.finish(c, &tr, gen)
+					return res
+				}
+				res.err = fmt.Errorf("forward: wait for the log: %w", err)
+				return res
+			}
 		case <-stall.C:
 			s.advance(&tr, true) // hands a cursor held back, or retries one the log refused
-			if tr.unacked > 0 && time.Since(lastProgress) > s.cfg.AckTimeout {
+			if inFlight := tr.unacked + s.aheadUnacked(); inFlight > 0 && time.Since(lastProgress) > s.cfg.AckTimeout {
 				s.setStalled(true)
 				s.log.Warn("upstream stalled: events in flight and no acknowledgement; reconnecting",
-					"target", s.tr.target(), "in_flight", tr.unacked, "ack_timeout", s.cfg.AckTimeout)
+					"target", s.tr.target(), "in_flight", inFlight, "ack_timeout", s.cfg.AckTimeout)
 				res.err = errStalled
 				return res
 			}
@@ -549,11 +638,11 @@ func (s *sink) release(tr *tracker, held []heldEvent) []heldEvent {
 // finish waits a moment for the acknowledgements of events in flight when the sink stops, so fewer are sent
 // again at the next start.
 func (s *sink) finish(c conn, tr *tracker, gen uint64) {
-	if tr.unacked > 0 {
+	if tr.unacked+s.aheadUnacked() > 0 {
 		t := time.NewTimer(min(stopGrace, s.cfg.AckTimeout))
 		defer t.Stop()
 	wait:
-		for tr.unacked > 0 {
+		for tr.unacked+s.aheadUnacked() > 0 {
 			select {
 			case o := <-c.outcomes():
 				if s.settle(tr, o, gen) != nil {
@@ -579,33 +668,49 @@ func (s *sink) settle(tr *tracker, o outcome, gen uint64) error {
 		}
 		return o.err
 	}
+	if a := s.ahead; a != nil {
+		if ev, ok := a.sent[o.last]; ok && !ev.acked {
+			s.settleAhead(tr, ev, o)
+			return nil
+		}
+	}
 	u, passed := tr.ack(o.last, o.reject)
 	if u == nil {
 		return nil
 	}
 	if o.reject {
-		s.m.errors.Add(float64(u.n))
-		s.log.Warn("upstream rejected events; dead-lettered", "target", s.tr.target(), "events", u.n,
-			"last_seq", u.last, "error", o.err)
-		for _, r := range u.recs {
-			s.dl.DeadLetter(ReasonUpstreamRejected, fmt.Sprintf("sink %s: %v", s.name, o.err), r.Subject, s.tr.target(), r.Data)
-		}
+		s.rejected(o.err, u.recs)
 	} else {
-		now := time.Now()
-		s.mu.Lock()
-		s.st.lastAck = now
-		if s.st.stalled {
-			s.st.stalled = false
-			s.m.stalled.Set(0)
-			s.log.Info("upstream recovered from a stall", "target", s.tr.target())
-		}
-		s.mu.Unlock()
+		s.acknowledged()
 	}
 	if passed > 0 {
 		s.m.acked.Add(float64(passed))
 		s.ackedCount.Add(uint64(passed))
 	}
 	return nil
+}
+
+// rejected dead-letters events the upstream refused for good.
+func (s *sink) rejected(err error, recs []Record) {
+	s.m.errors.Add(float64(len(recs)))
+	s.log.Warn("upstream rejected events; dead-lettered", "target", s.tr.target(), "events", len(recs),
+		"last_seq", recs[len(recs)-1].Seq, "error", err)
+	for _, r := range recs {
+		s.dl.DeadLetter(ReasonUpstreamRejected, fmt.Sprintf("sink %s: %v", s.name, err), r.Subject, s.tr.target(), r.Data)
+	}
+}
+
+// acknowledged records an acknowledgement: its time, and the end of a stall.
+func (s *sink) acknowledged() {
+	now := time.Now()
+	s.mu.Lock()
+	s.st.lastAck = now
+	if s.st.stalled {
+		s.st.stalled = false
+		s.m.stalled.Set(0)
+		s.log.Info("upstream recovered from a stall", "target", s.tr.target())
+	}
+	s.mu.Unlock()
 }
 
 // forgetUnacked drops the units past the cursor from the flow control when a connection starts: they were
@@ -654,15 +759,16 @@ func (s *sink) advance(tr *tracker, force bool) {
 			s.pub.publish(s.done)
 		}
 	}
+	inFlight := tr.unacked + s.aheadUnacked()
 	s.mu.Lock()
 	s.st.cursor = s.done
-	s.st.inFlight = tr.unacked
+	s.st.inFlight = inFlight
 	s.mu.Unlock()
-	s.m.inFlight.Set(float64(tr.unacked))
+	s.m.inFlight.Set(float64(inFlight))
 	if s.done <= s.handed {
 		return
 	}
-	if !force && tr.unacked > 0 && s.unsavedN < s.cfg.Window && s.unsavedN-tr.unacked < max(1, s.cfg.Window/4) {
+	if w := s.window(); !force && tr.unacked > 0 && s.unsavedN < w && s.unsavedN-tr.unacked < max(1, w/4) {
 		return
 	}
 	if err := s.src.Ack(s.cursor, s.done); err != nil {

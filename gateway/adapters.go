@@ -148,6 +148,12 @@ func (s *logSource) ReadPriority(after uint64, max int, lo, hi uint8) ([]forward
 	return forwardRecords(recs), scanned, err
 }
 
+// ReadHeaders lets a sink with a backlog find the devices that have events in it (forward.HeaderReader).
+func (s *logSource) ReadHeaders(after uint64, max int) ([]forward.Record, error) {
+	recs, err := s.log.ReadHeaders(after, max)
+	return forwardRecords(recs), err
+}
+
 func forwardRecords(recs []buffer.Record) []forward.Record {
 	out := make([]forward.Record, len(recs))
 	for i, r := range recs {

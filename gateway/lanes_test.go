@@ -85,10 +85,67 @@ func TestPriorityLanesAfterAnOutage(t *testing.T) {
 	t.Logf("the last alarm arrived after %d of %d telemetry events", tempsBeforeLastAlarm, telemetry)
 }
 
+// TestQuietDeviceGoesAheadOfTheBacklog: while the cloud broker is down, hall-motion piles up a backlog, and
+// thermo-1, quiet until then, reports once at the end. When the broker comes back, thermo-1's reading goes up
+// ahead of hall-motion's backlog (it has nothing older to wait for), every event arrives once in the order its
+// device sent it, and the log drains to empty.
+func TestQuietDeviceGoesAheadOfTheBacklog(t *testing.T) {
+	t.Parallel()
+	const backlog = 600
+	cloud := mosquittotest.Start(t)
+	col := newCloudCollector(t, cloud.URL())
+	cloud.Save() // the collector's session survives the outage
+	cloud.Stop()
+
+	gw := startGateway(t, func(c *gateway.Config) {
+		c.Forward.Sinks = []forward.SinkConfig{{
+			Name: "cloud", Type: forward.TypeMQTT, Window: 16,
+			BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
+			MQTT: &forward.MQTTConfig{URL: cloud.URL(), ConnectTimeout: time.Second},
+		}}
+	})
+	hall := connectDevice(t, gw.MQTTAddr("tcp"), "hall-motion")
+	for i := 1; i <= backlog; i++ {
+		publish(t, hall, "devices/hall-motion/telemetry", 1, fmt.Sprintf(`{"n":%d}`, i))
+	}
+	thermo := connectDevice(t, gw.MQTTAddr("tcp"), "thermo-1")
+	publish(t, thermo, "devices/thermo-1/telemetry", 1, `{"n":1}`)
+
+	cloud.Start()
+	waitFor(t, 30*time.Second, "the log drained", func() bool { return gw.Log().Stats().Events == 0 })
+
+	seen := map[string]bool{}
+	last := map[string]int{}
+	hallBefore := -1 // hall-motion's telemetry events that arrived before thermo-1's
+	for _, e := range col.all() {
+		if seen[e.id] || e.typ != "telemetry" {
+			continue // presence events go up too
+		}
+		seen[e.id] = true
+		if e.n <= last[e.subject] {
+			t.Errorf("%s: n=%d arrived after n=%d", e.subject, e.n, last[e.subject])
+		}
+		last[e.subject] = e.n
+		if e.subject == "thermo-1" {
+			hallBefore = last["hall-motion"]
+		}
+	}
+	if last["hall-motion"] != backlog || last["thermo-1"] != 1 {
+		t.Fatalf("last arrivals: hall-motion %d (want %d), thermo-1 %d (want 1)", last["hall-motion"], backlog, last["thermo-1"])
+	}
+	if hallBefore >= backlog {
+		t.Errorf("thermo-1's reading arrived after all %d of hall-motion's backlog", backlog)
+	}
+	if v := metricSum(t, gw.Reg, "edgegate_forward_sent_ahead_total", map[string]string{"sink": "cloud"}); v < 1 {
+		t.Errorf("edgegate_forward_sent_ahead_total = %v, want thermo-1's events counted", v)
+	}
+	t.Logf("thermo-1's reading arrived after %d of hall-motion's %d backlog events", hallBefore, backlog)
+}
+
 // cloudEvent is what the cloud collector saw of one event.
 type cloudEvent struct {
-	id, typ string
-	n       int
+	id, typ, subject string
+	n                int
 }
 
 // cloudCollector is a persistent-session subscriber on the cloud broker.
@@ -105,15 +162,15 @@ func newCloudCollector(t *testing.T, url string) *cloudCollector {
 		SetConnectRetryInterval(50 * time.Millisecond).SetResumeSubs(true).SetOrderMatters(true)
 	opts.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
 		var ev struct {
-			ID, Type string
-			Data     struct{ N int }
+			ID, Type, Subject string
+			Data              struct{ N int }
 		}
 		if err := json.Unmarshal(m.Payload(), &ev); err != nil {
 			t.Errorf("cloud collector: %s: %v", m.Topic(), err)
 			return
 		}
 		c.mu.Lock()
-		c.got = append(c.got, cloudEvent{id: ev.ID, typ: ev.Type, n: ev.Data.N})
+		c.got = append(c.got, cloudEvent{id: ev.ID, typ: ev.Type, subject: ev.Subject, n: ev.Data.N})
 		c.mu.Unlock()
 	})
 	cl := paho.NewClient(opts)

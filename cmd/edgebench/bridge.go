@@ -21,10 +21,11 @@ const drainDescription = `The cloud broker is stopped, the devices publish a bac
 broker starts again and the time until the last backlog message arrives is measured (lower is better), while one
 more device publishes live traffic whose latency is measured (live_p99_ms: until the backlog drained).
 transfer_rate is the backlog over the time from its first to its last arrival. bridge-defaults is the bridge
-with mosquitto's default limit of 1000 queued messages, which loses most of the backlog (see delivered).
+with mosquitto's default limit of 1000 queued messages, which loses most of the backlog (see delivered). The
+bridge sends the live messages after the backlog it queued before them; the gateway sends them ahead of the
+backlog, because the live device has no events in it but those of its last window (the device's order holds).
 gateway-live-lane is the gateway with the live device's messages at priority 5 and its sink configured with
-priority_lanes: [5]: they go up on a connection of their own instead of waiting behind the backlog.
-Measured by internal/bridgebench.RunDrain.`
+priority_lanes: [5]: they go up on a connection of their own. Measured by internal/bridgebench.RunDrain.`
 
 func bridgeOptions(h *harness, system bridgebench.System) bridgebench.Options {
 	return bridgebench.Options{
@@ -116,7 +117,7 @@ func runDrain(ctx context.Context, h *harness, res *Result) error {
 }
 
 // The drain's extra gateway run: the live device's messages at liveLanePriority, the sink with a priority
-// lane from it (forward priority_lanes), so they do not wait behind the backlog.
+// lane from it (forward priority_lanes), which carries them on a connection of its own.
 const (
 	liveLanePriority = 5
 	liveLaneSystem   = "gateway-live-lane"

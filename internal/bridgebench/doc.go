@@ -12,10 +12,11 @@
 // Options.Backlog messages, the cloud broker is started again on the same port with the same persistence (the
 // subscriber's persistent session and the bridge's survive), and the time to deliver the last backlog message
 // is measured from that moment, while one more device publishes live traffic at Options.LiveRate messages per
-// second whose end-to-end latency (publish to arrival at the subscriber) is measured. The gateway sends in log
-// order, so by default live messages wait behind the backlog, as with the bridge; with Options.LivePriority
-// the live device's messages get that priority and the gateway's sink a priority lane for it, which carries
-// them on a connection of its own, ahead of the backlog.
+// second whose end-to-end latency (publish to arrival at the subscriber) is measured. The bridge sends in the
+// order it queued, so live messages wait behind the backlog. The live device has no events in the backlog but
+// those of its last window (it starts publishing as the cloud broker comes back), so the gateway sends its
+// messages ahead of the backlog (forward: "Ahead of a backlog"); with Options.LivePriority they get that priority
+// and the gateway's sink a priority lane for them instead, which carries them on a connection of its own.
 //
 // # Systems
 //

@@ -82,8 +82,9 @@ type Options struct {
 	// Window is the gateway sink's window (0: the forward package's default).
 	Window int
 	// LivePriority, when above 0, gives the live device's messages this priority (an ingest mapping) and the
-	// gateway's sink a priority lane from it (forward priority_lanes), so that live traffic does not queue
-	// behind the backlog in RunDrain. The bridge has nothing like it and ignores it. 0: one lane, log order.
+	// gateway's sink a priority lane from it (forward priority_lanes), which carries the live traffic of RunDrain
+	// on a connection of its own. The bridge has nothing like it and ignores it. 0: one lane (the live device's
+	// messages still go ahead of the backlog, see forward's "Ahead of a backlog").
 	LivePriority int
 	// BridgeInflight is the edge mosquitto's max_inflight_messages, which bounds the bridge's unacknowledged
 	// QoS 1 messages (0: mosquitto's default, 20; -1: no limit).

@@ -1,0 +1,242 @@
+package forward
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// HeaderReader is what a Source may also offer: reading records without their data. A sink that connects with a
+// backlog reads the backlog's headers once to learn which devices have events in it; the new events of the
+// other devices then go ahead of the backlog (see ahead).
+type HeaderReader interface {
+	// ReadHeaders is Read with Data left nil.
+	ReadHeaders(after uint64, max int) ([]Record, error)
+}
+
+// scanChunk is how many headers one read of a backlog scan takes.
+const scanChunk = 4096
+
+// ahead lets the events of devices that have nothing in a sink's backlog, or only recent events, go upstream at
+// once instead of after the backlog: a device that came online near the end of an outage, or whose events were
+// all delivered before it.
+//
+// When a connection starts with more than a window of events to send, the sink reads the headers of that backlog
+// once. A device (subject) with an event the sink carries in the backlog before its last window of events (seqs
+// up to from) is "behind"; the others may go ahead. The sink's reader goes on in log order from its cursor, as
+// always. Beside it, the sink reads the log after from and sends at once, on the same connection, each event it
+// carries of a device that is not behind: nothing older of that device is still to be sent, so its order holds.
+// Events of devices that are behind wait for the reader, in log order. When the reader reaches an event that went
+// ahead, it passes over it once it is acknowledged (holding the cursor until then), so the cursor keeps its
+// meaning: everything up to it went upstream. Once the reader catches up with what was read ahead, the sink is
+// back to log order alone.
+//
+// Events sent ahead are not under the cursor until the reader passes them: a reconnect, or a restart after a
+// crash, sends them again. aheadBudget bounds how many there are at a time, and with them those duplicates.
+type ahead struct {
+	from    uint64              // the backlog's last window starts after it
+	mark    uint64              // where the backlog ended when it was scanned
+	behind  map[string]struct{} // the devices with events the sink carries in the backlog up to from
+	backlog int                 // the events the sink carries in the backlog, as scanned
+	scan    time.Duration       // how long the scan took
+	reading bool                // still reading ahead (false once the reader caught up)
+	tail    uint64              // the last Seq read ahead
+	pending []Record            // read ahead, not looked at yet
+	waiting bool                // a goroutine waits for the log to grow past tail
+	sent    map[uint64]*aheadEvent
+	unacked int // events in sent not yet acknowledged
+	total   int // events sent ahead on this connection
+}
+
+// aheadEvent is an event sent ahead that the reader has not passed yet.
+type aheadEvent struct {
+	rec   Record
+	acked bool // acknowledged (or rejected for good)
+	held  bool // the reader reached it before its acknowledgement: the cursor waits for it (tracker.hold)
+}
+
+// aheadBudget is the most events sent ahead and not yet passed by the cursor: four windows.
+func aheadBudget(window int) int { return 4 * window }
+
+// aheadAllowed reports whether the sink may send events ahead of a backlog: not a priority lane (its own sink
+// decides), without a rate cap (whose tokens go in log order), with a window of at least 8 (room comes back by
+// quarters) and a source that reads headers.
+func (s *sink) aheadAllowed() (HeaderReader, bool) {
+	hr, ok := s.src.(HeaderReader)
+	return hr, ok && s.pub == nil && s.lim == nil && s.cfg.Window >= 8
+}
+
+// scanBacklog reads the headers after `after` up to the log's end: when the sink carries more than a window of
+// events there, it returns the ahead state for them; otherwise nil. It keeps the subjects of the last window of
+// events read (a ring), so its memory is a window plus the devices, whatever the backlog's length.
+func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, after uint64) (*ahead, error) {
+	start := time.Now()
+	w := s.cfg.Window
+	subjects, seqs := make([]string, w), make([]uint64, w) // the last window of events the sink carries
+	a := &ahead{behind: map[string]struct{}{}, sent: map[uint64]*aheadEvent{}, reading: true}
+	for {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		recs, err := hr.ReadHeaders(after, scanChunk)
+		if err != nil {
+			return nil, fmt.Errorf("forward: scan the backlog after %d: %w", after, err)
+		}
+		for i := range recs {
+			r := &recs[i]
+			if !s.carries(r) {
+				continue
+			}
+			j := a.backlog % w
+			if a.backlog >= w { // the event leaving the last window: its device is behind
+				a.behind[subjects[j]] = struct{}{}
+				a.from = seqs[j]
+			}
+			subjects[j], seqs[j] = r.Subject, r.Seq
+			a.backlog++
+		}
+		if len(recs) > 0 {
+			after = recs[len(recs)-1].Seq
+		}
+		if len(recs) < scanChunk {
+			break
+		}
+	}
+	if a.backlog <= w {
+		return nil, nil
+	}
+	a.mark, a.tail, a.scan = after, a.from, time.Since(start)
+	return a, nil
+}
+
+// window is how many events the reader may have sent past the stored cursor: the configured window, less the
+// events sent ahead that are in flight.
+func (s *sink) window() int { return s.cfg.Window - s.aheadUnacked() }
+
+// aheadUnacked is the number of events sent ahead and in flight.
+func (s *sink) aheadUnacked() int {
+	if s.ahead == nil {
+		return 0
+	}
+	return s.ahead.unacked
+}
+
+// passAhead is the reader meeting r: when r went ahead, the cursor passes it (at once when acknowledged, else
+// once it is) and passAhead reports true.
+func (s *sink) passAhead(tr *tracker, r *Record) bool {
+	a := s.ahead
+	if a == nil {
+		return false
+	}
+	ev, ok := a.sent[r.Seq]
+	if !ok {
+		return false
+	}
+	if ev.acked {
+		tr.skip(r.Seq)
+		delete(a.sent, r.Seq)
+	} else {
+		tr.hold(r.Seq)
+		ev.held = true
+	}
+	return true
+}
+
+// sendAhead reads past the backlog and sends what may go ahead, while the window and the budget have room. next
+// is the reader's position. It reports wait when it has read everything in the log: then the session waits for
+// the log to grow past a.tail.
+func (s *sink) sendAhead(c conn, next uint64) (wait bool, err error) {
+	a := s.ahead
+	for a.reading {
+		if next >= a.tail {
+			// The reader caught up with what was read ahead: from here on, log order alone.
+			a.reading, a.pending = false, nil
+			s.m.ahead.Set(0)
+			s.log.Info("backlog sent; back to log order", "sent_ahead", a.total)
+			break
+		}
+		if len(a.pending) == 0 {
+			recs, err := s.src.Read(a.tail, s.cfg.BatchSize)
+			if err != nil {
+				return false, fmt.Errorf("forward: read the log after %d: %w", a.tail, err)
+			}
+			if len(recs) == 0 {
+				return true, nil
+			}
+			a.pending, a.tail = recs, recs[len(recs)-1].Seq
+		}
+		r := &a.pending[0]
+		if _, behind := a.behind[r.Subject]; r.Seq <= next || behind || !s.carries(r) {
+			a.pending = a.pending[1:] // the reader sends it (or passes over it) in log order
+			continue
+		}
+		if s.unsavedN+a.unacked >= s.cfg.Window || len(a.sent) >= aheadBudget(s.cfg.Window) {
+			break // no room: it waits for acknowledgements, or for the reader
+		}
+		if err := c.send(a.pending[:1:1]); err != nil {
+			return false, err
+		}
+		s.m.sent.Inc()
+		s.m.sentAhead.Inc()
+		if _, again := s.sentAhead[r.Seq]; again {
+			s.m.resent.Inc()
+		}
+		a.sent[r.Seq] = &aheadEvent{rec: *r}
+		a.unacked++
+		a.total++
+		a.pending = a.pending[1:]
+	}
+	if !a.reading && len(a.sent) == 0 {
+		s.ahead = nil
+	}
+	return false, nil
+}
+
+// settleAhead applies the outcome of an event sent ahead (acknowledged, or rejected for good).
+func (s *sink) settleAhead(tr *tracker, ev *aheadEvent, o outcome) {
+	a := s.ahead
+	ev.acked = true
+	a.unacked--
+	seq := ev.rec.Seq
+	if o.reject {
+		s.rejected(o.err, []Record{ev.rec})
+	} else {
+		s.acknowledged()
+		s.m.acked.Inc()
+		s.ackedCount.Add(1)
+	}
+	ev.rec = Record{Seq: seq} // only its Seq is needed from now on
+	if ev.held {
+		tr.ack(seq, false)
+		delete(a.sent, seq)
+	}
+	if !a.reading && len(a.sent) == 0 {
+		s.ahead = nil
+	}
+}
+
+// endAhead is the end of a connection: the events sent ahead that the cursor did not pass will be sent again
+// (counted as resent then).
+func (s *sink) endAhead() {
+	if a := s.ahead; a != nil {
+		for seq := range a.sent {
+			s.sentAhead[seq] = struct{}{}
+		}
+	}
+	s.ahead = nil
+	s.m.ahead.Set(0)
+	for seq := range s.sentAhead {
+		if seq <= s.done {
+			delete(s.sentAhead, seq)
+		}
+	}
+}
+
+// wentAhead reports whether the event at seq was sent ahead and the reader has not passed it yet.
+func (s *sink) wentAhead(seq uint64) bool {
+	if s.ahead == nil {
+		return false
+	}
+	_, ok := s.ahead.sent[seq]
+	return ok
+}

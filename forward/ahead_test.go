@@ -1,0 +1,201 @@
+package forward
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// backlogSink starts a sink (window 8) on a hand-acknowledged upstream with a backlog of n events of "hall" and
+// waits until the sink has scanned that backlog and sends ahead of it; it returns the first connection.
+func backlogSink(t *testing.T, log *memLog, n int) (*running, *handTransport, *handConn) {
+	t.Helper()
+	for i := 1; i <= n; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	r, ht, c := startHandSink(t, log, 8, time.Hour)
+	ahead := r.f.metrics.ahead.WithLabelValues("up")
+	waitFor(t, 5*time.Second, "the backlog scanned", func() bool { return testutil.ToFloat64(ahead) == 1 })
+	return r, ht, c
+}
+
+// addAhead appends an event of "porch" after a backlog of n events and waits until the sink has seen the log grow
+// past the backlog (with the window full, the sink has nothing else to do meanwhile).
+func addAhead(t *testing.T, log *memLog, n int) uint64 {
+	t.Helper()
+	seq := log.add("sensor.reading", "porch", 1)
+	waitFor(t, 5*time.Second, "the sink woken past the backlog", func() bool { return log.wokeAfter(uint64(n)) > 0 })
+	return seq
+}
+
+// ackAll acknowledges every unit it takes from c until one holds seq stop (acknowledged too); it returns the
+// Seqs in the order they were sent.
+func ackAll(t *testing.T, c *handConn, stop uint64) []uint64 {
+	t.Helper()
+	var order []uint64
+	for {
+		u := c.next(t)
+		for _, r := range u {
+			order = append(order, r.Seq)
+		}
+		c.ack(u[len(u)-1].Seq)
+		if slices.Contains(order, stop) {
+			return order
+		}
+	}
+}
+
+// TestEventsOfDevicesNotInTheBacklogGoAhead: after a reconnect with a backlog of "hall" events, a new event of
+// "porch", which has nothing in the backlog, goes upstream at once instead of after the backlog; a new event of
+// "hall" waits for the backlog, in order. Every event goes once, and the cursor ends at the log's end.
+func TestEventsOfDevicesNotInTheBacklogGoAhead(t *testing.T) {
+	const backlog = 40
+	log := newMemLog(t)
+	r, _, c := backlogSink(t, log, backlog)
+	porch := addAhead(t, log, backlog)
+	hall := log.add("sensor.reading", "hall", backlog+1)
+
+	order := ackAll(t, c, hall)
+	if want := append(seqs(1, backlog), porch, hall); len(order) != len(want) {
+		t.Fatalf("sent %v; want each of 1..%d once", order, hall)
+	}
+	at := slices.Index(order, porch)
+	if at < 0 || at > 16 {
+		t.Errorf("porch's event was sent %dth of %v; want it ahead of the backlog, within two windows", at+1, order)
+	}
+	if got := order[len(order)-1]; got != hall {
+		t.Errorf("hall's new event was not sent after its backlog: %v", order)
+	}
+	waitFor(t, 5*time.Second, "the cursor at the log's end", func() bool { return log.Cursor(CursorName("up")) == hall })
+	if v := testutil.ToFloat64(r.f.metrics.sentAhead.WithLabelValues("up")); v != 1 {
+		t.Errorf("sent_ahead_total = %v, want 1", v)
+	}
+	if v := testutil.ToFloat64(r.f.metrics.acked.WithLabelValues("up")); v != float64(hall) {
+		t.Errorf("acked_total = %v, want %d", v, hall)
+	}
+}
+
+// TestCursorWaitsForAnEventSentAhead: when the sink's reader reaches an event that went ahead and is still in
+// flight, it does not send it again, and the cursor stops before it until it is acknowledged.
+func TestCursorWaitsForAnEventSentAhead(t *testing.T) {
+	const backlog = 20
+	log := newMemLog(t)
+	r, _, c := backlogSink(t, log, backlog)
+	porch := addAhead(t, log, backlog)
+	var order []uint64
+	for !slices.Contains(order, uint64(backlog)) {
+		u := c.next(t)
+		order = append(order, u[0].Seq)
+		if u[0].Seq != porch {
+			c.ack(u[0].Seq) // porch's event stays in flight
+		}
+	}
+	if !slices.Contains(order, porch) {
+		t.Fatalf("sent %v: porch's event did not go ahead of the backlog", order)
+	}
+	waitFor(t, 5*time.Second, "the cursor at the end of the backlog", func() bool { return sinkHealth(r, "up").Cursor == backlog })
+	select {
+	case u := <-c.sent:
+		t.Fatalf("sent seq %d after the backlog; want nothing until porch's event is acknowledged", u[0].Seq)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if got := sinkHealth(r, "up").Cursor; got != backlog {
+		t.Fatalf("cursor at %d with porch's event (seq %d) in flight; want %d", got, porch, backlog)
+	}
+	c.ack(porch)
+	waitFor(t, 5*time.Second, "the cursor past porch's event", func() bool { return log.Cursor(CursorName("up")) == porch })
+}
+
+// TestEventsSentAheadAreSentAgainAfterAReconnect: an event that went ahead and was acknowledged is not under the
+// cursor until the reader passes it, so when the connection ends first, the next connection sends it again
+// (counted as resent): a duplicate, never a loss.
+func TestEventsSentAheadAreSentAgainAfterAReconnect(t *testing.T) {
+	const backlog = 40
+	log := newMemLog(t)
+	r, ht, c := backlogSink(t, log, backlog)
+	porch := addAhead(t, log, backlog)
+	var maxHall uint64 // the last event of the backlog sent on the first connection
+	for sent := false; !sent; {
+		u := c.next(t)
+		if sent = u[0].Seq == porch; !sent {
+			maxHall = u[0].Seq
+		}
+		c.ack(u[0].Seq)
+	}
+	// The backlog's events count as acknowledged as the cursor passes them, porch's when it is.
+	waitFor(t, 5*time.Second, "porch's acknowledgement taken in", func() bool {
+		return testutil.ToFloat64(r.f.metrics.acked.WithLabelValues("up")) == float64(sinkHealth(r, "up").Cursor+1)
+	})
+	c.close()
+	waitFor(t, 5*time.Second, "the connection gone", func() bool { return !sinkHealth(r, "up").Connected })
+	for len(c.sent) > 0 { // sent, and not looked at above
+		maxHall = max(maxHall, (<-c.sent)[0].Seq)
+	}
+	cursor := log.Cursor(CursorName("up"))
+	if cursor >= backlog {
+		t.Fatalf("cursor stored at %d: the backlog was through before porch's event went ahead", cursor)
+	}
+	c = <-ht.conns
+	// porch's event is in the new backlog's last window: it may go ahead again.
+	var order []uint64
+	for len(order) < int(porch-cursor) {
+		u := c.next(t)
+		order = append(order, u[0].Seq)
+		c.ack(u[0].Seq)
+	}
+	hall := slices.DeleteFunc(slices.Clone(order), func(seq uint64) bool { return seq == porch })
+	if want := seqs(cursor+1, porch-1); !slices.Equal(hall, want) || len(order) != len(want)+1 {
+		t.Fatalf("the next connection sent %v, want %v in order and %d", order, want, porch)
+	}
+	waitFor(t, 5*time.Second, "the cursor at the log's end", func() bool { return log.Cursor(CursorName("up")) == porch })
+	// Sent again: the backlog's events past the cursor, and porch's.
+	if v, want := testutil.ToFloat64(r.f.metrics.resent.WithLabelValues("up")), float64(maxHall-cursor+1); v != want {
+		t.Errorf("resent_total = %v, want %v: %d of the backlog and porch's event", v, want, maxHall-cursor)
+	}
+}
+
+// TestDevicesOnlyInTheBacklogsLastWindowGoAhead: a device whose events in the backlog are all in its last window
+// (it came online near the end of the outage) goes ahead with those events and its new ones, in its own order; a
+// device with older events in the backlog waits for the reader.
+func TestDevicesOnlyInTheBacklogsLastWindowGoAhead(t *testing.T) {
+	log := newMemLog(t)
+	for i := 1; i <= 30; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	porch := []uint64{log.add("sensor.reading", "porch", 1)}
+	log.add("sensor.reading", "hall", 31)
+	porch = append(porch, log.add("sensor.reading", "porch", 2))
+	end := log.last()
+	r, _, c := startHandSink(t, log, 8, time.Hour)
+	waitFor(t, 5*time.Second, "the backlog scanned", func() bool {
+		return testutil.ToFloat64(r.f.metrics.ahead.WithLabelValues("up")) == 1
+	})
+	// Appended before anything is acknowledged: the window is full, the sink reads it once it has room.
+	porch = append(porch, log.add("sensor.reading", "porch", 3))
+
+	var order []uint64
+	for len(order) < int(end)+1 {
+		u := c.next(t)
+		order = append(order, u[0].Seq)
+		c.ack(u[0].Seq)
+	}
+	var gotPorch, gotHall []uint64
+	for _, seq := range order {
+		if slices.Contains(porch, seq) {
+			gotPorch = append(gotPorch, seq)
+		} else {
+			gotHall = append(gotHall, seq)
+		}
+	}
+	if !slices.Equal(gotPorch, porch) || !slices.Equal(gotHall, slices.DeleteFunc(seqs(1, end), func(s uint64) bool {
+		return slices.Contains(porch, s)
+	})) {
+		t.Fatalf("sent %v: want each once, porch's %v and hall's in order", order, porch)
+	}
+	if at := slices.Index(order, porch[2]); at > 16 {
+		t.Errorf("porch's events went %dth at the latest in %v; want them ahead of the backlog", at+1, order)
+	}
+	waitFor(t, 5*time.Second, "the cursor at the log's end", func() bool { return log.Cursor(CursorName("up")) == porch[2] })
+}
