@@ -306,14 +306,14 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 		a   *ahead
 		err error
 	}
-	var scanned chan scanResult
+	var scanDone chan scanResult
 	if hr, ok := s.aheadAllowed(); ok {
-		scanned = make(chan scanResult, 1)
+		scanDone = make(chan scanResult, 1)
 		wg.Add(1)
 		go func(after uint64) {
 			defer wg.Done()
 			a, err := s.scanBacklog(wctx, hr, after)
-			scanned <- scanResult{a, err}
+			scanDone <- scanResult{a, err}
 		}(s.done)
 	}
 	aheadWake := make(chan error, 1)
@@ -390,7 +390,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			default:
 			}
 		}
-		if a := s.ahead; a != nil && a.reading && !a.waiting {
+		if a := s.ahead; a != nil && a.reading && (!a.waiting || next >= a.tail) {
 			idle := tr.unacked+a.unacked == 0
 			wait, err := s.sendAhead(c, next)
 			if err != nil {
@@ -539,8 +539,8 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				res.err = fmt.Errorf("forward: wait for the log: %w", err)
 				return res
 			}
-		case r := <-scanned:
-			scanned = nil
+		case r := <-scanDone:
+			scanDone = nil
 			switch {
 			case r.err != nil && ctx.Err() != nil:
 				s.finish(c, &tr, gen)
