@@ -38,7 +38,7 @@ type ahead struct {
 	mark    uint64              // where the backlog ended when it was scanned
 	behind  map[string]struct{} // the devices with events the sink carries in the backlog up to from
 	backlog int                 // the events the sink carries in the backlog, as scanned
-	scan    time.Duration       // how long the scan took
+	scan    time.Duration       // how long the scan took at the connection's start
 	reading bool                // still reading ahead (false once the reader caught up)
 	tail    uint64              // the last Seq read ahead
 	pending []Record            // read ahead, not looked at yet
@@ -66,47 +66,65 @@ func (s *sink) aheadAllowed() (HeaderReader, bool) {
 	return hr, ok && s.pub == nil && s.lim == nil && s.cfg.Window >= 8
 }
 
-// scanBacklog reads the headers after `after` up to the log's end: when the sink carries more than a window of
-// events there, it returns the ahead state for them; otherwise nil. It keeps the subjects of the last window of
-// events read (a ring), so its memory is a window plus the devices, whatever the backlog's length.
-func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, after uint64) (*ahead, error) {
+// backlogScan is what a pass over a sink's backlog learned: the devices behind, and the last window of events.
+// It is kept across connection attempts while the cursor stays where it was (an outage): each attempt scans only
+// what was appended since, so that a connection that comes back finds the scan all but done.
+type backlogScan struct {
+	base     uint64              // the cursor the scan started from
+	pos      uint64              // the last Seq scanned
+	n        int                 // the events the sink carries among those scanned
+	subjects []string            // the last window of those events, a ring: their devices
+	seqs     []uint64            // and their Seqs
+	behind   map[string]struct{} // the devices of the events before the last window
+	from     uint64              // the Seq of the last event before the last window
+}
+
+// scanBacklog reads the headers after the cursor up to the log's end, going on from the previous scan while the
+// cursor has not moved since. When the sink carries more than a window of events there, it returns the ahead state
+// for them; otherwise nil. Its memory is a window plus the devices, whatever the backlog's length. It is called
+// from one goroutine at a time.
+func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) (*ahead, error) {
 	start := time.Now()
 	w := s.cfg.Window
-	subjects, seqs := make([]string, w), make([]uint64, w) // the last window of events the sink carries
-	a := &ahead{behind: map[string]struct{}{}, sent: map[uint64]*aheadEvent{}, reading: true}
+	b := s.scan
+	if b == nil || b.base != cursor {
+		b = &backlogScan{base: cursor, pos: cursor, subjects: make([]string, w), seqs: make([]uint64, w),
+			behind: map[string]struct{}{}}
+		s.scan = b
+	}
 	for {
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		recs, err := hr.ReadHeaders(after, scanChunk)
+		recs, err := hr.ReadHeaders(b.pos, scanChunk)
 		if err != nil {
-			return nil, fmt.Errorf("forward: scan the backlog after %d: %w", after, err)
+			return nil, fmt.Errorf("forward: scan the backlog after %d: %w", b.pos, err)
 		}
 		for i := range recs {
 			r := &recs[i]
 			if !s.carries(r) {
 				continue
 			}
-			j := a.backlog % w
-			if a.backlog >= w { // the event leaving the last window: its device is behind
-				a.behind[subjects[j]] = struct{}{}
-				a.from = seqs[j]
+			j := b.n % w
+			if b.n >= w { // the event leaving the last window: its device is behind
+				b.behind[b.subjects[j]] = struct{}{}
+				b.from = b.seqs[j]
 			}
-			subjects[j], seqs[j] = r.Subject, r.Seq
-			a.backlog++
+			b.subjects[j], b.seqs[j] = r.Subject, r.Seq
+			b.n++
 		}
 		if len(recs) > 0 {
-			after = recs[len(recs)-1].Seq
+			b.pos = recs[len(recs)-1].Seq
 		}
 		if len(recs) < scanChunk {
 			break
 		}
 	}
-	if a.backlog <= w {
+	if b.n <= w {
 		return nil, nil
 	}
-	a.mark, a.tail, a.scan = after, a.from, time.Since(start)
-	return a, nil
+	return &ahead{from: b.from, mark: b.pos, tail: b.from, backlog: b.n, scan: time.Since(start), reading: true,
+		behind: b.behind, sent: map[uint64]*aheadEvent{}}, nil
 }
 
 // window is how many events the reader may have sent past the stored cursor: the configured window, less the
@@ -178,7 +196,7 @@ func (s *sink) sendAhead(c conn, next uint64) (wait bool, err error) {
 		}
 		s.m.sent.Inc()
 		s.m.sentAhead.Inc()
-		if _, again := s.sentAhead[r.Seq]; again {
+		if _, again := s.sentAhead[r.Seq]; again || r.Seq <= s.maxSent {
 			s.m.resent.Inc()
 		}
 		a.sent[r.Seq] = &aheadEvent{rec: *r}

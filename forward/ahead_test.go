@@ -199,3 +199,42 @@ func TestDevicesOnlyInTheBacklogsLastWindowGoAhead(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "the cursor at the log's end", func() bool { return log.Cursor(CursorName("up")) == porch[2] })
 }
+
+// TestBacklogScannedDuringTheOutage: while the upstream is down, the sink scans the backlog between its connection
+// attempts, each time only what was appended since; the connection that finally comes up scans only the latest
+// events, and an event of a device that was quiet goes ahead at once.
+func TestBacklogScannedDuringTheOutage(t *testing.T) {
+	const backlog = 40
+	log := newMemLog(t)
+	for i := 1; i <= backlog; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	ht := &handTransport{conns: make(chan *handConn, 4)}
+	ht.down.Store(true)
+	sc := mqttSink("up", "tcp://127.0.0.1:1")
+	sc.Window, sc.AckTimeout = 8, time.Hour
+	sc.BackoffMin, sc.BackoffMax = time.Millisecond, 5*time.Millisecond
+	r := startForwarderWith(t, Config{Sinks: []SinkConfig{sc}}, log, nil, func(f *Forwarder) {
+		f.sinks[0].tr, f.sinks[0].tick = ht, time.Hour
+	})
+	scannedFrom := func(after uint64) func() bool {
+		return func() bool { return slices.Contains(log.headerScans(), after) }
+	}
+	waitFor(t, 5*time.Second, "the backlog scanned during the outage", scannedFrom(0))
+	porch := log.add("sensor.reading", "porch", 1)
+	waitFor(t, 5*time.Second, "the new event scanned during the outage", scannedFrom(backlog))
+	hall := log.add("sensor.reading", "hall", backlog+1)
+	ht.down.Store(false)
+	c := <-ht.conns
+	waitFor(t, 5*time.Second, "sending ahead", func() bool {
+		return testutil.ToFloat64(r.f.metrics.ahead.WithLabelValues("up")) == 1
+	})
+	if n := slices.Index(log.headerScans(), backlog); slices.Contains(log.headerScans()[n:], 0) {
+		t.Errorf("ReadHeaders after %v: a scan started over from the cursor", log.headerScans())
+	}
+	order := ackAll(t, c, hall)
+	if at := slices.Index(order, porch); at < 0 || at > 16 {
+		t.Errorf("sent %v: want porch's event (seq %d) ahead of the backlog", order, porch)
+	}
+	waitFor(t, 5*time.Second, "the cursor at the log's end", func() bool { return log.Cursor(CursorName("up")) == hall })
+}

@@ -2,17 +2,25 @@ package forward
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
 // handTransport is an upstream that acknowledges only when the test says so: each connection it dials is
 // passed to the test, and every unit sent waits there for an outcome the test writes.
-type handTransport struct{ conns chan *handConn }
+type handTransport struct {
+	conns chan *handConn
+	down  atomic.Bool // dials fail
+}
 
 func (t *handTransport) dial(_ context.Context, gen uint64) (conn, error) {
+	if t.down.Load() {
+		return nil, errors.New("hand: upstream down")
+	}
 	c := &handConn{gen: gen, sent: make(chan []Record, 1024), out: make(chan outcome, 1024), gone: make(chan struct{})}
 	t.conns <- c
 	return c, nil

@@ -33,6 +33,7 @@ type memLog struct {
 	ackErr  error
 	acks    int
 	woke    map[uint64]int // Wait calls that returned nil, by after
+	scans   []uint64       // the after of every ReadHeaders call
 }
 
 func newMemLog(t testing.TB) *memLog {
@@ -83,7 +84,17 @@ func (l *memLog) ReadHeaders(after uint64, max int) ([]Record, error) {
 	for i := range recs {
 		recs[i].Data = nil
 	}
+	l.mu.Lock()
+	l.scans = append(l.scans, after)
+	l.mu.Unlock()
 	return recs, err
+}
+
+// headerScans returns the after of every ReadHeaders call so far.
+func (l *memLog) headerScans() []uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.scans)
 }
 
 // wokeAfter counts the Wait calls for records past after that returned.

@@ -102,6 +102,7 @@ type sink struct {
 	unsavedN  int                 // events in unsaved; never more than the window
 	maxSent   uint64              // the highest Seq ever sent in log order (for resent_total)
 	ahead     *ahead              // events going ahead of the backlog on this connection (nil: none)
+	scan      *backlogScan        // the last scan of the backlog (see scanBacklog)
 	sentAhead map[uint64]struct{} // sent ahead on an earlier connection and not under the cursor (for resent_total)
 	ackFail   bool                // the last Ack to the log failed (logged once)
 	failing   bool                // the last connection ended in a failure and none has been acknowledged since
@@ -230,6 +231,12 @@ func (s *sink) run(ctx context.Context) error {
 		s.log.Warn("upstream connection failed; retrying", "target", s.tr.target(), "error", res.err,
 			"attempt", attempt, "retry_in", delay.Round(time.Millisecond))
 		t := time.NewTimer(delay)
+		if hr, ok := s.aheadAllowed(); ok {
+			// Meanwhile the backlog grows: scanning it now leaves the next connection only the latest events to scan.
+			if _, err := s.scanBacklog(ctx, hr, s.done); err != nil && ctx.Err() == nil {
+				s.log.Warn("cannot scan the backlog", "error", err)
+			}
+		}
 		select {
 		case <-ctx.Done():
 			t.Stop()
