@@ -67,8 +67,11 @@ func (s *sink) aheadAllowed() (HeaderReader, bool) {
 }
 
 // backlogScan is what a pass over a sink's backlog learned: the devices behind, and the last window of events.
-// It is kept across connection attempts while the cursor stays where it was (an outage): each attempt scans only
-// what was appended since, so that a connection that comes back finds the scan all but done.
+// It is kept across connections and connection attempts, each of which scans only what was appended since: a
+// connection that comes back after an outage finds the scan all but done, and a link that keeps dropping does not
+// read a long backlog again at every reconnect. A cursor that moved since the scan started leaves some devices
+// behind that no longer are (their events wait for the reader, in order: safe, if slower); once the cursor reaches
+// the last window, the scan starts over.
 type backlogScan struct {
 	base     uint64              // the cursor the scan started from
 	pos      uint64              // the last Seq scanned
@@ -79,15 +82,15 @@ type backlogScan struct {
 	from     uint64              // the Seq of the last event before the last window
 }
 
-// scanBacklog reads the headers after the cursor up to the log's end, going on from the previous scan while the
-// cursor has not moved since. When the sink carries more than a window of events there, it returns the ahead state
-// for them; otherwise nil. Its memory is a window plus the devices, whatever the backlog's length. It is called
-// from one goroutine at a time.
+// scanBacklog reads the headers after the cursor up to the log's end, going on from the previous scan (see
+// backlogScan). When the sink carries more than a window of events there, it returns the ahead state for them;
+// otherwise nil. Its memory is a window plus the devices, whatever the backlog's length. It is called from one
+// goroutine at a time.
 func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) (*ahead, error) {
 	start := time.Now()
 	w := s.cfg.Window
 	b := s.scan
-	if b == nil || b.base != cursor {
+	if b == nil || cursor < b.base || cursor > b.pos || (b.n > w && cursor >= b.from) {
 		b = &backlogScan{base: cursor, pos: cursor, subjects: make([]string, w), seqs: make([]uint64, w),
 			behind: map[string]struct{}{}}
 		s.scan = b

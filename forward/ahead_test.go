@@ -238,3 +238,30 @@ func TestBacklogScannedDuringTheOutage(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "the cursor at the log's end", func() bool { return log.Cursor(CursorName("up")) == hall })
 }
+
+// TestBacklogScanGoesOnAcrossConnections: a connection that ends after some progress does not make the next one
+// read the backlog again from its cursor: the next scan goes on from where the last one ended.
+func TestBacklogScanGoesOnAcrossConnections(t *testing.T) {
+	const backlog = 40
+	log := newMemLog(t)
+	r, ht, c := backlogSink(t, log, backlog)
+	for range 8 {
+		c.ack(c.next(t)[0].Seq)
+	}
+	waitFor(t, 5*time.Second, "a quarter of the backlog acknowledged", func() bool { return log.Cursor(CursorName("up")) >= 6 })
+	c.close()
+	c = <-ht.conns
+	waitFor(t, 5*time.Second, "the backlog scanned again", func() bool {
+		return testutil.ToFloat64(r.f.metrics.ahead.WithLabelValues("up")) == 1
+	})
+	porch := addAhead(t, log, backlog)
+	order := ackAll(t, c, porch)
+	if at := slices.Index(order, porch); at > 16 {
+		t.Errorf("sent %v on the second connection: want porch's event (seq %d) ahead of the backlog", order, porch)
+	}
+	for _, after := range log.headerScans()[1:] {
+		if after < backlog {
+			t.Fatalf("ReadHeaders after %v: the second connection read the backlog again", log.headerScans())
+		}
+	}
+}
