@@ -37,7 +37,7 @@ type ahead struct {
 	from    uint64              // the backlog's last window starts after it
 	mark    uint64              // where the backlog ended when it was scanned
 	behind  map[string]struct{} // the devices with events the sink carries in the backlog up to from
-	backlog int                 // the events the sink carries in the backlog, as scanned
+	backlog int                 // the events the sink carries in the backlog, as scanned (since the scan began)
 	scan    time.Duration       // how long the scan took at the connection's start
 	reading bool                // still reading ahead (false once the reader caught up)
 	tail    uint64              // the last Seq read ahead

@@ -23,8 +23,9 @@
 // # Ahead of a backlog
 //
 // When a connection starts with more than a window of events to send (after an outage, or a restart with a
-// backlog), the sink reads the headers of that backlog once (edgegate_forward_sending_ahead is 1 from then until
-// it has caught up). A device with events in the backlog before its last window waits for the backlog, in log
+// backlog), the sink reads the headers of that backlog (edgegate_forward_sending_ahead is 1 from then until it has
+// caught up). It reads each event's header once: its connection attempts during an outage, and its later
+// connections, read only what was appended since. A device with events in the backlog before its last window waits for the backlog, in log
 // order. Every other device — quiet during the outage, or online only near its end — has nothing older still to
 // send, so its events, those in the last window and the new ones, go upstream at once, on the same connection,
 // ahead of the backlog (counted in edgegate_forward_sent_ahead_total). The cursor passes such an event only when

@@ -558,7 +558,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				s.ahead = r.a
 				s.m.ahead.Set(1)
 				s.log.Info("backlog: the events of devices with none in it before its last window go ahead of it",
-					"backlog", r.a.backlog, "devices_behind", len(r.a.behind), "backlog_end", r.a.mark,
+					"events_scanned", r.a.backlog, "devices_behind", len(r.a.behind), "backlog_end", r.a.mark,
 					"scanned_in", r.a.scan.Round(time.Millisecond))
 			}
 		case err := <-aheadWake:
