@@ -324,6 +324,25 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 		}(s.done)
 	}
 	aheadWake := make(chan error, 1)
+	// waitFailed ends the session on a wait's error: when ctx ended (the sink stops), after a moment for the
+	// acknowledgements in flight; otherwise with the error, which says what was waited for.
+	waitFailed := func(err error, what string) bool {
+		if err == nil {
+			return false
+		}
+		if ctx.Err() != nil {
+			s.finish(c, &tr, gen)
+		} else {
+			res.err = fmt.Errorf("forward: %s: %w", what, err)
+		}
+		return true
+	}
+	aheadWoke := func(err error) bool {
+		if s.ahead != nil {
+			s.ahead.waiting = false
+		}
+		return waitFailed(err, "wait for the log")
+	}
 
 	stall := time.NewTicker(s.tick)
 	defer stall.Stop()
@@ -385,13 +404,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 		if a := s.ahead; a != nil && a.waiting {
 			select {
 			case err := <-aheadWake:
-				a.waiting = false
-				if err != nil {
-					if ctx.Err() != nil {
-						s.finish(c, &tr, gen)
-						return res
-					}
-					res.err = fmt.Errorf("forward: wait for the log: %w", err)
+				if aheadWoke(err) {
 					return res
 				}
 			default:
@@ -500,12 +513,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 		select {
 		case err := <-stored:
 			storing = false
-			if err != nil {
-				if ctx.Err() != nil {
-					s.finish(c, &tr, gen)
-					return res
-				}
-				res.err = fmt.Errorf("forward: wait for the log to store the cursor: %w", err)
+			if waitFailed(err, "wait for the log to store the cursor") {
 				return res
 			}
 			s.learnPersisted()
@@ -538,12 +546,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			return res
 		case err := <-wake:
 			waiting, woke = false, true
-			if err != nil {
-				if ctx.Err() != nil {
-					s.finish(c, &tr, gen)
-					return res
-				}
-				res.err = fmt.Errorf("forward: wait for the log: %w", err)
+			if waitFailed(err, "wait for the log") {
 				return res
 			}
 		case r := <-scanDone:
@@ -562,15 +565,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 					"scanned_in", r.a.scan.Round(time.Millisecond))
 			}
 		case err := <-aheadWake:
-			if s.ahead != nil {
-				s.ahead.waiting = false
-			}
-			if err != nil {
-				if ctx.Err() != nil {
-					s.finish(c, &tr, gen)
-					return res
-				}
-				res.err = fmt.Errorf("forward: wait for the log: %w", err)
+			if aheadWoke(err) {
 				return res
 			}
 		case <-stall.C:
