@@ -3,6 +3,7 @@ package forward
 import (
 	"context"
 	"fmt"
+	"maps"
 	"time"
 )
 
@@ -21,12 +22,13 @@ const scanChunk = 4096
 // once instead of after the backlog: a device that came online near the end of an outage, or whose events were
 // all delivered before it.
 //
-// When a connection starts with more than a window of events to send, the sink reads the headers of that backlog
-// once. A device (subject) with an event the sink carries in the backlog before its last window of events (seqs
-// up to from) is "behind"; the others may go ahead. The sink's reader goes on in log order from its cursor, as
-// always. Beside it, the sink reads the log after from and sends at once, on the same connection, each event it
-// carries of a device that is not behind: nothing older of that device is still to be sent, so its order holds.
-// Events of devices that are behind wait for the reader, in log order. When the reader reaches an event that went
+// When a connection starts with more than aheadBudget events to send, the sink reads the headers of that backlog
+// (see backlogScan). A device (subject) with an event the sink carries in the backlog before its last aheadBudget
+// events (seqs up to from) is "behind" until the sink's reader has passed its last such event; the others may go
+// ahead. The reader goes on in log order from the cursor, as always. Beside it, the sink reads the log after from
+// and sends at once, on the same connection, each event it carries of a device that is not behind: nothing older
+// of that device is still to be sent, so its order holds. An event of a device that is behind waits for the
+// reader, and its device stays behind until the reader has passed it. When the reader reaches an event that went
 // ahead, it passes over it once it is acknowledged (holding the cursor until then), so the cursor keeps its
 // meaning: everything up to it went upstream. Once the reader catches up with what was read ahead, the sink is
 // back to log order alone.
@@ -34,15 +36,15 @@ const scanChunk = 4096
 // Events sent ahead are not under the cursor until the reader passes them: a reconnect, or a restart after a
 // crash, sends them again. aheadBudget bounds how many there are at a time, and with them those duplicates.
 type ahead struct {
-	from    uint64              // the backlog's last window starts after it
-	mark    uint64              // where the backlog ended when it was scanned
-	behind  map[string]struct{} // the devices with events the sink carries in the backlog up to from
-	backlog int                 // the events the sink carries in the backlog, as scanned (since the scan began)
-	scan    time.Duration       // how long the scan took at the connection's start
-	reading bool                // still reading ahead (false once the reader caught up)
-	tail    uint64              // the last Seq read ahead
-	pending []Record            // read ahead, not looked at yet
-	waiting bool                // a goroutine waits for the log to grow past tail
+	from    uint64            // the backlog's last aheadBudget events start after it
+	mark    uint64            // where the backlog ended when it was scanned
+	behind  map[string]uint64 // device -> the Seq the reader must pass before its events may go ahead
+	backlog int               // the events the sink carries in the backlog, as scanned (since the scan began)
+	scan    time.Duration     // how long the scan took at the connection's start
+	reading bool              // still reading ahead (false once the reader caught up)
+	tail    uint64            // the last Seq read ahead
+	pending []Record          // read ahead, not looked at yet
+	waiting bool              // a goroutine waits for the log to grow past tail
 	sent    map[uint64]*aheadEvent
 	unacked int // events in sent not yet acknowledged
 	total   int // events sent ahead on this connection
@@ -55,7 +57,8 @@ type aheadEvent struct {
 	held  bool // the reader reached it before its acknowledgement: the cursor waits for it (tracker.hold)
 }
 
-// aheadBudget is the most events sent ahead and not yet passed by the cursor: four windows.
+// aheadBudget is the most events sent ahead and not yet passed by the cursor, four windows; the devices of the
+// backlog's last aheadBudget events may go ahead.
 func aheadBudget(window int) int { return 4 * window }
 
 // aheadAllowed reports whether the sink may send events ahead of a backlog: not a priority lane (its own sink
@@ -66,33 +69,32 @@ func (s *sink) aheadAllowed() (HeaderReader, bool) {
 	return hr, ok && s.pub == nil && s.lim == nil && s.cfg.Window >= 8
 }
 
-// backlogScan is what a pass over a sink's backlog learned: the devices behind, and the last window of events.
+// backlogScan is what a pass over a sink's backlog learned: the devices behind, and the last aheadBudget events.
 // It is kept across connections and connection attempts, each of which scans only what was appended since: a
 // connection that comes back after an outage finds the scan all but done, and a link that keeps dropping does not
-// read a long backlog again at every reconnect. A cursor that moved since the scan started leaves some devices
-// behind that no longer are (their events wait for the reader, in order: safe, if slower); once the cursor reaches
-// the last window, the scan starts over.
+// read a long backlog again at every reconnect. It starts over once the cursor has passed everything it scanned.
 type backlogScan struct {
-	base     uint64              // the cursor the scan started from
-	pos      uint64              // the last Seq scanned
-	n        int                 // the events the sink carries among those scanned
-	subjects []string            // the last window of those events, a ring: their devices
-	seqs     []uint64            // and their Seqs
-	behind   map[string]struct{} // the devices of the events before the last window
-	from     uint64              // the Seq of the last event before the last window
+	base     uint64            // the cursor the scan started from
+	pos      uint64            // the last Seq scanned
+	n        int               // the events the sink carries among those scanned
+	subjects []string          // the last aheadBudget of those events, a ring: their devices
+	seqs     []uint64          // and their Seqs
+	behind   map[string]uint64 // device -> the Seq of its last event before the ring's
+	from     uint64            // the Seq of the last event before the ring's
 }
 
 // scanBacklog reads the headers after the cursor up to the log's end, going on from the previous scan (see
-// backlogScan). When the sink carries more than a window of events there, it returns the ahead state for them;
-// otherwise nil. Its memory is a window plus the devices, whatever the backlog's length. It is called from one
+// backlogScan). When the sink carries more than aheadBudget events there, it returns the ahead state for them;
+// otherwise nil. Its memory is aheadBudget events' devices and Seqs plus the devices, whatever the backlog's
+// length. It is called from one
 // goroutine at a time.
 func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) (*ahead, error) {
 	start := time.Now()
-	w := s.cfg.Window
+	n := aheadBudget(s.cfg.Window) // the backlog's last events, whose devices may go ahead
 	b := s.scan
-	if b == nil || cursor < b.base || cursor > b.pos || (b.n > w && cursor >= b.from) {
-		b = &backlogScan{base: cursor, pos: cursor, subjects: make([]string, w), seqs: make([]uint64, w),
-			behind: map[string]struct{}{}}
+	if b == nil || cursor < b.base || cursor >= b.pos {
+		b = &backlogScan{base: cursor, pos: cursor, subjects: make([]string, n), seqs: make([]uint64, n),
+			behind: map[string]uint64{}}
 		s.scan = b
 	}
 	for {
@@ -108,9 +110,9 @@ func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) 
 			if !s.carries(r) {
 				continue
 			}
-			j := b.n % w
-			if b.n >= w { // the event leaving the last window: its device is behind
-				b.behind[b.subjects[j]] = struct{}{}
+			j := b.n % n
+			if b.n >= n { // the event leaving the backlog's last events: its device is behind until the reader passes it
+				b.behind[b.subjects[j]] = b.seqs[j]
 				b.from = b.seqs[j]
 			}
 			b.subjects[j], b.seqs[j] = r.Subject, r.Seq
@@ -123,11 +125,11 @@ func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) 
 			break
 		}
 	}
-	if b.n <= w {
-		return nil, nil
+	if b.n <= n || cursor >= b.from {
+		return nil, nil // a short backlog
 	}
 	return &ahead{from: b.from, mark: b.pos, tail: b.from, backlog: b.n, scan: time.Since(start), reading: true,
-		behind: b.behind, sent: map[uint64]*aheadEvent{}}, nil
+		behind: maps.Clone(b.behind), sent: map[uint64]*aheadEvent{}}, nil
 }
 
 // window is how many events the reader may have sent past the stored cursor: the configured window, less the
@@ -187,8 +189,13 @@ func (s *sink) sendAhead(c conn, next uint64) (wait bool, err error) {
 			a.pending, a.tail = recs, recs[len(recs)-1].Seq
 		}
 		r := &a.pending[0]
-		if _, behind := a.behind[r.Subject]; r.Seq <= next || behind || !s.carries(r) {
-			a.pending = a.pending[1:] // the reader sends it (or passes over it) in log order
+		if r.Seq <= next || !s.carries(r) {
+			a.pending = a.pending[1:] // the reader sent it, or passes over it
+			continue
+		}
+		if a.behind[r.Subject] > next {
+			a.behind[r.Subject] = r.Seq // the reader sends it, and nothing newer of its device may go before it
+			a.pending = a.pending[1:]
 			continue
 		}
 		if s.unsavedN+a.unacked >= s.cfg.Window || len(a.sent) >= aheadBudget(s.cfg.Window) {

@@ -23,9 +23,12 @@ func backlogSink(t *testing.T, log *memLog, n int) (*running, *handTransport, *h
 
 // addAhead appends an event of "porch" after a backlog of n events and waits until the sink has seen the log grow
 // past the backlog (with the window full, the sink has nothing else to do meanwhile).
-func addAhead(t *testing.T, log *memLog, n int) uint64 {
+func addAhead(t *testing.T, log *memLog, n int) uint64 { return addAheadFor(t, log, "porch", n) }
+
+// addAheadFor is addAhead for an event of subject.
+func addAheadFor(t *testing.T, log *memLog, subject string, n int) uint64 {
 	t.Helper()
-	seq := log.add("sensor.reading", "porch", 1)
+	seq := log.add("sensor.reading", subject, 1)
 	waitFor(t, 5*time.Second, "the sink woken past the backlog", func() bool { return log.wokeAfter(uint64(n)) > 0 })
 	return seq
 }
@@ -51,7 +54,7 @@ func ackAll(t *testing.T, c *handConn, stop uint64) []uint64 {
 // "porch", which has nothing in the backlog, goes upstream at once instead of after the backlog; a new event of
 // "hall" waits for the backlog, in order. Every event goes once, and the cursor ends at the log's end.
 func TestEventsOfDevicesNotInTheBacklogGoAhead(t *testing.T) {
-	const backlog = 40
+	const backlog = 100
 	log := newMemLog(t)
 	r, _, c := backlogSink(t, log, backlog)
 	porch := addAhead(t, log, backlog)
@@ -80,7 +83,7 @@ func TestEventsOfDevicesNotInTheBacklogGoAhead(t *testing.T) {
 // TestCursorWaitsForAnEventSentAhead: when the sink's reader reaches an event that went ahead and is still in
 // flight, it does not send it again, and the cursor stops before it until it is acknowledged.
 func TestCursorWaitsForAnEventSentAhead(t *testing.T) {
-	const backlog = 20
+	const backlog = 60
 	log := newMemLog(t)
 	r, _, c := backlogSink(t, log, backlog)
 	porch := addAhead(t, log, backlog)
@@ -112,7 +115,7 @@ func TestCursorWaitsForAnEventSentAhead(t *testing.T) {
 // cursor until the reader passes it, so when the connection ends first, the next connection sends it again
 // (counted as resent): a duplicate, never a loss.
 func TestEventsSentAheadAreSentAgainAfterAReconnect(t *testing.T) {
-	const backlog = 40
+	const backlog = 100
 	log := newMemLog(t)
 	r, ht, c := backlogSink(t, log, backlog)
 	porch := addAhead(t, log, backlog)
@@ -138,7 +141,7 @@ func TestEventsSentAheadAreSentAgainAfterAReconnect(t *testing.T) {
 		t.Fatalf("cursor stored at %d: the backlog was through before porch's event went ahead", cursor)
 	}
 	c = <-ht.conns
-	// porch's event is in the new backlog's last window: it may go ahead again.
+	// porch's event is among the new backlog's last events: it may go ahead again.
 	var order []uint64
 	for len(order) < int(porch-cursor) {
 		u := c.next(t)
@@ -156,16 +159,16 @@ func TestEventsSentAheadAreSentAgainAfterAReconnect(t *testing.T) {
 	}
 }
 
-// TestDevicesOnlyInTheBacklogsLastWindowGoAhead: a device whose events in the backlog are all in its last window
-// (it came online near the end of the outage) goes ahead with those events and its new ones, in its own order; a
-// device with older events in the backlog waits for the reader.
-func TestDevicesOnlyInTheBacklogsLastWindowGoAhead(t *testing.T) {
+// TestDevicesOnlyAtTheBacklogsEndGoAhead: a device whose events in the backlog are all among its last four windows
+// of events (it came online near the end of the outage) goes ahead with those events and its new ones, in its own
+// order; a device with older events in the backlog waits for the reader.
+func TestDevicesOnlyAtTheBacklogsEndGoAhead(t *testing.T) {
 	log := newMemLog(t)
-	for i := 1; i <= 30; i++ {
+	for i := 1; i <= 100; i++ {
 		log.add("sensor.reading", "hall", i)
 	}
 	porch := []uint64{log.add("sensor.reading", "porch", 1)}
-	log.add("sensor.reading", "hall", 31)
+	log.add("sensor.reading", "hall", 101)
 	porch = append(porch, log.add("sensor.reading", "porch", 2))
 	end := log.last()
 	r, _, c := startHandSink(t, log, 8, time.Hour)
@@ -204,7 +207,7 @@ func TestDevicesOnlyInTheBacklogsLastWindowGoAhead(t *testing.T) {
 // attempts, each time only what was appended since; the connection that finally comes up scans only the latest
 // events, and an event of a device that was quiet goes ahead at once.
 func TestBacklogScannedDuringTheOutage(t *testing.T) {
-	const backlog = 40
+	const backlog = 100
 	log := newMemLog(t)
 	for i := 1; i <= backlog; i++ {
 		log.add("sensor.reading", "hall", i)
@@ -242,7 +245,7 @@ func TestBacklogScannedDuringTheOutage(t *testing.T) {
 // TestBacklogScanGoesOnAcrossConnections: a connection that ends after some progress does not make the next one
 // read the backlog again from its cursor: the next scan goes on from where the last one ended.
 func TestBacklogScanGoesOnAcrossConnections(t *testing.T) {
-	const backlog = 40
+	const backlog = 100
 	log := newMemLog(t)
 	r, ht, c := backlogSink(t, log, backlog)
 	for range 8 {
@@ -263,5 +266,70 @@ func TestBacklogScanGoesOnAcrossConnections(t *testing.T) {
 		if after < backlog {
 			t.Fatalf("ReadHeaders after %v: the second connection read the backlog again", log.headerScans())
 		}
+	}
+}
+
+// TestDeviceBehindGoesAheadOnlyInOrder: a device with an event early in the backlog (x@10) is behind until the
+// sink's reader has passed it, and then still until the reader has sent x@90, among the backlog's last events,
+// which the sink read ahead while x was behind: x's new event, appended once the reader is past x@10, does not go
+// before x@90.
+func TestDeviceBehindGoesAheadOnlyInOrder(t *testing.T) {
+	const backlog = 100
+	log := newMemLog(t)
+	for i := 1; i <= backlog; i++ {
+		subject := "hall"
+		if i == 10 || i == 90 {
+			subject = "x"
+		}
+		log.add("sensor.reading", subject, i)
+	}
+	r, _, c := startHandSink(t, log, 8, time.Hour)
+	waitFor(t, 5*time.Second, "the backlog scanned", func() bool {
+		return testutil.ToFloat64(r.f.metrics.ahead.WithLabelValues("up")) == 1
+	})
+	var order []uint64
+	take := func() {
+		u := c.next(t)
+		order = append(order, u[0].Seq)
+		c.ack(u[0].Seq)
+	}
+	for !slices.Contains(order, 20) { // the reader is past x@10
+		take()
+	}
+	x := addAheadFor(t, log, "x", backlog)
+	for len(order) < backlog+1 {
+		take()
+	}
+	var xs []uint64
+	for _, seq := range order {
+		if seq == 10 || seq == 90 || seq == x {
+			xs = append(xs, seq)
+		}
+	}
+	if want := []uint64{10, 90, x}; !slices.Equal(xs, want) {
+		t.Fatalf("x's events went in the order %v, want %v (sent: %v)", xs, want, order)
+	}
+}
+
+// TestDeviceGoesAheadOnceItsBacklogIsSent: a device with one event early in the backlog (y@5) is behind only until
+// the sink's reader has sent it; its new events then go ahead of the rest of the backlog.
+func TestDeviceGoesAheadOnceItsBacklogIsSent(t *testing.T) {
+	const backlog = 100
+	log := newMemLog(t)
+	for i := 1; i <= backlog; i++ {
+		subject := "hall"
+		if i == 5 {
+			subject = "y"
+		}
+		log.add("sensor.reading", subject, i)
+	}
+	r, _, c := startHandSink(t, log, 8, time.Hour)
+	waitFor(t, 5*time.Second, "the backlog scanned", func() bool {
+		return testutil.ToFloat64(r.f.metrics.ahead.WithLabelValues("up")) == 1
+	})
+	y := addAheadFor(t, log, "y", backlog)
+	order := ackAll(t, c, y)
+	if at := slices.Index(order, y); at > 24 {
+		t.Errorf("y's new event went %dth (sent: %v); want it ahead of the backlog once y@5 was sent", at+1, order)
 	}
 }

@@ -22,15 +22,16 @@
 //
 // # Ahead of a backlog
 //
-// When a connection starts with more than a window of events to send (after an outage, or a restart with a
-// backlog), the sink reads the headers of that backlog (edgegate_forward_sending_ahead is 1 from then until it has
-// caught up). It reads each event's header once: its connection attempts during an outage, and its later
-// connections, read only what was appended since. A device with events in the backlog before its last window waits for the backlog, in log
-// order. Every other device — quiet during the outage, or online only near its end — has nothing older still to
-// send, so its events, those in the last window and the new ones, go upstream at once, on the same connection,
-// ahead of the backlog (counted in edgegate_forward_sent_ahead_total). The cursor passes such an event only when
-// the sink's reader reaches it in log order, so a reconnect sends it again. Sinks with a rate_limit, priority
-// lanes themselves and windows below 8 send in log order only.
+// When a connection starts with a backlog of more than four windows of events (after an outage, or a restart),
+// the sink reads the headers of that backlog (edgegate_forward_sending_ahead is 1 from then until it has caught
+// up). It reads each event's header once: its connection attempts during an outage, and its later connections,
+// read only what was appended since. A device with events in the backlog before its last four windows of events
+// waits for the backlog, in log order, until the sink has sent the last of those. Every other device — quiet
+// during the outage, or online only near its end — has nothing older still to send, so its events, those at the
+// end of the backlog and the new ones, go upstream at once, on the same connection, ahead of the backlog (counted
+// in edgegate_forward_sent_ahead_total). The cursor passes such an event only when the sink's reader reaches it
+// in log order, so a reconnect sends it again: at most four windows of them at a time. Sinks with a rate_limit,
+// priority lanes themselves and windows below 8 send in log order only.
 //
 // # Priority lanes
 //

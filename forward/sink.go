@@ -560,7 +560,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			case r.a != nil && next < r.a.from:
 				s.ahead = r.a
 				s.m.ahead.Set(1)
-				s.log.Info("backlog: the events of devices with none in it before its last window go ahead of it",
+				s.log.Info("backlog: the events of devices with none in it before its last events go ahead of it",
 					"events_scanned", r.a.backlog, "devices_behind", len(r.a.behind), "backlog_end", r.a.mark,
 					"scanned_in", r.a.scan.Round(time.Millisecond))
 			}

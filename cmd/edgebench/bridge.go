@@ -23,7 +23,7 @@ more device publishes live traffic whose latency is measured (live_p99_ms: until
 transfer_rate is the backlog over the time from its first to its last arrival. bridge-defaults is the bridge
 with mosquitto's default limit of 1000 queued messages, which loses most of the backlog (see delivered). The
 bridge sends the live messages after the backlog it queued before them; the gateway sends them ahead of the
-backlog, because the live device has no events in it but those of its last window (the device's order holds).
+backlog, because the live device has no events in it but among its last ones (the device's order holds).
 gateway-live-lane is the gateway with the live device's messages at priority 5 and its sink configured with
 priority_lanes: [5]: they go up on a connection of their own. Measured by internal/bridgebench.RunDrain.`
 

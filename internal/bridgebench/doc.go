@@ -14,7 +14,7 @@
 // is measured from that moment, while one more device publishes live traffic at Options.LiveRate messages per
 // second whose end-to-end latency (publish to arrival at the subscriber) is measured. The bridge sends in the
 // order it queued, so live messages wait behind the backlog. The live device has no events in the backlog but
-// those of its last window (it starts publishing as the cloud broker comes back), so the gateway sends its
+// among its last ones (it starts publishing as the cloud broker comes back), so the gateway sends its
 // messages ahead of the backlog (forward: "Ahead of a backlog"); with Options.LivePriority they get that priority
 // and the gateway's sink a priority lane for them instead, which carries them on a connection of its own.
 //
