@@ -1,7 +1,9 @@
 package forward
 
 import (
+	"fmt"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -331,5 +333,62 @@ func TestDeviceGoesAheadOnceItsBacklogIsSent(t *testing.T) {
 	order := ackAll(t, c, y)
 	if at := slices.Index(order, y); at > 24 {
 		t.Errorf("y's new event went %dth (sent: %v); want it ahead of the backlog once y@5 was sent", at+1, order)
+	}
+}
+
+// TestBacklogScanKeepsToTheBackoffPause: the scan between connection attempts stops when the pause ends and goes on
+// in the next one, so a long backlog (here each read of its headers outlasts the pause) does not hold back the next
+// attempt.
+func TestBacklogScanKeepsToTheBackoffPause(t *testing.T) {
+	log := newMemLog(t)
+	for i := 1; i <= 3*scanChunk; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	var mu sync.Mutex
+	var trace []string // "dial", or the after of a header read
+	log.onHeaders = func(after uint64) {
+		mu.Lock()
+		trace = append(trace, fmt.Sprint(after))
+		mu.Unlock()
+		time.Sleep(20 * time.Millisecond) // a slow disk: longer than the pause
+	}
+	ht := &handTransport{conns: make(chan *handConn, 4), onDial: func() {
+		mu.Lock()
+		trace = append(trace, "dial")
+		mu.Unlock()
+	}}
+	ht.down.Store(true)
+	sc := mqttSink("up", "tcp://127.0.0.1:1")
+	sc.Window, sc.AckTimeout = 8, time.Hour
+	sc.BackoffMin, sc.BackoffMax = 2*time.Millisecond, 5*time.Millisecond
+	startForwarderWith(t, Config{Sinks: []SinkConfig{sc}}, log, nil, func(f *Forwarder) {
+		f.sinks[0].tr, f.sinks[0].tick = ht, time.Hour
+	})
+	want := []string{"0", fmt.Sprint(scanChunk), fmt.Sprint(2 * scanChunk)}
+	var got []string
+	waitFor(t, 10*time.Second, "the backlog scanned in three pauses", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		got = slices.Clone(trace)
+		n := 0
+		for _, e := range got {
+			if e != "dial" {
+				n++
+			}
+		}
+		return n >= len(want)
+	})
+	var reads []string
+	for i, e := range got {
+		if e == "dial" {
+			continue
+		}
+		reads = append(reads, e)
+		if i > 0 && got[i-1] != "dial" {
+			t.Fatalf("two header reads without a connection attempt between them: %v", got)
+		}
+	}
+	if !slices.Equal(reads[:len(want)], want) {
+		t.Errorf("header reads after %v, want %v: each pause goes on from the last", reads, want)
 	}
 }

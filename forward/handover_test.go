@@ -13,11 +13,15 @@ import (
 // handTransport is an upstream that acknowledges only when the test says so: each connection it dials is
 // passed to the test, and every unit sent waits there for an outcome the test writes.
 type handTransport struct {
-	conns chan *handConn
-	down  atomic.Bool // dials fail
+	conns  chan *handConn
+	down   atomic.Bool // dials fail
+	onDial func()      // when set, called at every dial
 }
 
 func (t *handTransport) dial(_ context.Context, gen uint64) (conn, error) {
+	if t.onDial != nil {
+		t.onDial()
+	}
 	if t.down.Load() {
 		return nil, errors.New("hand: upstream down")
 	}

@@ -34,6 +34,8 @@ type memLog struct {
 	acks    int
 	woke    map[uint64]int // Wait calls that returned nil, by after
 	scans   []uint64       // the after of every ReadHeaders call
+
+	onHeaders func(after uint64) // when set, called at every ReadHeaders call, before it reads
 }
 
 func newMemLog(t testing.TB) *memLog {
@@ -80,6 +82,9 @@ func (l *memLog) Read(after uint64, max int) ([]Record, error) {
 
 // ReadHeaders is Read without the data (HeaderReader).
 func (l *memLog) ReadHeaders(after uint64, max int) ([]Record, error) {
+	if l.onHeaders != nil {
+		l.onHeaders(after)
+	}
 	recs, err := l.Read(after, max)
 	for i := range recs {
 		recs[i].Data = nil

@@ -232,10 +232,13 @@ func (s *sink) run(ctx context.Context) error {
 			"attempt", attempt, "retry_in", delay.Round(time.Millisecond))
 		t := time.NewTimer(delay)
 		if hr, ok := s.aheadAllowed(); ok {
-			// Meanwhile the backlog grows: scanning it now leaves the next connection only the latest events to scan.
-			if _, err := s.scanBacklog(ctx, hr, s.done); err != nil && ctx.Err() == nil {
+			// Meanwhile the backlog grows: scanning it now leaves the next connection only the latest events to
+			// scan. The scan stops with the pause and goes on in the next one (a long backlog).
+			sctx, stop := context.WithTimeout(ctx, delay)
+			if _, err := s.scanBacklog(sctx, hr, s.done); err != nil && sctx.Err() == nil {
 				s.log.Warn("cannot scan the backlog", "error", err)
 			}
+			stop()
 		}
 		select {
 		case <-ctx.Done():
