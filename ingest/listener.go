@@ -57,8 +57,9 @@ type guard struct {
 	// pending holds the connections whose MQTT session is not established yet: at shutdown mochi waits for
 	// them to finish reading their CONNECT, so they are closed first.
 	pending map[net.Conn]struct{}
-	shut    bool           // closePending was called: connections still arriving are closed at once
-	drained chan struct{}  // closed once shut and pending is empty
+	// drained is made when closePending is first called (the broker is stopping: connections still arriving
+	// are closed at once) and closed once pending is empty.
+	drained chan struct{}
 	wg      sync.WaitGroup // every connection goroutine
 
 	// onAbandon is called with the connection after a panic, to end the session of its client.
@@ -87,7 +88,6 @@ func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
 // reused before previous Wait has returned").
 func (g *guard) closePending(limit time.Duration) {
 	g.mu.Lock()
-	g.shut = true
 	if g.drained == nil {
 		g.drained = make(chan struct{})
 		if len(g.pending) == 0 {
@@ -113,7 +113,7 @@ func (g *guard) established(conn net.Conn) {
 	g.mu.Lock()
 	if _, ok := g.pending[conn]; ok {
 		delete(g.pending, conn)
-		if g.shut && len(g.pending) == 0 {
+		if g.drained != nil && len(g.pending) == 0 {
 			close(g.drained)
 		}
 	}
@@ -168,7 +168,7 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 	defer release()
 	defer conn.Close()
 	g.mu.Lock()
-	if g.shut {
+	if g.drained != nil {
 		g.mu.Unlock()
 		return // the broker is stopping: the connection never reaches mochi (see closePending)
 	}
