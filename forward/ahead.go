@@ -39,7 +39,6 @@ type ahead struct {
 	from    uint64            // the backlog's last aheadBudget events start after it
 	mark    uint64            // where the backlog ended when it was scanned
 	behind  map[string]uint64 // device -> the Seq the reader must pass before its events may go ahead
-	backlog int               // the events the sink carries in the backlog, as scanned (since the scan began)
 	scan    time.Duration     // how long the scan took at the connection's start
 	reading bool              // still reading ahead (false once the reader caught up)
 	tail    uint64            // the last Seq read ahead
@@ -69,34 +68,34 @@ func (s *sink) aheadAllowed() (HeaderReader, bool) {
 	return hr, ok && s.pub == nil && s.lim == nil && s.cfg.Window >= 8
 }
 
-// backlogScan is what a pass over a sink's backlog learned: the devices behind, and the last aheadBudget events.
-// It is kept across connections and connection attempts, each of which scans only what was appended since: a
-// connection that comes back after an outage finds the scan all but done, and a link that keeps dropping does not
-// read a long backlog again at every reconnect. It starts over once the cursor has passed everything it scanned.
+// backlogScan is what the passes over a sink's log learned: the last aheadBudget events the sink carries, and
+// for each device the last of its events before those. It is kept for the sink's life: each connection and each
+// connection attempt scans only what was appended since the last, so a connection that comes back after an outage
+// finds the scan all but done, and a link that keeps dropping does not read a long backlog again at every
+// reconnect. What the cursor has passed needs no scan, and an entry of behind at or below the cursor no longer
+// holds its device back.
 type backlogScan struct {
-	base     uint64            // the cursor the scan started from
 	pos      uint64            // the last Seq scanned
 	n        int               // the events the sink carries among those scanned
 	subjects []string          // the last aheadBudget of those events, a ring: their devices
 	seqs     []uint64          // and their Seqs
 	behind   map[string]uint64 // device -> the Seq of its last event before the ring's
-	from     uint64            // the Seq of the last event before the ring's
+	from     uint64            // the Seq of the last event before the ring's (0: none)
 }
 
 // scanBacklog reads the headers after the cursor up to the log's end, going on from the previous scan (see
 // backlogScan). When the sink carries more than aheadBudget events there, it returns the ahead state for them;
 // otherwise nil. Its memory is aheadBudget events' devices and Seqs plus the devices, whatever the backlog's
-// length. It is called from one
-// goroutine at a time.
+// length. It is called from one goroutine at a time.
 func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) (*ahead, error) {
 	start := time.Now()
 	n := aheadBudget(s.cfg.Window) // the backlog's last events, whose devices may go ahead
 	b := s.scan
-	if b == nil || cursor < b.base || cursor >= b.pos {
-		b = &backlogScan{base: cursor, pos: cursor, subjects: make([]string, n), seqs: make([]uint64, n),
-			behind: map[string]uint64{}}
+	if b == nil {
+		b = &backlogScan{subjects: make([]string, n), seqs: make([]uint64, n), behind: map[string]uint64{}}
 		s.scan = b
 	}
+	b.pos = max(b.pos, cursor)
 	for {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -125,10 +124,11 @@ func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) 
 			break
 		}
 	}
-	if b.n <= n || cursor >= b.from {
-		return nil, nil // a short backlog
+	maps.DeleteFunc(b.behind, func(_ string, seq uint64) bool { return seq <= cursor })
+	if cursor >= b.from {
+		return nil, nil // no more than aheadBudget events to send
 	}
-	return &ahead{from: b.from, mark: b.pos, tail: b.from, backlog: b.n, scan: time.Since(start), reading: true,
+	return &ahead{from: b.from, mark: b.pos, tail: b.from, scan: time.Since(start), reading: true,
 		behind: maps.Clone(b.behind), sent: map[uint64]*aheadEvent{}}, nil
 }
 
@@ -206,18 +206,30 @@ func (s *sink) sendAhead(c conn, next uint64) (wait bool, err error) {
 		}
 		s.m.sent.Inc()
 		s.m.sentAhead.Inc()
-		if _, again := s.sentAhead[r.Seq]; again || r.Seq <= s.maxSent {
-			s.m.resent.Inc()
-		}
+		s.countResend(r.Seq)
 		a.sent[r.Seq] = &aheadEvent{rec: *r}
 		a.unacked++
 		a.total++
 		a.pending = a.pending[1:]
 	}
-	if !a.reading && len(a.sent) == 0 {
+	s.endAheadIfDone()
+	return false, nil
+}
+
+// countResend counts in resent_total an event sent before: by the reader (up to maxSent), or ahead on an earlier
+// connection.
+func (s *sink) countResend(seq uint64) {
+	if _, again := s.sentAhead[seq]; again || seq <= s.maxSent {
+		s.m.resent.Inc()
+		delete(s.sentAhead, seq)
+	}
+}
+
+// endAheadIfDone ends the state of sending ahead once the reader has caught up and passed every event sent ahead.
+func (s *sink) endAheadIfDone() {
+	if a := s.ahead; a != nil && !a.reading && len(a.sent) == 0 {
 		s.ahead = nil
 	}
-	return false, nil
 }
 
 // settleAhead applies the outcome of an event sent ahead (acknowledged, or rejected for good).
@@ -238,9 +250,7 @@ func (s *sink) settleAhead(tr *tracker, ev *aheadEvent, o outcome) {
 		tr.ack(seq, false)
 		delete(a.sent, seq)
 	}
-	if !a.reading && len(a.sent) == 0 {
-		s.ahead = nil
-	}
+	s.endAheadIfDone()
 }
 
 // endAhead is the end of a connection: the events sent ahead that the cursor did not pass will be sent again

@@ -478,10 +478,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			}
 			s.m.sent.Add(float64(n))
 			for _, r := range u {
-				if _, again := s.sentAhead[r.Seq]; again || r.Seq <= s.maxSent {
-					s.m.resent.Inc()
-					delete(s.sentAhead, r.Seq)
-				}
+				s.countResend(r.Seq)
 			}
 			s.maxSent = max(s.maxSent, u[n-1].Seq)
 			if tr.unacked+s.aheadUnacked() == 0 {
@@ -564,7 +561,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				s.ahead = r.a
 				s.m.ahead.Set(1)
 				s.log.Info("backlog: the events of devices with none in it before its last events go ahead of it",
-					"events_scanned", r.a.backlog, "devices_behind", len(r.a.behind), "backlog_end", r.a.mark,
+					"devices_behind", len(r.a.behind), "backlog_end", r.a.mark,
 					"scanned_in", r.a.scan.Round(time.Millisecond))
 			}
 		case err := <-aheadWake:
