@@ -11,8 +11,9 @@ import (
 // backlog reads the backlog's headers once to learn which devices have events in it; the new events of the
 // other devices then go ahead of the backlog (see ahead).
 type HeaderReader interface {
-	// ReadHeaders is Read with Data left nil.
-	ReadHeaders(after uint64, max int) ([]Record, error)
+	// ReadHeaders is Read with Data left nil. It may give up when ctx ends (a scan between connection attempts
+	// keeps to the pause), returning ctx's error.
+	ReadHeaders(ctx context.Context, after uint64, max int) ([]Record, error)
 }
 
 // scanChunk is how many headers one read of a backlog scan takes.
@@ -100,7 +101,7 @@ func (s *sink) scanBacklog(ctx context.Context, hr HeaderReader, cursor uint64) 
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		recs, err := hr.ReadHeaders(b.pos, scanChunk)
+		recs, err := hr.ReadHeaders(ctx, b.pos, scanChunk)
 		if err != nil {
 			return nil, fmt.Errorf("forward: scan the backlog after %d: %w", b.pos, err)
 		}

@@ -35,7 +35,7 @@ type memLog struct {
 	woke    map[uint64]int // Wait calls that returned nil, by after
 	scans   []uint64       // the after of every ReadHeaders call
 
-	onHeaders func(after uint64) // when set, called at every ReadHeaders call, before it reads
+	onHeaders func(ctx context.Context, after uint64) error // when set, called at every ReadHeaders call first
 }
 
 func newMemLog(t testing.TB) *memLog {
@@ -81,9 +81,11 @@ func (l *memLog) Read(after uint64, max int) ([]Record, error) {
 }
 
 // ReadHeaders is Read without the data (HeaderReader).
-func (l *memLog) ReadHeaders(after uint64, max int) ([]Record, error) {
+func (l *memLog) ReadHeaders(ctx context.Context, after uint64, max int) ([]Record, error) {
 	if l.onHeaders != nil {
-		l.onHeaders(after)
+		if err := l.onHeaders(ctx, after); err != nil {
+			return nil, err
+		}
 	}
 	recs, err := l.Read(after, max)
 	for i := range recs {

@@ -149,7 +149,10 @@ func (s *logSource) ReadPriority(after uint64, max int, lo, hi uint8) ([]forward
 }
 
 // ReadHeaders lets a sink with a backlog find the devices that have events in it (forward.HeaderReader).
-func (s *logSource) ReadHeaders(after uint64, max int) ([]forward.Record, error) {
+func (s *logSource) ReadHeaders(ctx context.Context, after uint64, max int) ([]forward.Record, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	recs, err := s.log.ReadHeaders(after, max)
 	return forwardRecords(recs), err
 }
