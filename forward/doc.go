@@ -26,7 +26,8 @@
 // the sink reads the headers of that backlog (edgegate_forward_sending_ahead is 1 from then until it has caught
 // up). It reads each event's header once: its connection attempts during an outage, and its later connections,
 // read only what was appended since. A device with events in the backlog before its last four windows of events
-// waits for the backlog, in log order, until the sink has sent the last of those. Every other device — quiet
+// waits for the backlog, in log order, until the sink has sent the last of those and of its events that came
+// meanwhile. Every other device — quiet
 // during the outage, or online only near its end — has nothing older still to send, so its events, those at the
 // end of the backlog and the new ones, go upstream at once, on the same connection, ahead of the backlog (counted
 // in edgegate_forward_sent_ahead_total). The cursor passes such an event only when the sink's reader reaches it

@@ -27,8 +27,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	m := &metrics{
 		sent: counter("sent_total", "Events handed to the upstream connection, resends included."),
-		sentAhead: counter("sent_ahead_total", "Events sent ahead of a backlog (included in sent_total): after a reconnect with more than a "+
-			"window of events to send, the new events of devices with none in the backlog go first."),
+		sentAhead: counter("sent_ahead_total", "Events sent ahead of a backlog (included in sent_total): after a reconnect with more than "+
+			"four windows of events to send, the events of a device with nothing older left to send go first."),
 		acked: counter("acked_total", "Events acknowledged by the upstream (counted once: when the sink's cursor passes them, "+
 			"or for an event sent ahead of a backlog, when it is acknowledged)."),
 		resent:     counter("resent_total", "Events sent again after a reconnect because their acknowledgement was not received."),
@@ -38,8 +38,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		stalled:    gauge("stalled", "1 when the upstream stopped acknowledging events in flight (until an acknowledgement arrives again), else 0."),
 		inFlight:   gauge("in_flight", "Events sent and not yet acknowledged."),
 		drainRate:  gauge("drain_rate_events_per_second", "Events acknowledged per second, measured over the last second."),
-		ahead: gauge("sending_ahead", "1 while the sink drains a backlog and sends the new events of devices with none in it "+
-			"ahead of it, else 0."),
+		ahead: gauge("sending_ahead", "1 while the sink drains a backlog and sends the events of devices with nothing older left to "+
+			"send ahead of it, else 0."),
 	}
 	for _, c := range []prometheus.Collector{m.sent, m.sentAhead, m.acked, m.resent, m.reconnects, m.errors, m.connected, m.stalled, m.inFlight, m.drainRate, m.ahead} {
 		if err := reg.Register(c); err != nil {
