@@ -1,5 +1,3 @@
-//go:build unix
-
 package mosquittotest
 
 import (
@@ -14,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -179,8 +176,12 @@ func (b *Broker) Save() {
 	if cmd == nil || !b.Running() {
 		b.t.Fatalf("mosquittotest: save: broker is not running")
 	}
+	sig := saveSignal()
+	if sig == nil {
+		b.t.Fatalf("mosquittotest: save: mosquitto has no signal to save its persistence file on this system")
+	}
 	before, _ := os.Stat(b.db)
-	if err := cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+	if err := cmd.Process.Signal(sig); err != nil {
 		b.t.Fatalf("mosquittotest: save: %v", err)
 	}
 	deadline := time.Now().Add(startTimeout)
@@ -280,7 +281,7 @@ func (b *Broker) kill() {
 	if cmd == nil {
 		return
 	}
-	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
+	if err := cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		b.t.Logf("mosquittotest: kill: %v", err)
 	}
 	<-exited
