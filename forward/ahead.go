@@ -61,12 +61,12 @@ type aheadEvent struct {
 // backlog's last aheadBudget events may go ahead.
 func aheadBudget(window int) int { return 4 * window }
 
-// aheadAllowed reports whether the sink may send events ahead of a backlog: not a priority lane (its own sink
-// decides), without a rate cap (whose tokens go in log order), with a window of at least 8 (room comes back by
-// quarters) and a source that reads headers.
+// aheadAllowed reports whether the sink may send events ahead of a backlog: not configured for strict order,
+// not a priority lane (its own sink decides), without a rate cap (whose tokens go in log order), with a window of
+// at least 8 (room comes back by quarters) and a source that reads headers.
 func (s *sink) aheadAllowed() (HeaderReader, bool) {
 	hr, ok := s.src.(HeaderReader)
-	return hr, ok && s.pub == nil && s.lim == nil && s.cfg.Window >= 8
+	return hr, ok && !s.cfg.StrictOrder && s.pub == nil && s.lim == nil && s.cfg.Window >= 8
 }
 
 // backlogScan is what the passes over a sink's log learned: the last aheadBudget events the sink carries, and

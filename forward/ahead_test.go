@@ -83,6 +83,28 @@ func TestEventsOfDevicesNotInTheBacklogGoAhead(t *testing.T) {
 	}
 }
 
+// TestStrictOrderSendsInLogOrder: with strict_order, a sink never scans a backlog, and the event of a device
+// with nothing in the backlog waits behind it: everything goes upstream in log order.
+func TestStrictOrderSendsInLogOrder(t *testing.T) {
+	const backlog = 100
+	log := newMemLog(t)
+	for i := 1; i <= backlog; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	_, _, c := startHandSink(t, log, 8, time.Hour, func(sc *SinkConfig) { sc.StrictOrder = true })
+	first := c.next(t)
+	log.add("sensor.reading", "porch", 1) // nothing of porch in the backlog
+	hall := log.add("sensor.reading", "hall", backlog+1)
+	c.ack(first[len(first)-1].Seq)
+	order := append([]uint64{first[0].Seq}, ackAll(t, c, hall)...)
+	if want := seqs(1, hall); !slices.Equal(order, want) {
+		t.Errorf("sent %v; want log order %v", order, want)
+	}
+	if scans := log.headerScans(); len(scans) > 0 {
+		t.Errorf("ReadHeaders after %v: a strict-order sink scanned its backlog", scans)
+	}
+}
+
 // TestCursorWaitsForAnEventSentAhead: when the sink's reader reaches an event that went ahead and is still in
 // flight, it does not send it again, and the cursor stops before it until it is acknowledged.
 func TestCursorWaitsForAnEventSentAhead(t *testing.T) {

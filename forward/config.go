@@ -86,6 +86,11 @@ type SinkConfig struct {
 	// with "-p<n>" appended; only the sink itself subscribes to commands. Empty (the default): one connection,
 	// every event in log order.
 	PriorityLanes []int `yaml:"priority_lanes"`
+	// StrictOrder, when true, sends every event in log order, across devices too. By default, when a connection
+	// starts with a backlog, the events of devices that have nothing left in it go ahead of it (each device's
+	// own events still arrive in order); with strict_order they wait behind the whole backlog, as a consumer
+	// that relies on the order across devices needs.
+	StrictOrder bool `yaml:"strict_order"`
 	// AckTimeout is how long the sink waits for an acknowledgement while events are in flight before it
 	// declares the upstream stalled, drops the connection and reconnects (default 10s).
 	AckTimeout time.Duration `yaml:"ack_timeout"`

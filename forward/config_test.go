@@ -64,8 +64,9 @@ func TestConfigGolden(t *testing.T) {
 // describe prints a sink's configuration the way a reader checks it; secrets print as REDACTED.
 func describe(s SinkConfig) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "- %s (%s) types=%v batch=%d window=%d rate=%g ack_timeout=%s backoff=%s..%s cursor=%s\n",
-		s.Name, s.Type, s.Types, s.BatchSize, s.Window, s.RateLimit, s.AckTimeout, s.BackoffMin, s.BackoffMax, CursorName(s.Name))
+	fmt.Fprintf(&b, "- %s (%s) types=%v batch=%d window=%d rate=%g strict_order=%t ack_timeout=%s backoff=%s..%s cursor=%s\n",
+		s.Name, s.Type, s.Types, s.BatchSize, s.Window, s.RateLimit, s.StrictOrder, s.AckTimeout, s.BackoffMin, s.BackoffMax,
+		CursorName(s.Name))
 	for _, lo := range s.lanes() {
 		l := s.lane("gw1", lo)
 		fmt.Fprintf(&b, "  lane %s cursor=%s", LaneName(s.Name, lo), CursorName(LaneName(s.Name, lo)))

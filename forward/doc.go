@@ -31,8 +31,9 @@
 // during the outage, or online only near its end — has nothing older still to send, so its events, those at the
 // end of the backlog and the new ones, go upstream at once, on the same connection, ahead of the backlog (counted
 // in edgegate_forward_sent_ahead_total). The cursor passes such an event only when the sink's reader reaches it
-// in log order, so a reconnect sends it again: at most four windows of them at a time. Sinks with a rate_limit,
-// priority lanes themselves and windows below 8 send in log order only.
+// in log order, so a reconnect sends it again: at most four windows of them at a time. Sinks with strict_order
+// (for an upstream consumer that relies on the order across devices), with a rate_limit, priority lanes
+// themselves and windows below 8 send in log order only.
 //
 // # Priority lanes
 //
@@ -70,6 +71,7 @@
 //	      types: ["sensor.*", door.opened]   # optional filter
 //	      window: 1024                # events in flight
 //	      priority_lanes: [5]         # optional: priorities 5-9 go first, on a connection of their own
+//	      strict_order: false         # true: no device goes ahead of a backlog, all in log order
 //	      ack_timeout: 10s            # stall detection
 //	      mqtt:
 //	        url: ssl://broker.example.com:8883

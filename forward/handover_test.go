@@ -61,12 +61,15 @@ func (c *handConn) next(t *testing.T) []Record {
 
 // startHandSink runs a forwarder whose one sink (window events) sends to a handTransport and checks for a
 // stall every tick; it returns the transport and the sink's first connection.
-func startHandSink(t *testing.T, log *memLog, window int, tick time.Duration) (*running, *handTransport, *handConn) {
+func startHandSink(t *testing.T, log *memLog, window int, tick time.Duration, opts ...func(*SinkConfig)) (*running, *handTransport, *handConn) {
 	t.Helper()
 	ht := &handTransport{conns: make(chan *handConn, 4)}
 	sc := mqttSink("up", "tcp://127.0.0.1:1")
 	sc.Window = window
 	sc.AckTimeout = time.Hour
+	for _, o := range opts {
+		o(&sc)
+	}
 	r := startForwarderWith(t, Config{Sinks: []SinkConfig{sc}}, log, nil, func(f *Forwarder) {
 		f.sinks[0].tr, f.sinks[0].tick = ht, tick
 	})
