@@ -8,5 +8,7 @@
 // storms stay cheap.
 //
 // The StateView records, per device, when it was last seen, its last event type, whether it is online and the
-// fields of its JSON payloads, within fixed bounds (MaxStateDevices, MaxStateKeys, MaxReportedBytes).
+// fields of its JSON payloads, within fixed bounds (MaxStateDevices, MaxStateKeys, MaxReportedBytes). Numbers
+// decode as encoding/json decodes them (float64), except integers beyond ±2^53 that fit an int64 (a nanosecond
+// timestamp, a 64-bit counter): they stay int64, with every digit, as in the rules.
 package devices

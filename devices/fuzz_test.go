@@ -1,7 +1,9 @@
 package devices
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -137,6 +139,7 @@ func FuzzStateLoad(f *testing.F) {
 	f.Add([]byte(`{"version":1,"devices":{"a":{"last_seen":"2026-03-01T12:00:00Z","online":true,"reported":{"x":1}}}}`))
 	f.Add([]byte(`{"version":1,"devices":{"b":{"mode":"away","reported":null}}}`))
 	f.Add([]byte(`{"version":1,"devices":{}}`))
+	f.Add([]byte(`{"version":1,"devices":{"m":{"n":9007199254740993,"reported":{"ts":[1733500000123456789,1e400]}}}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		dir := t.TempDir()
 		path := filepath.Join(dir, "state.json")
@@ -162,4 +165,56 @@ func FuzzStateLoad(f *testing.F) {
 			t.Fatalf("state changed through Save and Load:\n%#v\n%#v", a, b)
 		}
 	})
+}
+
+// FuzzDecodeJSON: the state view's decoder accepts exactly what json.Unmarshal accepts and decodes the same
+// values, except that integers beyond ±2^53 that fit an int64 come out as that int64, whose float64 is what
+// json.Unmarshal gives.
+func FuzzDecodeJSON(f *testing.F) {
+	for _, s := range []string{`{"a":1}`, `[9007199254740993,-9223372036854775808,1e2,"x"]`, `12345678901234567890`,
+		`{"a":{"b":[1733500000123456789]}}`, `1e400`, `{"a":1} x`, `9007199254740992.5`, `-0`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var want any
+		wantErr := json.Unmarshal(data, &want)
+		var got any
+		long, err := decodeJSON(data, &got)
+		if err == nil && long {
+			got, err = exactNumber(got)
+		}
+		if (err == nil) != (wantErr == nil) {
+			t.Fatalf("decodeJSON(%q): error %v, json.Unmarshal: %v", data, err, wantErr)
+		}
+		if err != nil {
+			return
+		}
+		if !reflect.DeepEqual(asFloats(got), want) {
+			t.Fatalf("decodeJSON(%q) = %#v, json.Unmarshal: %#v", data, got, want)
+		}
+	})
+}
+
+// asFloats replaces the int64s in v by their float64s (in copies).
+func asFloats(v any) any {
+	switch x := v.(type) {
+	case int64:
+		if x <= maxExactInt && x >= -maxExactInt {
+			panic(fmt.Sprintf("int64 %d within ±2^53", x))
+		}
+		return float64(x)
+	case map[string]any:
+		m := make(map[string]any, len(x))
+		for k, e := range x {
+			m[k] = asFloats(e)
+		}
+		return m
+	case []any:
+		out := make([]any, len(x))
+		for i, e := range x {
+			out[i] = asFloats(e)
+		}
+		return out
+	}
+	return v
 }

@@ -79,7 +79,11 @@ type repField struct {
 // value returns the field's decoded value (decoding it on first use). s.mu is held.
 func (f *repField) value() any {
 	if !f.decoded {
-		if err := json.Unmarshal(f.raw, &f.val); err != nil {
+		long, err := decodeJSON(f.raw, &f.val)
+		if err == nil && long {
+			f.val, err = exactNumber(f.val)
+		}
+		if err != nil {
 			f.val = string(f.raw) // not reached unless ApplyChecked was given data that is not JSON
 		}
 		f.decoded = true

@@ -54,7 +54,7 @@ func (s *StateView) Save(path string) error {
 }
 
 // Load reads a file written by Save into the view and returns the number of devices it held. Every saved key comes
-// back as saved (numbers as float64, last_seen as a time), except online, which is false: no device is connected
+// back as saved (numbers as float64 or, beyond ±2^53, int64; last_seen as a time), except online, which is false: no device is connected
 // to a gateway that is starting. A file that does not exist is no error (0 devices); one that cannot be read as a
 // saved state is an error naming it, and the view is left unchanged.
 func (s *StateView) Load(path string) (int, error) {
@@ -66,7 +66,13 @@ func (s *StateView) Load(path string) (int, error) {
 		return 0, fmt.Errorf("devices: load state: %w", err)
 	}
 	var sf stateFile
-	if err := json.Unmarshal(data, &sf); err != nil {
+	long, err := decodeJSON(data, &sf)
+	for _, st := range sf.Devices {
+		if err == nil && long {
+			_, err = exactNumber(st) // replaces the numbers of the map in place
+		}
+	}
+	if err != nil {
 		return 0, fmt.Errorf("devices: load state %s: %w", path, err)
 	}
 	if sf.Version != stateFileVersion {

@@ -86,3 +86,37 @@ func TestStateLoadBadFiles(t *testing.T) {
 		t.Errorf("%d devices after failed loads, want 0", st.Devices)
 	}
 }
+
+// TestStateKeepsLongIntegers: an integer beyond 2^53 (a nanosecond timestamp, a 64-bit counter), which a float64
+// cannot hold exactly, keeps every digit in the state view, as an int64, through Save and Load too; other
+// numbers are float64s, as encoding/json decodes them; an integer too long for an int64 is a float64.
+func TestStateKeepsLongIntegers(t *testing.T) {
+	const data = `{"ts":1733500000123456789,"neg":-9007199254740993,"small":42,"exact":9007199254740992,` +
+		`"huge":123456789012345678901234,"nested":{"id":9223372036854775807,"list":[18014398509481985,1.5]}}`
+	want := map[string]any{
+		"ts": int64(1733500000123456789), "neg": int64(-9007199254740993), "small": 42.0, "exact": 9007199254740992.0,
+		"huge":   123456789012345678901234.0,
+		"nested": map[string]any{"id": int64(9223372036854775807), "list": []any{int64(18014398509481985), 1.5}},
+	}
+	s := NewStateView()
+	s.Apply(newEvent(t, "meter-1", "telemetry", t0, "application/json", data))
+	if got := mustGet(t, s, "meter-1")[KeyReported]; !reflect.DeepEqual(got, want) {
+		t.Errorf("reported:\n got %#v\nwant %#v", got, want)
+	}
+	s.Set("meter-1", "last", int64(1733500000123456789))
+	path := filepath.Join(t.TempDir(), "device-state.json")
+	if err := s.Save(path); err != nil {
+		t.Fatal(err)
+	}
+	r := NewStateView()
+	if _, err := r.Load(path); err != nil {
+		t.Fatal(err)
+	}
+	got := mustGet(t, r, "meter-1")
+	if !reflect.DeepEqual(got[KeyReported], want) {
+		t.Errorf("reported after Load:\n got %#v\nwant %#v", got[KeyReported], want)
+	}
+	if got["last"] != int64(1733500000123456789) {
+		t.Errorf("last after Load = %#v, want int64 1733500000123456789", got["last"])
+	}
+}
