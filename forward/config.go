@@ -18,26 +18,29 @@ const (
 	TypeHTTP = "http"
 )
 
-// HTTP sink modes (the CloudEvents HTTP binding's content modes).
+// Sink modes: the CloudEvents HTTP binding's content modes; MQTT has structured (the default) and batch.
 const (
-	// ModeStructured sends one event per request, the stored CloudEvent JSON as the body
-	// (Content-Type: application/cloudevents+json).
+	// ModeStructured sends one event per request or message, the stored CloudEvent JSON
+	// (HTTP Content-Type: application/cloudevents+json).
 	ModeStructured = "structured"
-	// ModeBinary sends one event per request: attributes as ce-* headers, the event's data as the body.
+	// ModeBinary sends one event per request: attributes as ce-* headers, the event's data as the body (HTTP).
 	ModeBinary = "binary"
-	// ModeBatch sends up to batch_size events per request as a JSON array
-	// (Content-Type: application/cloudevents-batch+json).
+	// ModeBatch sends up to batch_size consecutive events per request or message as a JSON array, the
+	// CloudEvents JSON batch format (HTTP Content-Type: application/cloudevents-batch+json).
 	ModeBatch = "batch"
 )
 
 // Defaults applied to zero fields (see SinkConfig).
 const (
-	DefaultBatchSize     = 128
-	DefaultWindow        = 1024
-	DefaultAckTimeout    = 10 * time.Second
-	DefaultBackoffMin    = 500 * time.Millisecond
-	DefaultBackoffMax    = 30 * time.Second
-	DefaultMQTTTopic     = "edgegate/{gateway}/events/{subject}/{type}"
+	DefaultBatchSize      = 128
+	DefaultWindow         = 1024
+	DefaultAckTimeout     = 10 * time.Second
+	DefaultBackoffMin     = 500 * time.Millisecond
+	DefaultBackoffMax     = 30 * time.Second
+	DefaultMQTTTopic      = "edgegate/{gateway}/events/{subject}/{type}"
+	DefaultMQTTBatchTopic = "edgegate/{gateway}/batches"
+	// DefaultBatchMaxBytes is the default bound of an MQTT batch's payload: AWS IoT Core's limit, 128 KiB.
+	DefaultBatchMaxBytes = 128 << 10
 	DefaultCommandTopic  = "edgegate/{gateway}/commands/{device}/{command}"
 	DefaultNATSSubject   = "edgegate.{gateway}.events.{subject}.{type}"
 	DefaultKeepAlive     = 30 * time.Second
@@ -138,6 +141,17 @@ type MQTTConfig struct {
 	CommandTopic string `yaml:"command_topic"`
 	// DisableCommands turns the command subscription off.
 	DisableCommands bool `yaml:"disable_commands"`
+	// Mode is structured (the default: one CloudEvent per message, on Topic) or batch: each message carries a
+	// JSON array of up to the sink's batch_size consecutive events (the CloudEvents JSON batch format) on
+	// BatchTopic, within BatchMaxBytes, and one PUBACK acknowledges them all. A batch holds what is ready to send:
+	// a single live event goes at once, as an array of one, while a backlog drains in full batches, with far
+	// fewer messages for the brokers to route (and for a cloud broker that bills per message to count).
+	Mode string `yaml:"mode"`
+	// BatchTopic is the topic of batches (default edgegate/{gateway}/batches); it may use {gateway} and {sink}.
+	BatchTopic string `yaml:"batch_topic"`
+	// BatchMaxBytes bounds a batch's payload (default 131072, the limit of AWS IoT Core); an event larger than
+	// that goes alone.
+	BatchMaxBytes int `yaml:"batch_max_bytes"`
 	// KeepAlive is the MQTT keep-alive (default 30s); ConnectTimeout bounds a connection attempt (default 10s).
 	KeepAlive      time.Duration `yaml:"keep_alive"`
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
@@ -290,6 +304,17 @@ func (c SinkConfig) withDefaults() SinkConfig {
 		if m.ConnectTimeout == 0 {
 			m.ConnectTimeout = DefaultConnTimeout
 		}
+		if m.Mode == "" {
+			m.Mode = ModeStructured
+		}
+		if m.Mode == ModeBatch {
+			if m.BatchTopic == "" {
+				m.BatchTopic = DefaultMQTTBatchTopic
+			}
+			if m.BatchMaxBytes == 0 {
+				m.BatchMaxBytes = DefaultBatchMaxBytes
+			}
+		}
 		c.MQTT = &m
 	case c.NATS != nil:
 		n := *c.NATS
@@ -409,6 +434,26 @@ func (m MQTTConfig) validate(key string) error {
 		if _, err := parseCommandTopic(m.CommandTopic); err != nil {
 			errs = append(errs, fmt.Errorf("%s.command_topic: %w", key, err))
 		}
+	}
+	switch m.Mode {
+	case "", ModeStructured:
+		if m.BatchTopic != "" {
+			errs = append(errs, fmt.Errorf("%s.batch_topic: set without mode: batch", key))
+		}
+		if m.BatchMaxBytes != 0 {
+			errs = append(errs, fmt.Errorf("%s.batch_max_bytes: set without mode: batch", key))
+		}
+	case ModeBatch:
+		if m.BatchTopic != "" {
+			if _, err := parseTemplate(m.BatchTopic, batchFields, mqttTopicCheck); err != nil {
+				errs = append(errs, fmt.Errorf("%s.batch_topic: %w", key, err))
+			}
+		}
+		if m.BatchMaxBytes < 0 {
+			errs = append(errs, fmt.Errorf("%s.batch_max_bytes: must be >= 0, got %d", key, m.BatchMaxBytes))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("%s.mode: %q is not structured or batch", key, m.Mode))
 	}
 	if m.KeepAlive < 0 {
 		errs = append(errs, fmt.Errorf("%s.keep_alive: must be >= 0, got %s", key, m.KeepAlive))

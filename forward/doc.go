@@ -51,6 +51,17 @@
 // A connection that has events in flight and receives no acknowledgement within ack_timeout is declared
 // stalled (health, edgegate_forward_stalled, a log line), dropped and replaced.
 //
+// # Batches
+//
+// An MQTT sink with mode: batch publishes JSON arrays of consecutive events (the CloudEvents JSON batch format)
+// on its batch_topic instead of one event per message on its topic; an HTTP sink with mode: batch POSTs them.
+// A batch holds what is ready to send, up to batch_size events (and, for MQTT, batch_max_bytes, by default
+// 128 KiB): a live event that comes alone goes at once, in an array of one, while a backlog drains in full
+// batches. One acknowledgement covers the whole batch, and the order and the promise above are the same, a
+// reconnect sending whole batches again. Far fewer messages reach the upstream broker: for a backlog of telemetry
+// it routes, stores and (on a cloud broker that bills per message) counts one message per batch_size events.
+// The consumer reads arrays instead of events; the batch topic names no device or type.
+//
 // # Cloud-to-device commands
 //
 // An MQTT sink subscribes (QoS 1, persistent session) to its command topic, by default
@@ -78,6 +89,8 @@
 //	        username: gw-17
 //	        password: s3cret          # logged as REDACTED
 //	        tls: {ca_file: /etc/edgegate/ca.pem}
+//	        # mode: batch             # optional: JSON arrays of up to batch_size events on batch_topic
+//	        # batch_topic: edgegate/{gateway}/batches
 //	    - name: stream
 //	      type: nats
 //	      nats: {url: "nats://10.0.0.5:4222", stream: EVENTS}

@@ -309,13 +309,16 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 type received struct {
 	topic, id, subject string
 	n                  int
+	msg, size          int // the message that carried the event (counted from 1), and its payload's length
 }
 
-// collector subscribes upstream (persistent session, automatic reconnect) and records every event received.
+// collector subscribes upstream (persistent session, automatic reconnect) and records every event received: a
+// message is one CloudEvent, or a JSON array of them (a batch).
 type collector struct {
-	mu  sync.Mutex
-	got []received
-	cl  paho.Client
+	mu   sync.Mutex
+	got  []received
+	msgs int
+	cl   paho.Client
 }
 
 func collect(t testing.TB, url, filter string) *collector {
@@ -325,19 +328,32 @@ func collect(t testing.TB, url, filter string) *collector {
 		SetAutoReconnect(true).SetMaxReconnectInterval(50 * time.Millisecond).SetConnectRetry(true).
 		SetConnectRetryInterval(50 * time.Millisecond).SetResumeSubs(true).SetOrderMatters(true)
 	opts.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
-		var ev struct {
+		type cloudEvent struct {
 			ID      string `json:"id"`
 			Subject string `json:"subject"`
 			Data    struct {
 				N int `json:"n"`
 			} `json:"data"`
 		}
-		if err := json.Unmarshal(m.Payload(), &ev); err != nil {
+		var evs []cloudEvent
+		p := m.Payload()
+		var err error
+		if len(p) > 0 && p[0] == '[' {
+			err = json.Unmarshal(p, &evs)
+		} else {
+			evs = make([]cloudEvent, 1)
+			err = json.Unmarshal(p, &evs[0])
+		}
+		if err != nil {
 			t.Errorf("collector: %s: %v", m.Topic(), err)
 			return
 		}
 		c.mu.Lock()
-		c.got = append(c.got, received{topic: m.Topic(), id: ev.ID, subject: ev.Subject, n: ev.Data.N})
+		c.msgs++
+		for _, ev := range evs {
+			c.got = append(c.got, received{topic: m.Topic(), id: ev.ID, subject: ev.Subject, n: ev.Data.N,
+				msg: c.msgs, size: len(p)})
+		}
 		c.mu.Unlock()
 	})
 	c.cl = paho.NewClient(opts)

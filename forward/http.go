@@ -174,16 +174,7 @@ func (t *httpTransport) request(ctx context.Context, recs []Record) (*http.Reque
 	}
 	switch t.cfg.Mode {
 	case ModeBatch:
-		var body bytes.Buffer
-		body.WriteByte('[')
-		for i, r := range recs {
-			if i > 0 {
-				body.WriteByte(',')
-			}
-			body.Write(r.Data)
-		}
-		body.WriteByte(']')
-		setBody(req, body.Bytes())
+		setBody(req, batchPayload(recs))
 		req.Header.Set("Content-Type", contentTypeBatch)
 	case ModeBinary:
 		ev := event.New()

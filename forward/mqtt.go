@@ -32,6 +32,9 @@ type mqttTransport struct {
 	ackTimeout time.Duration
 	clientID   string
 	topic      *template
+	batch      int           // the most events in one message: 1, or batch_size in batch mode
+	batchBytes int           // the most bytes of a batch's payload (batch mode)
+	batchTopic string        // the topic of batches (batch mode)
 	cmd        *commandTopic // nil: no command subscription
 	cmds       CommandSink
 	dl         DeadLetterer
@@ -67,7 +70,17 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 	if err != nil {
 		return nil, fmt.Errorf("mqtt.topic: %w", err)
 	}
-	t.topic = topic.bind(map[string]string{fieldGateway: mqttLevel(gatewayID), fieldSink: mqttLevel(cfg.Name)})
+	static := map[string]string{fieldGateway: mqttLevel(gatewayID), fieldSink: mqttLevel(cfg.Name)}
+	t.topic = topic.bind(static)
+	t.batch = 1
+	if mc.Mode == ModeBatch {
+		bt, err := parseTemplate(mc.BatchTopic, batchFields, mqttTopicCheck)
+		if err != nil {
+			return nil, fmt.Errorf("mqtt.batch_topic: %w", err)
+		}
+		t.batch, t.batchBytes = cfg.BatchSize, mc.BatchMaxBytes
+		t.batchTopic = bt.bind(static).render(func(string) string { return "" })
+	}
 	if cmds != nil && !mc.DisableCommands {
 		if t.cmd, err = parseCommandTopic(mc.CommandTopic); err != nil {
 			return nil, fmt.Errorf("mqtt.command_topic: %w", err)
@@ -80,7 +93,8 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 	return t, nil
 }
 
-func (t *mqttTransport) unitSize() int  { return 1 }
+func (t *mqttTransport) unitSize() int  { return t.batch }
+func (t *mqttTransport) unitBytes() int { return t.batchBytes }
 func (t *mqttTransport) target() string { return t.where }
 func (t *mqttTransport) wait()          { t.bg.Wait() }
 func (t *mqttTransport) dialReaches() bool {
@@ -92,7 +106,7 @@ func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 		t:     t,
 		gen:   gen,
 		out:   make(chan outcome, t.window),
-		sendq: make(chan Record, t.window),
+		sendq: make(chan []Record, t.window),
 		pend:  make(chan mqttPending, t.window),
 		cmdq:  make(chan paho.Message, commandQueue),
 		loss:  loss{ch: make(chan struct{})},
@@ -189,7 +203,7 @@ type mqttConn struct {
 	wg     sync.WaitGroup
 
 	out   chan outcome
-	sendq chan Record
+	sendq chan []Record
 	pend  chan mqttPending
 	cmdq  chan paho.Message
 
@@ -204,7 +218,7 @@ type mqttPending struct {
 
 func (c *mqttConn) send(recs []Record) error {
 	select {
-	case c.sendq <- recs[0]:
+	case c.sendq <- recs:
 		return nil
 	default:
 		return errors.New("forward: mqtt: more events in flight than the window")
@@ -219,14 +233,36 @@ func (c *mqttConn) publish() {
 		select {
 		case <-c.ctx.Done():
 			return
-		case r := <-c.sendq:
-			tok := c.cl.Publish(c.t.topic.event(r.Subject, r.Type, mqttLevel), 1, false, r.Data)
+		case u := <-c.sendq:
+			var tok paho.Token
+			if c.t.batch > 1 {
+				tok = c.cl.Publish(c.t.batchTopic, 1, false, batchPayload(u))
+			} else {
+				tok = c.cl.Publish(c.t.topic.event(u[0].Subject, u[0].Type, mqttLevel), 1, false, u[0].Data)
+			}
 			select {
-			case c.pend <- mqttPending{tok: tok, last: r.Seq}:
+			case c.pend <- mqttPending{tok: tok, last: u[len(u)-1].Seq}:
 			default: // cannot happen: no more than a window is sent
 			}
 		}
 	}
+}
+
+// batchPayload is the JSON array of the events of u (each stored as a CloudEvent's JSON).
+func batchPayload(u []Record) []byte {
+	n := 1 + len(u)
+	for _, r := range u {
+		n += len(r.Data)
+	}
+	b := make([]byte, 0, n)
+	b = append(b, '[')
+	for i, r := range u {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, r.Data...)
+	}
+	return append(b, ']')
 }
 
 func (c *mqttConn) outcomes() <-chan outcome { return c.out }

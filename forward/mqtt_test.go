@@ -97,15 +97,25 @@ func TestMQTTDeliversInOrder(t *testing.T) {
 // through a proxy whose return path is blackholed just before the kill: acknowledgements stop, and the kill
 // happens once the subscriber has every event the sink sent. The events in flight at the kill (a full window)
 // must be sent again after the restart.
+// In batch mode the same holds, batches of up to 4 events being sent again instead of single events.
 func TestMQTTOutage(t *testing.T) {
+	for _, mode := range []string{ModeStructured, ModeBatch} {
+		t.Run(mode, func(t *testing.T) { testMQTTOutage(t, mode) })
+	}
+}
+
+func testMQTTOutage(t *testing.T, mode string) {
 	b := mosquittotest.Start(t)
 	p := mosquittotest.NewProxy(t, b.Addr())
-	col := collect(t, b.URL(), "edgegate/gw1/events/#")
+	col := collect(t, b.URL(), "edgegate/gw1/#") // events/# and batches
 	b.Save() // the collector's session and subscription survive the kill
 
 	log := newMemLog(t)
 	sc := mqttSink("up", p.URL())
 	sc.Window = 16
+	if mode == ModeBatch {
+		sc.BatchSize, sc.MQTT.Mode = 4, ModeBatch
+	}
 	sc.AckTimeout = 10 * time.Second // the kill, not a stall, ends the connection
 	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
 

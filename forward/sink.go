@@ -447,7 +447,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				continue
 			}
 			n, limit := 1, min(s.tr.unitSize(), s.window()-s.unsavedN)
-			for n < len(pending) && n < limit && s.carries(&pending[n]) && !s.wentAhead(pending[n].Seq) {
+			room := s.unitRoom(&pending[0])
+			for n < len(pending) && n < limit && s.carries(&pending[n]) && !s.wentAhead(pending[n].Seq) &&
+				room.take(&pending[n]) {
 				n++
 			}
 			if s.lim != nil {
@@ -597,6 +599,39 @@ func (s *sink) read(next uint64) ([]Record, uint64, error) {
 	}
 	recs, err := s.src.Read(next, s.cfg.BatchSize)
 	return recs, next, err
+}
+
+// unitByteLimiter is a transport whose units are bounded in bytes too (an MQTT batch within the broker's
+// largest message): unitBytes is the most bytes of a unit's events as a JSON array; 0 is no bound.
+type unitByteLimiter interface {
+	unitBytes() int
+}
+
+// unitRoom is what is left of a unit's byte bound as its events are taken.
+type unitRoom struct {
+	left  int
+	bound bool
+}
+
+// unitRoom starts a unit with its first event, which it holds whatever its size.
+func (s *sink) unitRoom(first *Record) unitRoom {
+	bl, ok := s.tr.(unitByteLimiter)
+	if !ok || bl.unitBytes() <= 0 {
+		return unitRoom{}
+	}
+	return unitRoom{left: bl.unitBytes() - 2 - len(first.Data), bound: true} // the array's brackets
+}
+
+// take reports whether r fits in the unit too, and counts it in if so.
+func (u *unitRoom) take(r *Record) bool {
+	if !u.bound {
+		return true
+	}
+	if need := len(r.Data) + 1; need <= u.left { // a comma before it
+		u.left -= need
+		return true
+	}
+	return false
 }
 
 // heldEvent is an event of a lane that the sink's cursor may pass only once the lane has carried it.

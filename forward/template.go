@@ -19,6 +19,9 @@ const (
 
 var eventFields = []string{fieldGateway, fieldSink, fieldSubject, fieldType}
 
+// batchFields are the fields of a batch's topic: a batch mixes subjects and types.
+var batchFields = []string{fieldGateway, fieldSink}
+
 // template is a parsed topic or subject template: literal text and {field} placeholders.
 type template struct {
 	parts []tmplPart
