@@ -15,6 +15,8 @@ const onlineDescription = `Devices publish QoS 1 JSON (100 bytes) to the edge, w
 counting subscriber: edgegate with one MQTT sink (log fsync'd before the device's PUBACK), against an edge
 mosquitto bridged to the cloud one (QoS 1, persistence, no queue limits). The rate is the distinct messages
 delivered per second, from the first publish to the last arrival; p50–max are publish-to-arrival latencies.
+gateway-batch is the gateway with its MQTT sink in batch mode (mqtt.mode: batch): a message carries a JSON array
+of up to 128 consecutive events, which the subscriber splits; gateway is the default, one event per message.
 Measured by internal/bridgebench.RunOnline.`
 
 const drainDescription = `The cloud broker is stopped, the devices publish a backlog (all acknowledged at the edge), the cloud
@@ -25,7 +27,9 @@ with mosquitto's default limit of 1000 queued messages, which loses most of the 
 bridge sends the live messages after the backlog it queued before them; the gateway sends them ahead of the
 backlog, because the live device has no events in it but among its last ones (the device's order holds).
 gateway-live-lane is the gateway with the live device's messages at priority 5 and its sink configured with
-priority_lanes: [5]: they go up on a connection of their own. Measured by internal/bridgebench.RunDrain.`
+priority_lanes: [5]: they go up on a connection of their own. gateway-batch is the gateway with its MQTT sink in
+batch mode (mqtt.mode: batch: JSON arrays of up to 128 events per message). Measured by
+internal/bridgebench.RunDrain.`
 
 func bridgeOptions(h *harness, system bridgebench.System) bridgebench.Options {
 	return bridgebench.Options{
@@ -55,19 +59,29 @@ func runOnline(ctx context.Context, h *harness, res *Result) error {
 	res.Params["devices"] = strconv.Itoa(o.Devices)
 	res.Params["messages_per_device"] = strconv.Itoa(o.Messages)
 	group := fmt.Sprintf("%d devices × %d messages", o.Devices, o.Messages)
+	batch := bridgeOptions(h, bridgebench.Gateway)
+	batch.Batch = true
+	runs := []struct {
+		name string
+		o    bridgebench.Options
+	}{
+		{bridgebench.Gateway.String(), bridgeOptions(h, bridgebench.Gateway)},
+		{batchSystem, batch},
+		{bridgebench.MosquittoBridge.String(), bridgeOptions(h, bridgebench.MosquittoBridge)},
+	}
 	return h.forRounds(ctx, func(round int) error {
-		for _, system := range []bridgebench.System{bridgebench.Gateway, bridgebench.MosquittoBridge} {
-			r, err := bridgebench.RunOnline(ctx, bridgeOptions(h, system))
+		for _, run := range runs {
+			r, err := bridgebench.RunOnline(ctx, run.o)
 			if err != nil {
-				return fmt.Errorf("%s: %w", system, err)
+				return fmt.Errorf("%s: %w", run.name, err)
 			}
 			s := bridgeSample(r)
 			s.Round, s.Value = round, r.Rate
 			s.Extra = map[string]float64{"p50_ms": msOf(r.LatencyP50), "p99_ms": msOf(r.LatencyP99),
 				"max_ms": msOf(r.LatencyMax), "duplicates": float64(r.Duplicates)}
-			row := res.row(group, system.String(), "msg/s", false)
+			row := res.row(group, run.name, "msg/s", false)
 			row.Samples = append(row.Samples, s)
-			h.logf("online: round %d %s", round, r)
+			h.logf("online: round %d %s %s", round, run.name, r)
 		}
 		return nil
 	})
@@ -98,6 +112,12 @@ func runDrain(ctx context.Context, h *harness, res *Result) error {
 		name string
 		o    bridgebench.Options
 	}{liveLaneSystem, lane})
+	batch := bridgeOptions(h, bridgebench.Gateway)
+	batch.Batch = true
+	runs = append(runs, struct {
+		name string
+		o    bridgebench.Options
+	}{batchSystem, batch})
 	return h.forRounds(ctx, func(round int) error {
 		for _, run := range runs {
 			r, err := bridgebench.RunDrain(ctx, run.o)
@@ -122,3 +142,6 @@ const (
 	liveLanePriority = 5
 	liveLaneSystem   = "gateway-live-lane"
 )
+
+// batchSystem is the gateway with its MQTT sink in batch mode.
+const batchSystem = "gateway-batch"

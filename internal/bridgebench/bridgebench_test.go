@@ -21,6 +21,7 @@ var (
 	flagDurable  = flag.String("durability", "fsync", "the gateway log's buffer.durability: fsync or interval")
 	flagWindow   = flag.Int("window", 0, "the gateway sink's window (0: the forward default)")
 	flagLivePrio = flag.Int("live-priority", 0, "BenchmarkDrain: the live device's priority, with a priority lane for it at the gateway (0: none)")
+	flagBatch    = flag.Bool("batch", false, "the gateway's MQTT sink in batch mode (JSON arrays of up to 128 events per message)")
 	flagProgress = flag.Bool("progress", false, "log each run's progress (the benchmark log keeps only its first lines)")
 	flagEdgegate = flag.String("edgegate", "", "a built edgegate binary to measure (default: build cmd/edgegate)")
 	flagKeep     = flag.Bool("keep", false, "keep each run's directory (configurations, logs, data)")
@@ -106,10 +107,15 @@ func TestSmoke(t *testing.T) {
 		Devices: 3, Messages: 200, Backlog: 1500, LiveRate: 100, LiveTail: 300 * time.Millisecond,
 		Inflight: 20, StallTimeout: 5 * time.Second, Timeout: time.Minute, GatewayBinary: bin, KeepDir: *flagKeep, Logf: t.Logf,
 	}
-	for _, sys := range []System{Gateway, MosquittoBridge} {
+	for _, v := range []struct {
+		name  string
+		sys   System
+		batch bool
+	}{{"gateway", Gateway, false}, {"gateway-batch", Gateway, true}, {"bridge", MosquittoBridge, false}} {
 		o := base
-		o.System = sys
-		t.Run("online/"+sys.String(), func(t *testing.T) {
+		o.System, o.Batch = v.sys, v.batch
+		sys := v.sys
+		t.Run("online/"+v.name, func(t *testing.T) {
 			r, err := RunOnline(ctx, o)
 			t.Log(r)
 			if err != nil {
@@ -121,7 +127,7 @@ func TestSmoke(t *testing.T) {
 			}
 			checkCommon(t, r)
 		})
-		t.Run("drain/"+sys.String(), func(t *testing.T) {
+		t.Run("drain/"+v.name, func(t *testing.T) {
 			r, err := RunDrain(ctx, o)
 			t.Log(r)
 			if err != nil {
@@ -167,7 +173,7 @@ func benchOptions(b *testing.B, bin string) Options {
 	}
 	return Options{Devices: *flagDevices, Messages: *flagMessages, Backlog: *flagDrain, LiveRate: *flagLive,
 		GatewayBinary: bin, KeepDir: *flagKeep, Logf: logf, Durability: *flagDurable, Window: *flagWindow,
-		LivePriority: *flagLivePrio}
+		LivePriority: *flagLivePrio, Batch: *flagBatch}
 }
 
 // compare runs run for the gateway and the bridge alternately, b.N rounds, and reports each system's median

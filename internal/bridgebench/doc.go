@@ -25,7 +25,9 @@
 // ("topic devices/# out 1") configured to keep everything: persistence on, clean session off on both sides,
 // max_queued_messages 0 (no limit). MosquittoBridgeDefaults is the same bridge with mosquitto's default queue
 // limit (1000 queued messages per client), which loses the rest of a long outage's backlog. Both systems retry
-// a lost upstream connection within about a second (gateway backoff 100ms–1s, bridge restart_timeout 1).
+// a lost upstream connection within about a second (gateway backoff 100ms–1s, bridge restart_timeout 1). With
+// Options.Batch the gateway's sink is in batch mode (forward: "Batches"): each message to the cloud carries a
+// JSON array of up to 128 consecutive events, which the subscriber splits and counts one by one.
 //
 // Every process is started in its own process group on free 127.0.0.1 ports and killed when the run ends or
 // its context is cancelled; on Linux it is also killed should the calling process die.
@@ -38,7 +40,7 @@
 //
 // Flags of the benchmarks: -devices, -messages (per device, online), -drain (the backlog), -live-rate,
 // -live-priority (the live device's priority, with a lane for it), -durability (the gateway log's fsync or
-// interval), -window (the gateway sink's window), -edgegate (a built
+// interval), -window (the gateway sink's window), -batch (the gateway's sink in batch mode), -edgegate (a built
 // binary instead of building cmd/edgegate), -bridge-defaults=false (skip the lossy bridge run), -progress,
 // -keep (keep each run's directory). They report each system's median rate, the ratio gateway/bridge of the
 // medians, and per system the lost messages, the latency p99, the CPU share and the peak RSS. On a machine

@@ -47,9 +47,10 @@ type gatewayProc struct {
 	configPath string
 }
 
-// eventTopicFilter is what the subscriber subscribes to on the cloud broker for the gateway's events (the
-// default forward topic edgegate/{gateway}/events/{subject}/{type}).
-const eventTopicFilter = "edgegate/" + gatewayID + "/events/#"
+// eventTopicFilter is what the subscriber subscribes to on the cloud broker for the gateway's events: the
+// default forward topic edgegate/{gateway}/events/{subject}/{type} and, in batch mode, the default batch topic
+// edgegate/{gateway}/batches.
+const eventTopicFilter = "edgegate/" + gatewayID + "/#"
 
 // writeGatewayConfig writes the registry of the devices and the configuration of a gateway forwarding to
 // cloudURL.
@@ -103,7 +104,11 @@ func writeGatewayConfig(dir string, ids []string, cloudURL string, o Options) (*
 		fmt.Fprintf(&c, "      priority_lanes: [%d]\n", o.LivePriority)
 	}
 	fmt.Fprintf(&c, "      backoff_min: 100ms\n      backoff_max: 1s\n")
-	fmt.Fprintf(&c, "      mqtt: {url: %q}\n", cloudURL)
+	if o.Batch {
+		fmt.Fprintf(&c, "      mqtt: {url: %q, mode: batch}\n", cloudURL)
+	} else {
+		fmt.Fprintf(&c, "      mqtt: {url: %q}\n", cloudURL)
+	}
 	if err := os.WriteFile(g.configPath, c.Bytes(), 0o600); err != nil {
 		return nil, fmt.Errorf("gateway config: %w", err)
 	}

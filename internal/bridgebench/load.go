@@ -141,8 +141,55 @@ func connectSubscriber(ctx context.Context, url, filter string, withIDs bool, li
 
 func (s *subscriber) close() { s.cl.Disconnect(100) }
 
+// onMessage counts a message: one bench message, one CloudEvent or a JSON array of CloudEvents (a batch).
 func (s *subscriber) onMessage(b []byte) {
 	now := time.Now()
+	if len(b) > 0 && b[0] == '[' {
+		for _, e := range splitArray(b) {
+			s.onOne(e, now)
+		}
+		return
+	}
+	s.onOne(b, now)
+}
+
+// splitArray returns the elements of the JSON array b (without checking them); nil when b is not one.
+func splitArray(b []byte) [][]byte {
+	var out [][]byte
+	depth, start, inString, escaped := 0, 0, false, false
+	for i, c := range b {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '[' || c == '{':
+			if depth++; depth == 1 {
+				start = i + 1
+			}
+		case c == ']' || c == '}':
+			if depth--; depth == 0 {
+				if e := bytes.TrimSpace(b[start:i]); len(e) > 0 {
+					out = append(out, e)
+				}
+				return out
+			}
+		case c == ',' && depth == 1:
+			out = append(out, bytes.TrimSpace(b[start:i]))
+			start = i + 1
+		}
+	}
+	return nil
+}
+
+func (s *subscriber) onOne(b []byte, now time.Time) {
 	dev, ok1 := intField(b, "bd")
 	seq, ok2 := intField(b, "bs")
 	at, ok3 := intField(b, "bt")

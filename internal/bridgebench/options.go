@@ -86,6 +86,9 @@ type Options struct {
 	// on a connection of its own. The bridge has nothing like it and ignores it. 0: one lane (the live device's
 	// messages still go ahead of the backlog, see forward's "Ahead of a backlog").
 	LivePriority int
+	// Batch puts the gateway's MQTT sink in batch mode (forward "Batches"): JSON arrays of up to batch_size (128)
+	// events per message on edgegate/bench/batches. The bridge ignores it.
+	Batch bool
 	// BridgeInflight is the edge mosquitto's max_inflight_messages, which bounds the bridge's unacknowledged
 	// QoS 1 messages (0: mosquitto's default, 20; -1: no limit).
 	BridgeInflight int
