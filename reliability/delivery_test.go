@@ -5,6 +5,7 @@ package reliability
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -262,14 +263,31 @@ func TestOutage(t *testing.T) {
 // log passes the integrity check after each crash.
 func TestCrash(t *testing.T) {
 	t.Parallel()
+	crashScenario(t, "crash", nil)
+}
+
+// TestCrashBatched is TestCrash with the sink in batch mode (JSON arrays of up to 8 events per message): the
+// same promises, whole batches being sent again after a kill -9.
+func TestCrashBatched(t *testing.T) {
+	t.Parallel()
+	o := crashScenario(t, "crash-batched", map[string]any{"forward.sinks.0.mqtt.mode": "batch", "forward.sinks.0.batch_size": 8})
+	if o.counts.Batches == 0 || o.counts.Batches >= o.counts.Messages {
+		t.Errorf("%d batches for %d events upstream: the backlog did not go in batches", o.counts.Batches, o.counts.Messages)
+	}
+}
+
+// crashScenario runs TestCrash under name, with set added to the gateway's configuration, and returns what the
+// upstream received.
+func crashScenario(t *testing.T, name string, set map[string]any) outcome {
 	start := time.Now()
 	const window = 32
-	devs := e2e.Devices("crash", 20)
+	devs := e2e.Devices(name, 20)
 	perDevice := scale(80, 800)
 	total := int64(len(devs) * perDevice)
 	u := newUpstream(t, false)
-	g := e2e.Start(t, bin(t), e2e.Config{Devices: devs, Upstream: u.url(),
-		Set: map[string]any{"forward.sinks.0.window": window}})
+	cfg := map[string]any{"forward.sinks.0.window": window}
+	maps.Copy(cfg, set)
+	g := e2e.Start(t, bin(t), e2e.Config{Devices: devs, Upstream: u.url(), Set: cfg})
 	f := e2e.NewFleet(t, g.MQTTURL(), devs)
 
 	// crash kills the gateway, checks the log and starts it again. It measures the cursor lag: how far the
@@ -354,10 +372,11 @@ func TestCrash(t *testing.T) {
 	// process started between the two kills during the outage never connects, so it adds none.
 	connections := strings.Count(g.Output(), "upstream connected")
 	limit := window * max(connections-1, 0)
-	record(t, "crash", start, o, fmt.Sprintf("%d devices x %d, upstream down, 3x kill -9 (2 during the outage), window %d, cursor lag %d, "+
+	record(t, name, start, o, fmt.Sprintf("%d devices x %d, upstream down, 3x kill -9 (2 during the outage), window %d, cursor lag %d, "+
 		"%d connections", len(devs), perDevice, window, lag, connections))
 	if o.counts.Duplicates > limit {
 		t.Errorf("%d duplicates, want at most %d (window %d x (%d connections - 1))",
 			o.counts.Duplicates, limit, window, connections)
 	}
+	return o
 }

@@ -17,9 +17,13 @@ import (
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 )
 
-// UpstreamTopic is the filter the Collector subscribes to: every event any gateway forwards with the default
-// MQTT topic template edgegate/{gateway}/events/{subject}/{type}.
-const UpstreamTopic = "edgegate/+/events/#"
+// UpstreamTopic and UpstreamBatchTopic are the filters the Collector subscribes to: every event any gateway
+// forwards with the default MQTT topic template edgegate/{gateway}/events/{subject}/{type}, and every batch of
+// events (a JSON array) on the default batch topic edgegate/{gateway}/batches.
+const (
+	UpstreamTopic      = "edgegate/+/events/#"
+	UpstreamBatchTopic = "edgegate/+/batches"
+)
 
 // Collector subscribes to the upstream broker with a persistent session (QoS 1, clean session off, automatic
 // reconnect) and records the CloudEvents the gateway forwards: how often each id arrived, and for each device
@@ -29,17 +33,18 @@ type Collector struct {
 	t  testing.TB
 	cl paho.Client
 
-	mu     sync.Mutex
-	ids    map[string]int    // CloudEvent id → arrivals
-	idKind map[string]string // CloudEvent id of a Client event → its kind
-	keys   map[Key]string    // device/seq/kind → the id it first arrived with
-	keyIDs map[Key]int       // device/seq/kind → distinct ids seen for it
-	order  map[stream][]int  // device and kind → seqs in order of first arrival
-	msgs   int               // messages received
-	other  int               // events that are not Client events (presence, …)
-	bad    []string          // payloads that are not CloudEvents
-	last   time.Time         // when the last message arrived
-	types  map[string]int    // CloudEvent type → arrivals
+	mu      sync.Mutex
+	ids     map[string]int    // CloudEvent id → arrivals
+	idKind  map[string]string // CloudEvent id of a Client event → its kind
+	keys    map[Key]string    // device/seq/kind → the id it first arrived with
+	keyIDs  map[Key]int       // device/seq/kind → distinct ids seen for it
+	order   map[stream][]int  // device and kind → seqs in order of first arrival
+	msgs    int               // events received (each event of a batch counts)
+	batches int               // messages that were batches (JSON arrays of events)
+	other   int               // events that are not Client events (presence, …)
+	bad     []string          // payloads that are not CloudEvents
+	last    time.Time         // when the last message arrived
+	types   map[string]int    // CloudEvent type → arrivals
 }
 
 // stream is the events of one kind from one device: the unit of order.
@@ -59,7 +64,8 @@ type upstreamEvent struct {
 	Data    json.RawMessage `json:"data"`
 }
 
-// NewCollector connects to broker, subscribes to UpstreamTopic and saves the broker's persistence.
+// NewCollector connects to broker, subscribes to UpstreamTopic and UpstreamBatchTopic and saves the broker's
+// persistence.
 func NewCollector(t testing.TB, broker *mosquittotest.Broker) *Collector {
 	t.Helper()
 	c := &Collector{t: t, ids: map[string]int{}, idKind: map[string]string{}, keys: map[Key]string{},
@@ -73,7 +79,8 @@ func NewCollector(t testing.TB, broker *mosquittotest.Broker) *Collector {
 	if tok := c.cl.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("e2e: collector connect: %v", tok.Error())
 	}
-	if tok := c.cl.Subscribe(UpstreamTopic, 1, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+	filters := map[string]byte{UpstreamTopic: 1, UpstreamBatchTopic: 1}
+	if tok := c.cl.SubscribeMultiple(filters, nil); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		t.Fatalf("e2e: collector subscribe: %v", tok.Error())
 	}
 	broker.Save()
@@ -82,6 +89,18 @@ func NewCollector(t testing.TB, broker *mosquittotest.Broker) *Collector {
 }
 
 func (c *Collector) record(payload []byte) {
+	if len(payload) > 0 && payload[0] == '[' {
+		var batch []json.RawMessage
+		if err := json.Unmarshal(payload, &batch); err == nil && len(batch) > 0 {
+			c.mu.Lock()
+			c.batches++
+			c.mu.Unlock()
+			for _, e := range batch {
+				c.record(e)
+			}
+			return
+		}
+	}
 	var ev upstreamEvent
 	err := json.Unmarshal(payload, &ev)
 	c.mu.Lock()
@@ -132,8 +151,9 @@ func (c *Collector) Connected() bool { return c.cl.IsConnectionOpen() }
 
 // Counts are a Collector's totals.
 type Counts struct {
-	// Messages is every message received; Events counts the Client events (device/seq) among them, once each.
-	Messages, Events int
+	// Messages is every event received (each event of a batch counts as one); Events counts the Client events
+	// (device/seq) among them, once each; Batches counts the messages that carried a batch (a JSON array).
+	Messages, Events, Batches int
 	// UniqueIDs counts distinct CloudEvent ids; Duplicates the messages that repeated an id.
 	UniqueIDs, Duplicates int
 	// SeqDuplicates counts Client events that arrived under more than one id (the gateway stored a publish
@@ -148,7 +168,8 @@ type Counts struct {
 func (c *Collector) Counts() Counts {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	n := Counts{Messages: c.msgs, Events: len(c.keys), UniqueIDs: len(c.ids), Other: c.other, Bad: len(c.bad)}
+	n := Counts{Messages: c.msgs, Events: len(c.keys), Batches: c.batches, UniqueIDs: len(c.ids), Other: c.other,
+		Bad: len(c.bad)}
 	for _, v := range c.ids {
 		n.Duplicates += v - 1
 	}
