@@ -107,8 +107,9 @@ func TestMQTTOutage(t *testing.T) {
 func testMQTTOutage(t *testing.T, mode string) {
 	b := mosquittotest.Start(t)
 	p := mosquittotest.NewProxy(t, b.Addr())
-	col := collect(t, b.URL(), "edgegate/gw1/#") // events/# and batches
-	b.Save() // the collector's session and subscription survive the kill
+	col := collect(t, b.URL(), "edgegate/gw1/#") // events and batches
+	// The collector's session and subscription survive the kill.
+	b.Save()
 
 	log := newMemLog(t)
 	sc := mqttSink("up", p.URL())

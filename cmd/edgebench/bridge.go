@@ -59,14 +59,9 @@ func runOnline(ctx context.Context, h *harness, res *Result) error {
 	res.Params["devices"] = strconv.Itoa(o.Devices)
 	res.Params["messages_per_device"] = strconv.Itoa(o.Messages)
 	group := fmt.Sprintf("%d devices × %d messages", o.Devices, o.Messages)
-	batch := bridgeOptions(h, bridgebench.Gateway)
-	batch.Batch = true
-	runs := []struct {
-		name string
-		o    bridgebench.Options
-	}{
+	runs := []bridgeRun{
 		{bridgebench.Gateway.String(), bridgeOptions(h, bridgebench.Gateway)},
-		{batchSystem, batch},
+		batchRun(h),
 		{bridgebench.MosquittoBridge.String(), bridgeOptions(h, bridgebench.MosquittoBridge)},
 	}
 	return h.forRounds(ctx, func(round int) error {
@@ -95,29 +90,14 @@ func runDrain(ctx context.Context, h *harness, res *Result) error {
 	res.Params["devices"] = strconv.Itoa(o.Devices)
 	res.Params["backlog"] = strconv.Itoa(o.Backlog)
 	group := fmt.Sprintf("backlog of %d", o.Backlog)
-	runs := []struct {
-		name string
-		o    bridgebench.Options
-	}{}
+	var runs []bridgeRun
 	for _, system := range bridgebench.Systems {
-		runs = append(runs, struct {
-			name string
-			o    bridgebench.Options
-		}{system.String(), bridgeOptions(h, system)})
+		runs = append(runs, bridgeRun{system.String(), bridgeOptions(h, system)})
 	}
 	// The gateway again, its live device's messages at priority 5 with a priority lane for them.
 	lane := bridgeOptions(h, bridgebench.Gateway)
 	lane.LivePriority = liveLanePriority
-	runs = append(runs, struct {
-		name string
-		o    bridgebench.Options
-	}{liveLaneSystem, lane})
-	batch := bridgeOptions(h, bridgebench.Gateway)
-	batch.Batch = true
-	runs = append(runs, struct {
-		name string
-		o    bridgebench.Options
-	}{batchSystem, batch})
+	runs = append(runs, bridgeRun{liveLaneSystem, lane}, batchRun(h))
 	return h.forRounds(ctx, func(round int) error {
 		for _, run := range runs {
 			r, err := bridgebench.RunDrain(ctx, run.o)
@@ -145,3 +125,16 @@ const (
 
 // batchSystem is the gateway with its MQTT sink in batch mode.
 const batchSystem = "gateway-batch"
+
+// bridgeRun is one system of a scenario: its row's name and its options.
+type bridgeRun struct {
+	name string
+	o    bridgebench.Options
+}
+
+// batchRun is the gateway with its MQTT sink in batch mode.
+func batchRun(h *harness) bridgeRun {
+	o := bridgeOptions(h, bridgebench.Gateway)
+	o.Batch = true
+	return bridgeRun{batchSystem, o}
+}
