@@ -46,10 +46,13 @@ func BenchmarkMQTTSinkThroughput(b *testing.B) {
 }
 
 // benchForwarder is a forwarder with one MQTT sink named bench to url, reading src.
-func benchForwarder(b *testing.B, url string, window int, src Source) *Forwarder {
+func benchForwarder(b *testing.B, url string, window int, src Source, opts ...func(*SinkConfig)) *Forwarder {
 	b.Helper()
 	sc := mqttSink("bench", url)
 	sc.Window = window
+	for _, o := range opts {
+		o(&sc)
+	}
 	sc.AckTimeout = 30 * time.Second
 	f, err := New(Config{Sinks: []SinkConfig{sc}}, "gw1", src, nil, &deadLetters{},
 		slog.New(slog.DiscardHandler), prometheus.NewRegistry())

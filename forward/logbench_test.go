@@ -14,7 +14,9 @@ import (
 // BenchmarkMQTTSinkFromLog is BenchmarkMQTTSinkThroughput on the real durable log (fsync mode) instead of the
 // in-memory one: "backlog" drains b.N stored events with nothing appended meanwhile (every cursor save is a
 // commit of its own), "live" drains while 16 appenders add the b.N events (cursor saves ride along with the
-// appends' commits). It reports the sink's events/s; "live" also reports the appenders' events/s.
+// appends' commits). It reports the sink's events/s; "live" also reports the appenders' events/s. The
+// "batched" runs are "backlog" with the sink in batch mode (JSON arrays of up to batch_size, 128, events per
+// message), beside "backlog" at the same window.
 //
 //	go test -run '^$' -bench MQTTSinkFromLog -benchtime 5000x ./forward/
 func BenchmarkMQTTSinkFromLog(b *testing.B) {
@@ -29,9 +31,12 @@ func BenchmarkMQTTSinkFromLog(b *testing.B) {
 			})
 		}
 	}
+	b.Run(fmt.Sprintf("batched/window=%d", DefaultWindow), func(b *testing.B) {
+		benchSinkFromLog(b, DefaultWindow, false, func(sc *SinkConfig) { sc.MQTT.Mode = ModeBatch })
+	})
 }
 
-func benchSinkFromLog(b *testing.B, window int, live bool) {
+func benchSinkFromLog(b *testing.B, window int, live bool, opts ...func(*SinkConfig)) {
 	broker := mosquittotest.Start(b)
 	log := openBufferLog(b, "sink:bench")
 	appendAll := func() time.Duration {
@@ -51,7 +56,7 @@ func benchSinkFromLog(b *testing.B, window int, live bool) {
 	if !live {
 		appendAll()
 	}
-	f := benchForwarder(b, broker.URL(), window, log)
+	f := benchForwarder(b, broker.URL(), window, log, opts...)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	b.ResetTimer()
