@@ -11,6 +11,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 )
 
 // commandQueue bounds the cloud-to-device commands received and not yet delivered on one connection. When it
@@ -122,7 +123,7 @@ func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 		SetAutoReconnect(false).
 		SetConnectRetry(false).
 		SetResumeSubs(false).
-		SetStore(paho.NewMemoryStore()).
+		SetStore(discardStore{}).
 		SetOrderMatters(true).
 		SetAutoAckDisabled(true).
 		SetKeepAlive(t.cfg.KeepAlive).
@@ -247,6 +248,19 @@ func (c *mqttConn) publish() {
 		}
 	}
 }
+
+// discardStore is paho's message store for a client that is used for one connection only: paho keeps every
+// QoS 1 message there until its PUBACK, to send it again on a reconnect, which such a client never makes (the
+// sink resends from its cursor on a new client). Keeping nothing saves a map insert and delete per event.
+type discardStore struct{}
+
+func (discardStore) Open()                             {}
+func (discardStore) Put(string, packets.ControlPacket) {}
+func (discardStore) Get(string) packets.ControlPacket  { return nil }
+func (discardStore) All() []string                     { return nil }
+func (discardStore) Del(string)                        {}
+func (discardStore) Close()                            {}
+func (discardStore) Reset()                            {}
 
 // batchPayload is the JSON array of the events of u (each stored as a CloudEvent's JSON).
 func batchPayload(u []Record) []byte {
