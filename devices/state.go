@@ -118,8 +118,17 @@ func (s *StateView) ApplyChecked(ev *event.Event) {
 	s.apply(ev, true)
 }
 
+// Replay is Apply for an event of the past, replayed from the log when the gateway starts: a presence event
+// leaves online as it is (no device is connected to a gateway that is starting).
+func (s *StateView) Replay(ev *event.Event) {
+	s.applyAs(ev, false, true)
+}
+
 // apply implements Apply and ApplyChecked; checked skips the validation of JSON data.
-func (s *StateView) apply(ev *event.Event, checked bool) {
+func (s *StateView) apply(ev *event.Event, checked bool) { s.applyAs(ev, checked, false) }
+
+// applyAs is apply; replayed events do not set online.
+func (s *StateView) applyAs(ev *event.Event, checked, replayed bool) {
 	if ev == nil || ev.Subject() == "" {
 		return
 	}
@@ -149,10 +158,14 @@ func (s *StateView) apply(ev *event.Event, checked bool) {
 	}
 	switch {
 	case isPresence(typ, PresenceConnected):
-		s.setField(d, KeyOnline, true)
+		if !replayed {
+			s.setField(d, KeyOnline, true)
+		}
 		return // its data describes the connection, not the device
 	case isPresence(typ, PresenceDisconnected):
-		s.setField(d, KeyOnline, false)
+		if !replayed {
+			s.setField(d, KeyOnline, false)
+		}
 		return
 	}
 	if len(members) > 0 {

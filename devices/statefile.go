@@ -23,8 +23,13 @@ func (s *StateView) Changes() uint64 {
 
 // Save writes the state of every device to path, as JSON, replacing the file atomically: a crash leaves either
 // the previous file or the new one.
-func (s *StateView) Save(path string) error {
-	data, err := json.Marshal(stateFile{Version: stateFileVersion, Saved: time.Now().UTC(), Devices: s.Snapshot()})
+func (s *StateView) Save(path string) error { return s.SaveAt(path, 0) }
+
+// SaveAt is Save for a view that holds every event of the log up to logSeq (and maybe some after it): LoadAt
+// returns logSeq, from where the events after it can be replayed (Replay). 0: no position.
+func (s *StateView) SaveAt(path string, logSeq uint64) error {
+	data, err := json.Marshal(stateFile{Version: stateFileVersion, Saved: time.Now().UTC(), LogSeq: logSeq,
+		Devices: s.Snapshot()})
 	if err != nil {
 		return fmt.Errorf("devices: save state: encode: %w", err)
 	}
@@ -58,12 +63,18 @@ func (s *StateView) Save(path string) error {
 // to a gateway that is starting. A file that does not exist is no error (0 devices); one that cannot be read as a
 // saved state is an error naming it, and the view is left unchanged.
 func (s *StateView) Load(path string) (int, error) {
+	n, _, err := s.LoadAt(path)
+	return n, err
+}
+
+// LoadAt is Load that also returns the log position the file was saved at (SaveAt; 0 when none).
+func (s *StateView) LoadAt(path string) (devices int, logSeq uint64, err error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return 0, nil
+		return 0, 0, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("devices: load state: %w", err)
+		return 0, 0, fmt.Errorf("devices: load state: %w", err)
 	}
 	var sf stateFile
 	long, err := decodeJSON(data, &sf)
@@ -73,10 +84,10 @@ func (s *StateView) Load(path string) (int, error) {
 		}
 	}
 	if err != nil {
-		return 0, fmt.Errorf("devices: load state %s: %w", path, err)
+		return 0, 0, fmt.Errorf("devices: load state %s: %w", path, err)
 	}
 	if sf.Version != stateFileVersion {
-		return 0, fmt.Errorf("devices: load state %s: format version %d, want %d", path, sf.Version, stateFileVersion)
+		return 0, 0, fmt.Errorf("devices: load state %s: format version %d, want %d", path, sf.Version, stateFileVersion)
 	}
 	type saved struct {
 		id       string
@@ -86,13 +97,13 @@ func (s *StateView) Load(path string) (int, error) {
 	list := make([]saved, 0, len(sf.Devices))
 	for id, st := range sf.Devices {
 		if id == "" || st == nil {
-			return 0, fmt.Errorf("devices: load state %s: an entry without a device id or state", path)
+			return 0, 0, fmt.Errorf("devices: load state %s: an entry without a device id or state", path)
 		}
 		sv := saved{id: id, state: st}
 		if v, ok := st[KeyLastSeen]; ok {
 			str, _ := v.(string)
 			if sv.lastSeen, err = time.Parse(time.RFC3339Nano, str); err != nil {
-				return 0, fmt.Errorf("devices: load state %s: device %q: last_seen %v is not a time", path, id, v)
+				return 0, 0, fmt.Errorf("devices: load state %s: device %q: last_seen %v is not a time", path, id, v)
 			}
 			st[KeyLastSeen] = sv.lastSeen
 		}
@@ -113,13 +124,16 @@ func (s *StateView) Load(path string) (int, error) {
 			s.setField(d, k, sv.state[k])
 		}
 	}
-	return len(list), nil
+	return len(list), sf.LogSeq, nil
 }
 
-// stateFile is what Save writes: the format version (stateFileVersion), when, and each device's state by id.
+// stateFile is what Save writes: the format version (stateFileVersion), when, the log position and each device's
+// state by id.
 type stateFile struct {
-	Version int                       `json:"version"`
-	Saved   time.Time                 `json:"saved"`
+	Version int       `json:"version"`
+	Saved   time.Time `json:"saved"`
+	// LogSeq is the log position the view held every event up to (0: none, as in files of earlier versions).
+	LogSeq  uint64                    `json:"log_seq,omitempty"`
 	Devices map[string]map[string]any `json:"devices"`
 }
 

@@ -120,3 +120,42 @@ func TestStateKeepsLongIntegers(t *testing.T) {
 		t.Errorf("last after Load = %#v, want int64 1733500000123456789", got["last"])
 	}
 }
+
+// TestStateReplayAfterLoad: SaveAt's log position comes back from LoadAt (0 from a file without one); events
+// replayed onto the loaded view merge as applied ones do, except that a replayed connection does not make the
+// device online.
+func TestStateReplayAfterLoad(t *testing.T) {
+	s := NewStateView()
+	s.Apply(newEvent(t, "door-1", "door.opened", t0, "application/json", `{"open":true,"battery":81}`))
+	path := filepath.Join(t.TempDir(), "device-state.json")
+	if err := s.SaveAt(path, 42); err != nil {
+		t.Fatal(err)
+	}
+	r := NewStateView()
+	if n, pos, err := r.LoadAt(path); err != nil || n != 1 || pos != 42 {
+		t.Fatalf("LoadAt = %d devices, position %d, %v; want 1, 42", n, pos, err)
+	}
+	r.Replay(newEvent(t, "door-1", PresenceConnected, t0.Add(time.Second), "", ""))
+	r.Replay(newEvent(t, "door-1", "door.closed", t0.Add(2*time.Second), "application/json", `{"open":false}`))
+	st := mustGet(t, r, "door-1")
+	if online, _ := st[KeyOnline].(bool); online {
+		t.Errorf("online after a replayed connection: %v", st)
+	}
+	if rep := st[KeyReported].(map[string]any); rep["open"] != false || rep["battery"] != 81.0 {
+		t.Errorf("reported after replay = %v", rep)
+	}
+	if st[KeyLastEvent] != "door.closed" || !st[KeyLastSeen].(time.Time).Equal(t0.Add(2*time.Second)) {
+		t.Errorf("last event/seen after replay = %v", st)
+	}
+	r.Apply(newEvent(t, "door-1", PresenceConnected, t0.Add(3*time.Second), "", ""))
+	if online, _ := mustGet(t, r, "door-1")[KeyOnline].(bool); !online {
+		t.Error("an applied connection did not make the device online")
+	}
+
+	if err := os.WriteFile(path, []byte(`{"version":1,"devices":{"a":{"x":1}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if n, pos, err := NewStateView().LoadAt(path); err != nil || n != 1 || pos != 0 {
+		t.Errorf("LoadAt of a file without a position = %d, %d, %v; want 1, 0", n, pos, err)
+	}
+}

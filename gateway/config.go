@@ -60,7 +60,9 @@ type DevicesConfig struct {
 	Registry string `yaml:"registry"`
 	// StateSaveInterval is how often the device state view (what devices reported, their last_seen, the keys
 	// rules set) is saved to data_dir/device-state.json when it changed; it is saved at every stop too and loaded
-	// at start, so a restart keeps it. A crash loses at most this much. Default 30s.
+	// at start, so a restart keeps it. After a crash, the start replays onto it the events the log still holds
+	// from after the last save (up to the newest 100,000), so only the keys rules set since, and what was in
+	// events already delivered and removed from the log, are lost. Default 30s.
 	StateSaveInterval time.Duration `yaml:"state_save_interval"`
 }
 

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
@@ -43,6 +44,7 @@ type Gateway struct {
 
 	saveMu     sync.Mutex // one save of the device state at a time
 	savedState uint64     // the state view's Changes at the last save or load
+	statePos   uint64     // the log position the loaded state view holds every event up to (0: unknown)
 	reloads    *prometheus.CounterVec
 }
 
@@ -90,6 +92,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 	}
 	closers = append(closers, func() { _ = g.events.Close() })
 	src.log = g.events
+	g.replayState()
 
 	if g.norm, err = ingest.NewNormalizer(cfg.ID, cfg.Ingest); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -263,9 +266,9 @@ func (g *Gateway) statePath() string { return filepath.Join(g.cfg.DataDir, "devi
 // loadState loads the device state view saved by the previous run. A file that cannot be read as one is moved
 // aside (named in the log) and the view starts empty: it fills again as devices report.
 func (g *Gateway) loadState() {
-	n, err := g.state.Load(g.statePath())
+	n, pos, err := g.state.LoadAt(g.statePath())
 	if err == nil {
-		g.savedState = g.state.Changes()
+		g.savedState, g.statePos = g.state.Changes(), pos
 		if n > 0 {
 			g.log.Info("device state loaded", "path", g.statePath(), "devices", n)
 		}
@@ -278,6 +281,62 @@ func (g *Gateway) loadState() {
 	}
 	g.log.Error("device state not loaded; the file is moved aside and the view starts empty", "error", err,
 		"moved_to", aside)
+}
+
+// maxStateReplay bounds the events replayed into the device state view at start: the newest ones, so that a
+// start long after the view's last save stays quick (the view then misses only what the older ones alone said).
+const maxStateReplay = 100_000
+
+// replayState applies to the device state view the events the log holds after the position its file was saved
+// at: what a kill -9 took from the view since its last save. The rules do not see them again. Events already
+// removed from the log (delivered, or dropped by retention) cannot be replayed; the view gets their devices'
+// news from their next events.
+func (g *Gateway) replayState() {
+	pos, last := g.statePos, g.events.LastSeq()
+	switch {
+	case pos == 0 || last == pos:
+		return
+	case last < pos:
+		g.log.Warn("device state: saved at a log position the log has not reached (a new log?); nothing replayed",
+			"state_seq", pos, "log_seq", last)
+		return
+	}
+	from, skipped := pos, uint64(0)
+	if last-from > maxStateReplay {
+		skipped, from = last-maxStateReplay-from, last-maxStateReplay
+	}
+	if first := g.events.FirstSeq(); first == 0 || first > last {
+		from = last
+	} else if first > from+1 {
+		from = first - 1
+	}
+	start := time.Now()
+	var n, bad int
+	for after := from; after < last; {
+		recs, err := g.events.Read(after, 1024)
+		if err != nil {
+			g.log.Warn("device state: replay from the log stopped", "after_seq", after, "error", err)
+			break
+		}
+		if len(recs) == 0 {
+			break
+		}
+		for i := range recs {
+			if recs[i].Seq > last {
+				break
+			}
+			ev := event.New()
+			if err := ev.UnmarshalJSON(recs[i].Data); err != nil {
+				bad++
+				continue
+			}
+			g.state.Replay(&ev)
+			n++
+		}
+		after = recs[len(recs)-1].Seq
+	}
+	g.log.Info("device state: replayed the log's events since its last save", "events", n, "after_seq", pos,
+		"to_seq", last, "skipped_oldest", skipped, "unreadable", bad, "took", time.Since(start).Round(time.Millisecond))
 }
 
 // saveStateEvery saves the device state view every devices.state_save_interval while it changes, until ctx ends.
@@ -303,7 +362,8 @@ func (g *Gateway) saveState() {
 	if changes == g.savedState {
 		return
 	}
-	if err := g.state.Save(g.statePath()); err != nil {
+	// Every event committed by now was applied to the view before its commit: the snapshot holds them all.
+	if err := g.state.SaveAt(g.statePath(), g.events.LastSeq()); err != nil {
 		g.log.Error("device state not saved", "error", err)
 		return
 	}

@@ -1,6 +1,6 @@
 // Package reliability holds end-to-end tests of the real edgegate binary (built once per run by internal/e2e):
 // delivery under upstream outages, gateway crashes (kill -9, also with a priority lane beside the sink and with the
-// sink sending batches),
+// sink sending batches; the device state view is rebuilt from the log after one),
 // reconnect storms, stalls, a full disk and a full log, and abuse by misbehaving clients. Each scenario prints its figures and adds a row to the table printed at
 // the end of the run.
 //

@@ -388,6 +388,23 @@ func (g *Gateway) Status() (Status, error) {
 	return st, err
 }
 
+// DeviceState fetches GET /api/devices and returns the state view of device id (ok false when it has none).
+func (g *Gateway) DeviceState(id string) (state map[string]any, ok bool, err error) {
+	var devs []struct {
+		ID    string         `json:"id"`
+		State map[string]any `json:"state"`
+	}
+	if _, err := g.getJSON("/api/devices", &devs); err != nil {
+		return nil, false, err
+	}
+	for _, d := range devs {
+		if d.ID == id {
+			return d.State, d.State != nil, nil
+		}
+	}
+	return nil, false, nil
+}
+
 // Sink returns the named sink of the status (ok false when absent).
 func (s Status) Sink(name string) (SinkStatus, bool) {
 	for _, k := range s.Sinks {
