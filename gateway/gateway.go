@@ -45,6 +45,7 @@ type Gateway struct {
 	saveMu     sync.Mutex // one save of the device state at a time
 	savedState uint64     // the state view's Changes at the last save or load
 	statePos   uint64     // the log position the loaded state view holds every event up to (0: unknown)
+	stateSeq   uint64     // the log's end at the previous save of the state view (saveMu), or at start
 	reloads    *prometheus.CounterVec
 }
 
@@ -93,6 +94,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 	closers = append(closers, func() { _ = g.events.Close() })
 	src.log = g.events
 	g.replayState()
+	g.stateSeq = g.events.LastSeq() // every event up to here is in the view, or lost with the log
 
 	if g.norm, err = ingest.NewNormalizer(cfg.ID, cfg.Ingest); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -213,7 +215,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		cancel()
 	}
 	errMid := midG.Wait()
-	g.saveState() // after the rules: their last state actions are in it
+	g.saveState(true) // after the rules: their last state actions are in it
 	stopLog()
 	errLog := logG.Wait()
 	if err := g.dead.Close(); err != nil {
@@ -348,22 +350,31 @@ func (g *Gateway) saveStateEvery(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			g.saveState()
+			g.saveState(false)
 		}
 	}
 }
 
 // saveState saves the device state view if it changed since the last save; a failure is logged and retried by the
-// next save.
-func (g *Gateway) saveState() {
+// next save. The file records a log position that the view holds every event up to, from where a start after a
+// crash replays the log. An event is applied to the view as it is queued, before its commit, but the goroutine
+// queueing it could in principle be held up past the commit; so while the gateway runs the position is the log's
+// end as the previous save saw it, long since applied (a replay may apply some events again, which leaves the
+// view as it was). The final save, with ingest and the rules stopped, takes the log's end.
+func (g *Gateway) saveState(final bool) {
 	g.saveMu.Lock()
 	defer g.saveMu.Unlock()
+	end := g.events.LastSeq()
+	pos := g.stateSeq
+	if final {
+		pos = end
+	}
+	g.stateSeq = end
 	changes := g.state.Changes()
 	if changes == g.savedState {
 		return
 	}
-	// Every event committed by now was applied to the view before its commit: the snapshot holds them all.
-	if err := g.state.SaveAt(g.statePath(), g.events.LastSeq()); err != nil {
+	if err := g.state.SaveAt(g.statePath(), pos); err != nil {
 		g.log.Error("device state not saved", "error", err)
 		return
 	}
