@@ -309,7 +309,8 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 type received struct {
 	topic, id, subject string
 	n                  int
-	msg, size          int // the message that carried the event (counted from 1), and its payload's length
+	msg, size          int  // the message that carried the event (counted from 1), and its payload's length
+	inArray            bool // the message was a JSON array (a batch)
 }
 
 // collector subscribes upstream (persistent session, automatic reconnect) and records every event received: a
@@ -352,7 +353,7 @@ func collect(t testing.TB, url, filter string) *collector {
 		c.msgs++
 		for _, ev := range evs {
 			c.got = append(c.got, received{topic: m.Topic(), id: ev.ID, subject: ev.Subject, n: ev.Data.N,
-				msg: c.msgs, size: len(p)})
+				msg: c.msgs, size: len(p), inArray: p[0] == '['})
 		}
 		c.mu.Unlock()
 	})

@@ -35,7 +35,7 @@ type mqttTransport struct {
 	topic      *template
 	batch      int           // the most events in one message: 1, or batch_size in batch mode
 	batchBytes int           // the most bytes of a batch's payload (batch mode)
-	batchTopic string        // the topic of batches (batch mode)
+	batchTopic string        // the topic of batches; "" unless in batch mode
 	cmd        *commandTopic // nil: no command subscription
 	cmds       CommandSink
 	dl         DeadLetterer
@@ -236,7 +236,7 @@ func (c *mqttConn) publish() {
 			return
 		case u := <-c.sendq:
 			var tok paho.Token
-			if c.t.batch > 1 {
+			if c.t.batchTopic != "" {
 				tok = c.cl.Publish(c.t.batchTopic, 1, false, batchPayload(u))
 			} else {
 				tok = c.cl.Publish(c.t.topic.event(u[0].Subject, u[0].Type, mqttLevel), 1, false, u[0].Data)
