@@ -34,8 +34,7 @@ type mqttTransport struct {
 	clientID   string
 	topic      *template
 	batch      int           // the most events in one message: 1, or batch_size in batch mode
-	batchBytes int           // the most bytes of a batch's payload (batch mode)
-	batchTopic string        // the topic of batches; "" unless in batch mode
+	batchTopic string        // the topic of batches; "" unless in batch mode (the sink bounds a batch's bytes)
 	cmd        *commandTopic // nil: no command subscription
 	cmds       CommandSink
 	dl         DeadLetterer
@@ -79,7 +78,7 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 		if err != nil {
 			return nil, fmt.Errorf("mqtt.batch_topic: %w", err)
 		}
-		t.batch, t.batchBytes = cfg.BatchSize, mc.BatchMaxBytes
+		t.batch = cfg.BatchSize
 		t.batchTopic = bt.bind(static).render(func(string) string { return "" })
 	}
 	if cmds != nil && !mc.DisableCommands {
@@ -95,7 +94,6 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 }
 
 func (t *mqttTransport) unitSize() int  { return t.batch }
-func (t *mqttTransport) unitBytes() int { return t.batchBytes }
 func (t *mqttTransport) target() string { return t.where }
 func (t *mqttTransport) wait()          { t.bg.Wait() }
 func (t *mqttTransport) dialReaches() bool {

@@ -75,6 +75,7 @@ type sink struct {
 	name, typ, cursor string
 	cfg               SinkConfig
 	tr                transport
+	unitBytes         int // the most bytes of a unit's events as a JSON array (an MQTT batch); 0: no bound
 	src               Source
 	dl                DeadLetterer
 	log               *slog.Logger
@@ -176,6 +177,9 @@ func newSink(cfg SinkConfig, name string, lo, hi uint8, gatewayID string, src So
 	}
 	if cfg.RateLimit > 0 {
 		s.lim = rate.NewLimiter(rate.Limit(cfg.RateLimit), max(1, s.tr.unitSize()))
+	}
+	if cfg.MQTT != nil && cfg.MQTT.Mode == ModeBatch {
+		s.unitBytes = cfg.MQTT.BatchMaxBytes
 	}
 	return s, nil
 }
@@ -447,7 +451,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				continue
 			}
 			n, limit := 1, min(s.tr.unitSize(), s.window()-s.unsavedN)
-			room := s.unitRoom(&pending[0])
+			room := newUnitRoom(s.unitBytes, &pending[0])
 			for n < len(pending) && n < limit && s.carries(&pending[n]) && !s.wentAhead(pending[n].Seq) &&
 				room.take(&pending[n]) {
 				n++
@@ -601,25 +605,19 @@ func (s *sink) read(next uint64) ([]Record, uint64, error) {
 	return recs, next, err
 }
 
-// unitByteLimiter is a transport whose units are bounded in bytes too (an MQTT batch within the broker's
-// largest message): unitBytes is the most bytes of a unit's events as a JSON array; 0 is no bound.
-type unitByteLimiter interface {
-	unitBytes() int
-}
-
 // unitRoom is what is left of a unit's byte bound as its events are taken.
 type unitRoom struct {
 	left  int
 	bound bool
 }
 
-// unitRoom starts a unit with its first event, which it holds whatever its size.
-func (s *sink) unitRoom(first *Record) unitRoom {
-	bl, ok := s.tr.(unitByteLimiter)
-	if !ok || bl.unitBytes() <= 0 {
+// newUnitRoom starts a unit of at most limit bytes (0: no bound) with its first event, which it holds whatever
+// its size.
+func newUnitRoom(limit int, first *Record) unitRoom {
+	if limit <= 0 {
 		return unitRoom{}
 	}
-	return unitRoom{left: bl.unitBytes() - 2 - len(first.Data), bound: true} // the array's brackets
+	return unitRoom{left: limit - 2 - len(first.Data), bound: true} // the array's brackets
 }
 
 // take reports whether r fits in the unit too, and counts it in if so.
