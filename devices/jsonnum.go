@@ -33,9 +33,11 @@ func decodeJSON(data []byte, v any) (long bool, err error) {
 func hasLongDigitRun(b []byte) bool {
 	run := 0
 	for _, c := range b {
-		if run = run + 1; c < '0' || c > '9' {
+		if c < '0' || c > '9' {
 			run = 0
-		} else if run >= 16 {
+			continue
+		}
+		if run++; run >= 16 {
 			return true
 		}
 	}

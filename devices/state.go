@@ -108,27 +108,25 @@ func NewStateView() *StateView {
 // online (their data, which describes the connection, is not merged); the top-level fields of other events' JSON
 // object data are merged into reported. Events without a subject are ignored.
 func (s *StateView) Apply(ev *event.Event) {
-	s.apply(ev, false)
+	s.apply(ev, false, false)
 }
 
 // ApplyChecked is Apply for an event whose data the caller has already checked: when the event's content type is
 // JSON, its data must be valid JSON (as json.Valid reports), and ApplyChecked does not check it again. Data that
 // breaks this promise may be merged as members other than a JSON decoder would find.
 func (s *StateView) ApplyChecked(ev *event.Event) {
-	s.apply(ev, true)
+	s.apply(ev, true, false)
 }
 
 // Replay is Apply for an event of the past, replayed from the log when the gateway starts: a presence event
 // leaves online as it is (no device is connected to a gateway that is starting).
 func (s *StateView) Replay(ev *event.Event) {
-	s.applyAs(ev, false, true)
+	s.apply(ev, false, true)
 }
 
-// apply implements Apply and ApplyChecked; checked skips the validation of JSON data.
-func (s *StateView) apply(ev *event.Event, checked bool) { s.applyAs(ev, checked, false) }
-
-// applyAs is apply; replayed events do not set online.
-func (s *StateView) applyAs(ev *event.Event, checked, replayed bool) {
+// apply implements Apply, ApplyChecked and Replay: checked skips the validation of JSON data; a replayed
+// presence event does not set online.
+func (s *StateView) apply(ev *event.Event, checked, replayed bool) {
 	if ev == nil || ev.Subject() == "" {
 		return
 	}

@@ -59,8 +59,8 @@ func (s *StateView) SaveAt(path string, logSeq uint64) error {
 }
 
 // Load reads a file written by Save into the view and returns the number of devices it held. Every saved key comes
-// back as saved (numbers as float64 or, beyond ±2^53, int64; last_seen as a time), except online, which is false: no device is connected
-// to a gateway that is starting. A file that does not exist is no error (0 devices); one that cannot be read as a
+// back as saved (numbers as float64 or, beyond ±2^53, int64; last_seen as a time), except online, which is false:
+// no device is connected to a gateway that is starting. A file that does not exist is no error (0 devices); one that cannot be read as a
 // saved state is an error naming it, and the view is left unchanged.
 func (s *StateView) Load(path string) (int, error) {
 	n, _, err := s.LoadAt(path)
@@ -79,9 +79,10 @@ func (s *StateView) LoadAt(path string) (devices int, logSeq uint64, err error) 
 	var sf stateFile
 	long, err := decodeJSON(data, &sf)
 	for _, st := range sf.Devices {
-		if err == nil && long {
-			_, err = exactNumber(st) // replaces the numbers of the map in place
+		if err != nil || !long {
+			break
 		}
+		_, err = exactNumber(st) // replaces the numbers of the map in place
 	}
 	if err != nil {
 		return 0, 0, fmt.Errorf("devices: load state %s: %w", path, err)

@@ -44,7 +44,6 @@ type Gateway struct {
 
 	saveMu     sync.Mutex // one save of the device state at a time
 	savedState uint64     // the state view's Changes at the last save or load
-	statePos   uint64     // the log position the loaded state view holds every event up to (0: unknown)
 	stateSeq   uint64     // the log's end at the previous save of the state view (saveMu), or at start
 	reloads    *prometheus.CounterVec
 }
@@ -72,7 +71,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 		return nil, fmt.Errorf("gateway: devices.registry: %w", err)
 	}
 	g.state = devices.NewStateView()
-	g.loadState()
+	statePos := g.loadState()
 
 	if g.dead, err = deadletter.Open(filepath.Join(cfg.DataDir, "deadletter.db"), cfg.DeadLetter, logger, reg); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -93,7 +92,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 	}
 	closers = append(closers, func() { _ = g.events.Close() })
 	src.log = g.events
-	g.replayState()
+	g.replayState(statePos)
 	g.stateSeq = g.events.LastSeq() // every event up to here is in the view, or lost with the log
 
 	if g.norm, err = ingest.NewNormalizer(cfg.ID, cfg.Ingest); err != nil {
@@ -265,36 +264,38 @@ func (g *Gateway) ReloadTLS() error {
 // statePath is the file of the device state view.
 func (g *Gateway) statePath() string { return filepath.Join(g.cfg.DataDir, "device-state.json") }
 
-// loadState loads the device state view saved by the previous run. A file that cannot be read as one is moved
-// aside (named in the log) and the view starts empty: it fills again as devices report.
-func (g *Gateway) loadState() {
+// loadState loads the device state view saved by the previous run and returns the log position it was saved at
+// (0: none). A file that cannot be read as one is moved aside (named in the log) and the view starts empty: it
+// fills again as devices report.
+func (g *Gateway) loadState() (logSeq uint64) {
 	n, pos, err := g.state.LoadAt(g.statePath())
 	if err == nil {
-		g.savedState, g.statePos = g.state.Changes(), pos
+		g.savedState = g.state.Changes()
 		if n > 0 {
 			g.log.Info("device state loaded", "path", g.statePath(), "devices", n)
 		}
-		return
+		return pos
 	}
 	aside := fmt.Sprintf("%s.bad-%s", g.statePath(), time.Now().UTC().Format("20060102T150405Z"))
 	if rerr := os.Rename(g.statePath(), aside); rerr != nil {
 		g.log.Error("device state not loaded; starting without it", "error", err, "move_aside_error", rerr)
-		return
+		return 0
 	}
 	g.log.Error("device state not loaded; the file is moved aside and the view starts empty", "error", err,
 		"moved_to", aside)
+	return 0
 }
 
 // maxStateReplay bounds the events replayed into the device state view at start: the newest ones, so that a
 // start long after the view's last save stays quick (the view then misses only what the older ones alone said).
 const maxStateReplay = 100_000
 
-// replayState applies to the device state view the events the log holds after the position its file was saved
-// at: what a kill -9 took from the view since its last save. The rules do not see them again. Events already
+// replayState applies to the device state view the events the log holds after pos, the position its file was
+// saved at: what a kill -9 took from the view since its last save. The rules do not see them again. Events already
 // removed from the log (delivered, or dropped by retention) cannot be replayed; the view gets their devices'
 // news from their next events.
-func (g *Gateway) replayState() {
-	pos, last := g.statePos, g.events.LastSeq()
+func (g *Gateway) replayState(pos uint64) {
+	last := g.events.LastSeq()
 	switch {
 	case pos == 0 || last == pos:
 		return
