@@ -199,7 +199,7 @@ func (s *sink) sendAhead(c conn, next uint64) (wait bool, err error) {
 			a.pending = a.pending[1:]
 			continue
 		}
-		if s.unsavedN+a.unacked >= s.cfg.Window || len(a.sent) >= aheadBudget(s.cfg.Window) {
+		if s.unsavedN >= s.window() || len(a.sent) >= aheadBudget(s.cfg.Window) {
 			break // no room: it waits for acknowledgements, or for the reader
 		}
 		if err := c.send(a.pending[:1:1]); err != nil {
