@@ -221,9 +221,9 @@ func Open(cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Log, err
 	return open(cfg, logger, reg, openOptions{})
 }
 
-// OpenTool opens an existing log for an offline tool (stats, export, import, purge). It keeps every persisted
-// cursor (cfg.Cursors is ignored; the persisted cursors hold events as the gateway's would) and registers no
-// metrics. It fails within about a second with ErrLocked when a running gateway holds the file. Run is needed
+// OpenTool opens an existing log for an offline tool (stats, export, import, purge). Every persisted cursor and
+// every cursor in cfg.Cursors (the configured sinks', at position 0 when it saved none) holds events as the
+// gateway's would, and no cursor is removed. It registers no metrics. It fails within about a second with ErrLocked when a running gateway holds the file. Run is needed
 // only to Append; Purge, Read and Stats work without it.
 func OpenTool(cfg Config, logger *slog.Logger) (*Log, error) {
 	return open(cfg, logger, nil, openOptions{tool: true})
@@ -494,6 +494,13 @@ func (l *Log) init() error {
 		l.logger.Info("cursor removed: no longer configured", "cursor", name)
 	}
 	if l.tool {
+		// A configured cursor that has not saved a position yet (its sink never acknowledged anything) holds
+		// every event, as the gateway's would.
+		for _, name := range l.cfg.Cursors {
+			if l.cursors[name] == nil {
+				l.cursors[name] = &cursor{}
+			}
+		}
 		for name := range l.cursors {
 			l.required = append(l.required, name)
 		}
@@ -604,7 +611,7 @@ func (l *Log) enqueue(ctx context.Context, e *Entry, wait bool, queued func()) (
 	if t.IsZero() {
 		t = l.now()
 	}
-	p := pending{prio: e.Priority, waited: wait, time: t.UnixNano()}
+	p := pending{prio: e.Priority, waited: wait, time: unixNano(t)}
 	if wait {
 		p.start = time.Since(l.epoch)
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -36,6 +37,21 @@ const (
 )
 
 var errBadRecord = errors.New("malformed record")
+
+// The event times a record can hold: Unix nanoseconds in an int64, the years 1678 to 2262.
+var minRecordTime, maxRecordTime = time.Unix(0, math.MinInt64), time.Unix(0, math.MaxInt64)
+
+// unixNano is t in Unix nanoseconds, clamped to the times a record can hold: a device clock far off (year 1 or
+// 9999) gives the nearest bound, not a time that wrapped around to another century.
+func unixNano(t time.Time) int64 {
+	switch {
+	case t.Before(minRecordTime):
+		return math.MinInt64
+	case t.After(maxRecordTime):
+		return math.MaxInt64
+	}
+	return t.UnixNano()
+}
 
 // seqKey encodes a sequence number as a bbolt key.
 func seqKey(seq uint64) []byte {

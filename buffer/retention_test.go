@@ -169,6 +169,37 @@ func TestCursorRemovedFromConfig(t *testing.T) {
 	}
 }
 
+// TestToolHoldsForConfiguredCursors: a tool's commit removes only what every configured cursor passed, also
+// when one of them never saved a position (its sink never acknowledged anything).
+func TestToolHoldsForConfiguredCursors(t *testing.T) {
+	l := openTest(t, Config{Cursors: []string{"a", "b"}}, 16)
+	stop := run(t, l.Log)
+	appendN(t, l.Log, 40, ev)
+	if err := l.Ack("a", 40); err != nil { // b never acknowledges: it saves no position
+		t.Fatal(err)
+	}
+	stop()
+
+	tool, err := OpenTool(Config{Path: l.path, Cursors: []string{"a", "b"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A purge of nothing (no event is that old) still commits, and removes what the cursors passed.
+	if n, err := tool.Purge(time.Unix(0, 0)); err != nil || n != 0 {
+		t.Fatalf("purge = %d, %v; want 0, nil", n, err)
+	}
+	st := tool.Stats()
+	if st.Events != 40 {
+		t.Errorf("after a tool's commit %d events, want the 40 that cursor b has not passed", st.Events)
+	}
+	if len(st.Cursors) != 2 {
+		t.Errorf("cursors %+v, want a and b", st.Cursors)
+	}
+	if err := tool.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestMaxAge(t *testing.T) {
 	now := time.Date(2026, 1, 2, 15, 0, 0, 0, time.UTC)
 	old, fresh := now.Add(-2*time.Hour), now.Add(-time.Minute)
@@ -202,6 +233,39 @@ func TestMaxAge(t *testing.T) {
 		t.Errorf("dropped_total{max_age} = %v, want %d", got, 24-len(wantKept)-2)
 	}
 	checkDB(t, l.Log)
+}
+
+// TestEventTimesOutOfRange: an event time beyond what Unix nanoseconds hold (a device clock far off) is stored as
+// the nearest time that fits, not one wrapped around to another century, so max_age does not take a future event
+// for an old one.
+func TestEventTimesOutOfRange(t *testing.T) {
+	l := openTest(t, Config{MaxAge: 24 * time.Hour, Cursors: []string{"sink"}}, 8)
+	run(t, l.Log)
+	times := []time.Time{
+		time.Date(2300, 1, 1, 0, 0, 0, 0, time.UTC),   // kept: far in the future
+		time.Now().Add(-48 * time.Hour),               // expired: the sign that max_age has run
+		time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC), // kept
+		time.Date(2, 1, 1, 0, 0, 0, 0, time.UTC),      // expired: older than any age (year 1 is the zero time: now)
+		time.Date(1600, 1, 1, 0, 0, 0, 0, time.UTC),   // expired
+		time.Now(), // kept
+	}
+	appendN(t, l.Log, len(times), func(i int) Entry { e := ev(i); e.Time = times[i]; return e })
+	waitFor(t, 5*time.Second, "the old events expired", func() bool { return l.Stats().Events == 3 })
+	recs := readAll(t, l.Log)
+	if got := seqsOf(recs); !slices.Equal(got, []uint64{1, 3, 6}) {
+		t.Fatalf("kept %v, want [1 3 6]", got)
+	}
+	for _, r := range recs[:2] {
+		if !r.Time.Equal(maxRecordTime) {
+			t.Errorf("seq %d: stored time %s, want %s (the latest that fits)", r.Seq, r.Time.UTC(), maxRecordTime.UTC())
+		}
+	}
+	if n, err := l.Purge(time.Date(2, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil || n != 0 {
+		t.Errorf("purge before year 2 = %d, %v; want 0, nil", n, err)
+	}
+	if n, err := l.Purge(time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)); err != nil || n != 1 {
+		t.Errorf("purge before year 9999 = %d, %v; want 1 (the event of now), nil", n, err)
+	}
 }
 
 func TestPurge(t *testing.T) {

@@ -341,7 +341,7 @@ func (l *Log) housekeep() error {
 	var cutoff int64
 	if l.cfg.MaxAge > 0 && now.Sub(l.lastTTL) >= ttlEvery {
 		l.lastTTL = now
-		c := l.now().Add(-l.cfg.MaxAge).UnixNano()
+		c := unixNano(l.now().Add(-l.cfg.MaxAge))
 		if st := l.state.Load(); slices.ContainsFunc(st.segs, func(s *segMeta) bool { return s.MinTime < c }) {
 			cutoff = c
 		}
@@ -672,7 +672,7 @@ func (l *Log) openAgain() error {
 func (l *Log) Purge(before time.Time) (int, error) {
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
-	t, err := l.update(func(t *txn) error { return t.expire(before.UnixNano(), reasonPurge) })
+	t, err := l.update(func(t *txn) error { return t.expire(unixNano(before), reasonPurge) })
 	if err != nil {
 		return 0, fmt.Errorf("buffer: purge: %w", err)
 	}

@@ -44,12 +44,15 @@ func openConfigLog(path string) (*buffer.Log, error) {
 func openLogFile(cfg gateway.Config, create bool) (*buffer.Log, error) {
 	bcfg := cfg.Buffer
 	bcfg.Path = filepath.Join(cfg.DataDir, "events.db")
+	// The configured sinks' cursors hold events even where a sink has not acknowledged anything yet: a tool's
+	// commit (import, purge) removes only what every one of them has passed.
+	bcfg.Cursors = cfg.Forward.CursorNames()
 	_, statErr := os.Stat(bcfg.Path)
 	if create && errors.Is(statErr, fs.ErrNotExist) {
 		if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 			return nil, fmt.Errorf("data_dir: %w", err)
 		}
-		return buffer.Open(bcfg, discardLogger(), nil) // a new log: no cursors to keep
+		return buffer.Open(bcfg, discardLogger(), nil) // a new log: the configured cursors from the start
 	}
 	if err := statErr; err != nil {
 		return nil, fmt.Errorf("no event log at %s (data_dir %q): %w", bcfg.Path, cfg.DataDir, err)

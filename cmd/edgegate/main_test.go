@@ -372,6 +372,42 @@ func TestCheckConfigRules(t *testing.T) {
 // TestBacklogStats checks the counts `backlog stats` shows offline: the events, each sink's backlog after its
 // cursor (a priority lane's too, and that of a lane that has not acknowledged anything yet, whose cursor the log
 // has not stored) and the age of its oldest waiting event.
+// TestBacklogToolsKeepWhatASinkLacks: purge and import commit, and a commit removes what every sink's cursor
+// passed; a configured sink that never acknowledged anything (it saved no position) still holds every event.
+func TestBacklogToolsKeepWhatASinkLacks(t *testing.T) {
+	cfg, dataDir := writeConfig(t, `forward:
+  sinks:
+    - name: cloud
+      type: mqtt
+      mqtt: {url: "tcp://127.0.0.1:1"}
+    - name: archive
+      type: http
+      http: {url: "http://127.0.0.1:1/events"}
+`)
+	evPath, _ := events(t, 20)
+	raw, err := os.ReadFile(evPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeLog(t, dataDir, map[string]uint64{"sink:cloud": 0, "sink:archive": 20}, strings.Split(strings.TrimSpace(string(raw)), "\n")...)
+	if n := backlogEvents(t, cfg); n != 20 {
+		t.Fatalf("before: %v events, want 20", n)
+	}
+	if code, _, errOut := runCmd(t, "backlog", "purge", "--config", cfg, "--before", "2001-01-01T00:00:00Z", "--yes"); code != 0 {
+		t.Fatalf("purge: exit %d: %s", code, errOut)
+	}
+	if n := backlogEvents(t, cfg); n != 20 {
+		t.Fatalf("after a purge of nothing: %v events, want the 20 that sink cloud has not received", n)
+	}
+	one, _ := events(t, 1)
+	if code, _, errOut := runCmd(t, "backlog", "import", "--config", cfg, "--in", one); code != 0 {
+		t.Fatalf("import: exit %d: %s", code, errOut)
+	}
+	if n := backlogEvents(t, cfg); n != 21 {
+		t.Fatalf("after importing one: %v events, want 21", n)
+	}
+}
+
 func TestBacklogStats(t *testing.T) {
 	cfg, dataDir := writeConfig(t, `forward:
   sinks:
