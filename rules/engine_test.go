@@ -431,10 +431,41 @@ func TestEngineLoopGuard(t *testing.T) {
 	if got := testutil.ToFloat64(f.e.met.errors.WithLabelValues("echo")); got != 1 {
 		t.Fatalf("errors{echo} = %v", got)
 	}
+	// The refused emit has one outcome: loop, not error as well.
+	if ok, errs := testutil.ToFloat64(f.e.met.actions.WithLabelValues("echo", "emit", "ok")),
+		testutil.ToFloat64(f.e.met.actions.WithLabelValues("echo", "emit", "error")); ok != 3 || errs != 0 {
+		t.Fatalf("actions{emit} ok %v, error %v; want 3, 0", ok, errs)
+	}
 	last := evs[2]
 	if last.Source() != DefaultSource || chainDepth(last) != 3 || last.Extensions()[ExtRule] != "echo" {
 		t.Fatalf("derived event %s", last)
 	}
+}
+
+// TestEnginePersistsWindowsWhileEventsCome: the window state written to the state file is a copy, not the
+// buckets that events evaluated meanwhile (inline, in Submit) go on changing (the race detector sees it).
+func TestEnginePersistsWindowsWhileEventsCome(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"w.yaml": `rules:
+  - name: w
+    on: sensor.temperature
+    window: {size: 1h, slide: 1m, agg: max, value: data.temp, emit: crossing, threshold: window.value > 1000}
+    actions: [{emit: {type: hot}}]
+`})
+	cfg.StateFile = filepath.Join(t.TempDir(), "rules-state.json")
+	cfg.PersistInterval = time.Millisecond
+	f := newEngine(t, cfg, nil)
+	startEngine(t, f.e)
+	const n = 300
+	for i := range n {
+		f.clock.Set(t0.Add(time.Duration(i) * time.Second)) // a new bucket every minute: the slice grows
+		f.e.Submit(newEvent("sensor.temperature", "t1", t0.Add(time.Duration(i)*time.Second), map[string]any{"temp": i}))
+		f.waitEvaluated(t, "w", i+1)
+	}
+	waitFor(t, 5*time.Second, "the state file written", func() bool {
+		_, err := os.Stat(cfg.StateFile)
+		return err == nil
+	})
 }
 
 func TestEngineRestartPersistence(t *testing.T) {

@@ -389,6 +389,9 @@ func (m *machine) sweepGates(st *ruleState, now time.Time) {
 	}
 }
 
+// errLoopGuard refuses an emit whose cause is max_chain_depth derivations deep.
+var errLoopGuard = errors.New("loop guard")
+
 // runActions evaluates every action's templates and hands the results to the sink.
 func (m *machine) runActions(r *rule, c *evalCtx) {
 	var n needs
@@ -398,7 +401,9 @@ func (m *machine) runActions(r *rule, c *evalCtx) {
 	e := c.prepare(n)
 	for _, a := range r.actions {
 		if err := m.runAction(r, a, c, e); err != nil {
-			m.met.action(r, a.kind, "error")
+			if !errors.Is(err, errLoopGuard) { // counted as the loop outcome
+				m.met.action(r, a.kind, "error")
+			}
 			m.fail(r, c.ev, fmt.Errorf("%s (line %d): %w", a.describe(), a.line, err))
 		}
 	}
@@ -430,7 +435,7 @@ func (m *machine) runAction(r *rule, a *action, c *evalCtx, e *env) error {
 	case actEmit:
 		if c.depth+1 > m.maxDepth {
 			m.met.action(r, a.kind, "loop")
-			return fmt.Errorf("loop guard: the cause is %d derivations deep (max_chain_depth %d)", c.depth, m.maxDepth)
+			return fmt.Errorf("%w: the cause is %d derivations deep (max_chain_depth %d)", errLoopGuard, c.depth, m.maxDepth)
 		}
 		ev, err := m.derive(r, a, c, e)
 		if err != nil {
@@ -747,6 +752,14 @@ func (m *machine) windowAdd(st *ruleState, c *evalCtx) {
 	}
 	m.matched(r)
 	start := w.bucketStart(c.now)
+	end := start.Add(w.slide)
+	if w.emit != "close" {
+		// First what housekeeping forgets by now: a group whose window emptied since its last event is no longer
+		// past the threshold, whether or not a sweep ran in between (a dry run never sweeps).
+		if g.buckets = pruneBuckets(g.buckets, end.Add(-w.size)); len(g.buckets) == 0 {
+			g.above = false
+		}
+	}
 	n := len(g.buckets)
 	if n > 0 && g.buckets[n-1].Start.Equal(start) {
 		b := &g.buckets[n-1]
@@ -757,12 +770,11 @@ func (m *machine) windowAdd(st *ruleState, c *evalCtx) {
 	} else {
 		g.buckets = append(g.buckets, bucket{Start: start, Count: 1, Sum: v, Min: v, Max: v})
 		if n > 0 && start.Before(g.buckets[n-1].Start) {
-			sortBuckets(g.buckets)
+			g.buckets = sortBuckets(g.buckets)
 		}
 	}
 	g.last = c.ev
 	m.dirty = true
-	end := start.Add(w.slide)
 	if w.emit == "close" {
 		// prune buckets that can no longer be part of a window that closes from now on
 		g.buckets = pruneBuckets(g.buckets, end.Add(-w.size))
@@ -798,7 +810,8 @@ func (m *machine) windowAdd(st *ruleState, c *evalCtx) {
 	}
 }
 
-func sortBuckets(b []bucket) {
+// sortBuckets sorts b by start in place, merges buckets of the same start and returns the shorter slice.
+func sortBuckets(b []bucket) []bucket {
 	for i := 1; i < len(b); i++ {
 		for j := i; j > 0 && b[j].Start.Before(b[j-1].Start); j-- {
 			b[j], b[j-1] = b[j-1], b[j]
@@ -817,7 +830,7 @@ func sortBuckets(b []bucket) {
 		}
 		out = append(out, x)
 	}
-	copy(b, out)
+	return out
 }
 
 // pruneBuckets drops buckets that start before from.

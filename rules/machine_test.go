@@ -254,6 +254,35 @@ rules:
 				{at: 70 * time.Second, ev: newEvent("sensor.temperature", "t1", t0.Add(70*time.Second), map[string]any{"temp": 31}), want: []string{"w: emit crossed 31"}},
 			},
 		},
+		{
+			// No housekeeping sweep runs here (as in a dry run): the window's emptying alone ends the crossing.
+			name: "crossing again after the window emptied",
+			rule: `
+rules:
+  - name: w
+    on: sensor.temperature
+    window: {size: 1m, agg: max, value: data.temp, emit: crossing, threshold: window.value > 30}
+    actions: [{emit: {type: crossed, data: '{{ window.value }}'}}]`,
+			steps: []step{
+				{at: 0, ev: newEvent("sensor.temperature", "t1", t0, map[string]any{"temp": 35}), want: []string{"w: emit crossed 35"}},
+				{at: 5 * time.Minute, ev: newEvent("sensor.temperature", "t1", t0.Add(5*time.Minute), map[string]any{"temp": 36}), want: []string{"w: emit crossed 36"}},
+			},
+		},
+		{
+			// The wall clock steps back (an NTP correction): the event lands in an earlier bucket, counted once.
+			name: "clock stepping back counts each event once",
+			rule: `
+rules:
+  - name: w
+    on: sensor.temperature
+    window: {size: 10m, slide: 1m, emit: crossing, threshold: window.count >= 6}
+    actions: [{emit: {type: many, data: '{{ window.count }}'}}]`,
+			steps: []step{
+				*temp(0, "t1", 1), *temp(60*time.Second, "t1", 1), *temp(120*time.Second, "t1", 1),
+				*temp(30*time.Second, "t1", 1), *temp(125*time.Second, "t1", 1), // five events: below 6
+				{at: 130 * time.Second, ev: newEvent("sensor.temperature", "t1", t0.Add(130*time.Second), map[string]any{"temp": 1}), want: []string{"w: emit many 6"}},
+			},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
@@ -65,7 +66,7 @@ func (m *machine) snapshot(now time.Time) (*stateFile, error) {
 			rs.Pending[k] = pendingSnap{At: p.at, Due: p.timer.at, Event: b}
 		}
 		for k, g := range st.groups {
-			gs := groupSnap{Buckets: g.buckets, Above: g.above}
+			gs := groupSnap{Buckets: slices.Clone(g.buckets), Above: g.above} // written after mu is released
 			if g.last != nil {
 				b, err := g.last.MarshalJSON()
 				if err != nil {
@@ -130,7 +131,7 @@ func (m *machine) restore(sf *stateFile) (int, []error) {
 					}
 					g.last = &ev
 				}
-				sortBuckets(g.buckets)
+				g.buckets = sortBuckets(g.buckets)
 				st.groups[k] = g
 			}
 			if rs.NextClose != nil && st.rule.window.emit == "close" {
