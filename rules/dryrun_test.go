@@ -77,3 +77,26 @@ func TestDryRunRuleErrors(t *testing.T) {
 		t.Fatalf("DryRun = %v", err)
 	}
 }
+
+// TestDryRunPairRuleSeesOnlyItsSteps: a sequence or absence rule's condition is evaluated only for an event that
+// can be one of its steps, in a dry run as in the engine (whose index lets no other event through): an event of
+// another type, whose data the condition cannot read, is no match, not an error.
+func TestDryRunPairRuleSeesOnlyItsSteps(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"door.yaml": `rules:
+  - name: door-left-open
+    when: data.open == true
+    absence: {after: door.opened, missing: door.closed, within: 5m}
+    actions: [{emit: {type: door.left-open}}]
+`})
+	in := `{"specversion":"1.0","id":"e1","source":"/s","type":"sensor.temperature","subject":"thermo-1",` +
+		`"time":"2024-05-01T10:00:00Z","datacontenttype":"text/plain","data":"21.5"}` + "\n"
+	var out bytes.Buffer
+	if err := DryRun(cfg, homeDevices, strings.NewReader(in), &out, DryRunOptions{}); err != nil {
+		t.Fatalf("DryRun: %v", err)
+	}
+	want := "door-left-open: no match: after: type sensor.temperature ≠ door.opened; missing: type sensor.temperature ≠ door.closed"
+	if !strings.Contains(out.String(), want) || strings.Contains(out.String(), "error") {
+		t.Fatalf("output:\n%s\nwant the line %q and no error", out.String(), want)
+	}
+}

@@ -296,6 +296,13 @@ func (m *machine) evalRule(r *rule, c *evalCtx) {
 		m.met.rule(r).evaluated.Inc()
 	}
 	why, err := c.check(r.on)
+	if p := r.pair; err == nil && why == "" && p != nil {
+		// A pair rule's condition is evaluated only for an event that can be one of its steps, as the index lets
+		// only those through: a dry run, which shows every rule every event, then tells what the engine does.
+		if whyA, whyB := p.a.matchAttrs(c.ev), p.b.matchAttrs(c.ev); whyA != "" && whyB != "" {
+			why = fmt.Sprintf("%s: %s; %s: %s", p.aName, whyA, p.bName, whyB)
+		}
+	}
 	if err == nil && why == "" && r.when != nil {
 		var ok bool
 		ok, err = r.when.bool(c.prepare(r.when.needs))
