@@ -47,6 +47,13 @@ type StateStore interface {
 	Get(device string) (map[string]any, bool)
 }
 
+// EventState is a StateStore that the events themselves update before the rules see them, as the gateway's
+// device state view does (reported fields, last_event, last_seen, online).
+type EventState interface {
+	StateStore
+	Apply(ev *event.Event)
+}
+
 // DeadLetterer keeps what could not be delivered.
 type DeadLetterer interface {
 	DeadLetter(reason, detail, device, topic string, payload []byte)

@@ -19,6 +19,9 @@ type DryRunOptions struct {
 	NoFlush bool
 	// OnlyMatched leaves out the rules that did not match (and why).
 	OnlyMatched bool
+	// State is the device state the conditions see. Each event, recorded or derived, is applied to it before the
+	// rules see it, as the gateway applies events to its state view. nil: a state that only state actions set.
+	State EventState
 }
 
 // maxEventLine bounds one line of the events input.
@@ -26,9 +29,9 @@ const maxEventLine = 4 << 20
 
 // DryRun evaluates the rules of cfg.Dir over recorded CloudEvents (JSON, one per line) on event time and writes,
 // per event, which rules matched, which did not and why, and the actions that would be taken. Nothing is sent:
-// derived events are evaluated like recorded ones (after the event that caused them), state actions change a
-// simulated state that later conditions see. The clock is simulated: it moves to each event's time (never
-// backwards), and timers due before an event fire first. dir may be nil (no device metadata). Lines that are not
+// derived events are evaluated like recorded ones (after the event that caused them), state actions change the
+// state that later conditions see (opts.State, which each event updates first, or a simulated one). The clock
+// is simulated: it moves to each event's time (never backwards), and timers due before an event fire first. dir may be nil (no device metadata). Lines that are not
 // CloudEvents are reported in the output and in the returned error; evaluation goes on.
 func DryRun(cfg Config, dir Directory, events io.Reader, out io.Writer, opts DryRunOptions) error {
 	cfg = cfg.withDefaults()
@@ -50,9 +53,13 @@ func runDry(cfg Config, rules []*rule, warnings []string, dir Directory, events 
 		fmt.Fprintln(w, "warning:", wn)
 	}
 	set := newRuleSet(rules)
+	var store StateStore = newMemState()
+	if opts.State != nil {
+		store = opts.State
+	}
 	d.m = &machine{
 		dir:      dir,
-		store:    newMemState(),
+		store:    store,
 		sink:     d,
 		tr:       d,
 		source:   cfg.Source,
@@ -100,6 +107,7 @@ func runDry(cfg Config, rules []*rule, warnings []string, dir Directory, events 
 		started = true
 		d.fireTimers(now)
 		d.header(fmt.Sprintf("event (line %d)", line), &ev, now)
+		d.see(&ev)
 		d.m.handle(&ev, now)
 		d.drain(now)
 	}
@@ -169,7 +177,15 @@ func (d *dryRun) drain(now time.Time) {
 		ev := d.queue[0]
 		d.queue = d.queue[1:]
 		d.header("derived", ev, now)
+		d.see(ev)
 		d.m.handle(ev, now)
+	}
+}
+
+// see applies an event to the state given in the options, before the rules see it.
+func (d *dryRun) see(ev *event.Event) {
+	if d.opts.State != nil {
+		d.opts.State.Apply(ev)
 	}
 }
 

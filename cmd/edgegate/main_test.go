@@ -249,6 +249,30 @@ func TestRulesTestCommand(t *testing.T) {
 	}
 }
 
+// TestRulesTestSeesDeviceState: in `rules test`, conditions see the device state the events build (reported
+// fields, last_event), as in the gateway, where each event updates the state view before the rules see it.
+func TestRulesTestSeesDeviceState(t *testing.T) {
+	dir := t.TempDir()
+	rule := `rules:
+  - name: warm-again
+    on: telemetry.temperature
+    when: state.reported?.celsius != nil && state.reported.celsius > 20 && state.last_event == "telemetry.temperature"
+    actions: [{emit: {type: room.warm}}]
+`
+	if err := os.WriteFile(filepath.Join(dir, "warm.yaml"), []byte(rule), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	evs, _ := events(t, 3) // thermo-1 reports celsius 20, 21, 22
+	code, out, errOut := runCmd(t, "rules", "test", "--rules", dir, "--events", evs,
+		"--devices", filepath.Join(repo, "configs/devices.yaml"))
+	if code != 0 {
+		t.Fatalf("exit %d\nstderr: %s", code, errOut)
+	}
+	if n := strings.Count(out, "-> emit room.warm"); n != 2 {
+		t.Fatalf("%d room.warm derived, want 2 (celsius 21 and 22, seen in the state):\n%s", n, out)
+	}
+}
+
 var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
 
 // setRules replaces the rules section of the configuration at path with body (indented YAML keys).

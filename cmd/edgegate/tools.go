@@ -409,7 +409,8 @@ func dryRun(cfg rules.Config, registry string, events io.Reader, out io.Writer) 
 		}
 		d = gateway.Directory(reg)
 	}
-	return rules.DryRun(cfg, d, events, out, rules.DryRunOptions{})
+	// Conditions see the device state the events build, as in the gateway (a new view: the run starts from none).
+	return rules.DryRun(cfg, d, events, out, rules.DryRunOptions{State: devices.NewStateView()})
 }
 
 // validateEvent decodes one CloudEvents JSON line.
