@@ -76,6 +76,9 @@ func DefaultConfig() Config {
 	}
 }
 
+// MaxCursorName bounds the length of a cursor's name in bytes (a key of the file).
+const MaxCursorName = 1024
+
 // withDefaults fills zero fields with the values of DefaultConfig, except MaxAge (0: no TTL) and MinFreeBytes
 // (0: no free-space guard).
 func (c Config) withDefaults() Config {
@@ -131,6 +134,8 @@ func (c Config) Validate() error {
 	for i, name := range c.Cursors {
 		if name == "" {
 			errs = append(errs, fmt.Errorf("buffer.cursors[%d]: empty name", i))
+		} else if len(name) > MaxCursorName {
+			errs = append(errs, fmt.Errorf("buffer.cursors[%d]: name of %d bytes, at most %d", i, len(name), MaxCursorName))
 		} else if seen[name] {
 			errs = append(errs, fmt.Errorf("buffer.cursors[%d]: %q listed twice", i, name))
 		}

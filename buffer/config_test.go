@@ -20,9 +20,10 @@ func TestConfigValidate(t *testing.T) {
 			[]string{"buffer.fsync_interval: must be > 0"}},
 		{"everything wrong", func(c *Config) {
 			c.MaxBytes, c.MaxAge, c.WhenFull, c.MinFreeBytes, c.QueueSize = 0, -time.Second, "panic", -1, 0
-			c.Cursors = []string{"a", "", "a"}
+			c.Cursors = []string{"a", "", "a", strings.Repeat("x", MaxCursorName+1)}
 		}, []string{"buffer.max_bytes: must be > 0, got 0", "buffer.max_age:", `buffer.when_full: "panic"`,
-			"buffer.min_free_bytes:", "buffer.queue_size:", "buffer.cursors[1]: empty", `buffer.cursors[2]: "a" listed twice`}},
+			"buffer.min_free_bytes:", "buffer.queue_size:", "buffer.cursors[1]: empty", `buffer.cursors[2]: "a" listed twice`,
+			"buffer.cursors[3]: name of 1025 bytes, at most 1024"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -198,6 +198,13 @@ func (s *state) clone() *state {
 	return &c
 }
 
+// storedAfter reports whether a record with Seq > after may be stored: the newest segment's MaxSeq bounds the
+// stored sequence numbers from above (removals inside a segment leave it as it was).
+func (s *state) storedAfter(after uint64) bool {
+	n := len(s.segs)
+	return s.events > 0 && n > 0 && s.segs[n-1].MaxSeq > after
+}
+
 func (s *state) firstSeq() uint64 {
 	if len(s.segs) == 0 {
 		return 0
@@ -896,15 +903,17 @@ func (l *Log) scan(tx *bolt.Tx, after uint64, fn func(seq uint64, v []byte) (boo
 	return nil
 }
 
-// Wait blocks until a committed record with Seq > after exists, ctx ends (its error, wrapped) or the log
-// closes (ErrClosed). It costs one channel receive: every commit wakes all waiters.
+// Wait blocks until a committed record with Seq > after is stored, ctx ends (its error, wrapped) or the log
+// closes (ErrClosed): records committed after `after` and removed since (delivered, or dropped by retention) do
+// not count. It may return early, when removals inside the newest segment took the newest records. It costs one
+// channel receive: every commit wakes all waiters.
 func (l *Log) Wait(ctx context.Context, after uint64) error {
 	for {
 		l.mu.Lock()
 		ch, closed := l.notify, l.closed
-		last := l.state.Load().lastSeq
+		st := l.state.Load()
 		l.mu.Unlock()
-		if last > after {
+		if st.storedAfter(after) {
 			return nil
 		}
 		if closed {
@@ -945,8 +954,11 @@ func (l *Log) Cursor(name string) uint64 {
 // cursor in Config.Cursors has passed it; any other name is a reader's cursor that holds nothing (it is
 // persisted too, and removed by the next Open that does not list it).
 func (l *Log) Ack(name string, upTo uint64) error {
-	if name == "" {
+	switch {
+	case name == "":
 		return errors.New("buffer: ack: empty cursor name")
+	case len(name) > MaxCursorName: // it could never be saved, and every commit would try
+		return fmt.Errorf("buffer: ack: cursor name of %d bytes, at most %d", len(name), MaxCursorName)
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()

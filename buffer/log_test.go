@@ -180,6 +180,35 @@ func TestWait(t *testing.T) {
 	}
 }
 
+// TestWaitSkipsRemovedRecords: records committed after `after` and removed since (delivered) do not end a Wait;
+// a reader that has read everything stored sleeps until something new is stored.
+func TestWaitSkipsRemovedRecords(t *testing.T) {
+	l := openTest(t, Config{Cursors: []string{"sink"}}, 8)
+	run(t, l.Log)
+	appendN(t, l.Log, 20, ev)
+	if err := l.Ack("sink", 20); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the delivered records removed", func() bool { return l.Stats().Events == 0 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := l.Wait(ctx, 0); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Wait with every record removed = %v, want deadline exceeded", err)
+	}
+	woke := make(chan error, 1)
+	go func() { woke <- l.Wait(context.Background(), 0) }()
+	if _, err := l.Append(context.Background(), ev(21)); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-woke; err != nil {
+		t.Fatalf("Wait after an append = %v", err)
+	}
+	if recs, err := l.Read(0, 10); err != nil || len(recs) != 1 || recs[0].Seq != 21 {
+		t.Fatalf("Read = %v, %v; want seq 21", recs, err)
+	}
+}
+
 func TestAppendInvalid(t *testing.T) {
 	l := openTest(t, Config{}, 0)
 	run(t, l.Log)

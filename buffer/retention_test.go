@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -60,6 +61,7 @@ func TestCursors(t *testing.T) {
 		{"other cursor", "b", 20, 20, false},
 		{"reader cursor", "replay", 7, 7, false},
 		{"empty name", "", 1, 0, true},
+		{"name too long", strings.Repeat("x", MaxCursorName+1), 1, 0, true}, // it could never be saved
 	}
 	for _, s := range steps {
 		err := l.Ack(s.cursor, s.upTo)
