@@ -77,6 +77,8 @@ func ioFailureClient(t *testing.T, mnt, back string) {
 		{"fsync of the meta page fails", "fsync 2", 0},
 		// The commit that deletes the failed commit's events again fails the same way.
 		{"fsync of the meta page fails, then that of the commit undoing it", "fsync 2 4", 0},
+		// The commit that deletes them fails before its meta page: readers must not see them meanwhile.
+		{"fsync of the meta page fails, then the data fsync of the commit undoing it", "fsync 2 3", 0},
 		// The file cannot be opened again at first: reads fail meanwhile, the commits that follow open it.
 		{"fsync of the meta page fails, then the file cannot be opened at once", "fsync 2", 2},
 	} {

@@ -141,6 +141,7 @@ type Log struct {
 	// next commit opens it), and the seqs of a failed commit the file took nonetheless, still to delete.
 	reopen           bool
 	undoFrom, undoTo uint64
+	hideFrom, hideTo uint64 // what reloadState hides (state.hideFrom): a failed commit the file may have taken
 	recovering       bool
 }
 
@@ -190,12 +191,22 @@ type state struct {
 	lastSeq   uint64
 	dropHint  [maxPriority + 1]uint64 // no record of that priority with seq <= hint is stored
 	prioBytes [maxPriority + 1]int64  // bytes stored per priority
+	// hideFrom..hideTo (0: none) are the records of a failed commit that the file took nonetheless, until the
+	// commit deleting them succeeds: their appenders were told they are not stored, so no reader sees them.
+	hideFrom, hideTo uint64
+	hiddenN          int64 // how many records hideFrom..hideTo holds, counted in events (as are their bytes)
+	hiddenBytes      int64
 }
 
 func (s *state) clone() *state {
 	c := *s
 	c.segs = slices.Clone(s.segs)
 	return &c
+}
+
+// hidden reports whether seq belongs to a failed commit that readers must not see.
+func (s *state) hidden(seq uint64) bool {
+	return s.hideFrom != 0 && seq >= s.hideFrom && seq <= s.hideTo
 }
 
 // storedAfter reports whether a record with Seq > after may be stored: the newest segment's MaxSeq bounds the
@@ -566,6 +577,17 @@ func (l *Log) loadState(tx *bolt.Tx) (*state, error) {
 func (l *Log) reloadState() {
 	err := l.db.View(func(tx *bolt.Tx) error {
 		st, err := l.loadState(tx)
+		if err == nil && l.hideFrom != 0 && st.lastSeq >= l.hideFrom {
+			st.hideFrom, st.hideTo = l.hideFrom, l.hideTo
+			err = l.scan(tx, l.hideFrom-1, func(seq uint64, v []byte) (bool, error) {
+				if seq > st.hideTo {
+					return false, nil
+				}
+				st.hiddenN++
+				st.hiddenBytes += int64(len(v) + keySize)
+				return true, nil
+			})
+		}
 		if err == nil {
 			l.state.Store(st)
 		}
@@ -770,6 +792,9 @@ func (l *Log) read(after uint64, max int, data bool) (out []Record, err error) {
 			if seq > st.lastSeq {
 				return false, nil
 			}
+			if st.hidden(seq) {
+				return true, nil
+			}
 			r, err := toRecord(seq, v, data)
 			if err != nil {
 				return false, fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, err)
@@ -829,7 +854,7 @@ func (l *Log) ReadPriority(after uint64, most int, lo, hi uint8) (out []Record, 
 				if !ok {
 					return fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, errBadRecord)
 				}
-				if prio >= lo && prio < hi {
+				if prio >= lo && prio < hi && !st.hidden(seq) {
 					r, err := toRecord(seq, v, true)
 					if err != nil {
 						return fmt.Errorf("%w: %s: seq %d: %w", ErrCorrupt, l.path, seq, err)

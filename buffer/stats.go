@@ -48,8 +48,8 @@ type CursorStats struct {
 func (l *Log) Stats() Stats {
 	st := l.state.Load()
 	s := Stats{
-		Events:    st.events,
-		Bytes:     st.bytes,
+		Events:    st.events - st.hiddenN,
+		Bytes:     st.bytes - st.hiddenBytes,
 		MaxBytes:  l.cfg.MaxBytes,
 		FirstSeq:  st.firstSeq(),
 		LastSeq:   st.lastSeq,
@@ -91,6 +91,9 @@ func (l *Log) Stats() Stats {
 	for i := range s.Cursors {
 		c := &s.Cursors[i]
 		c.Backlog, c.BacklogBytes = l.backlog(tx, st, c.Position)
+		if c.Position < st.hideFrom { // the hidden records are the newest: behind every cursor that is before them
+			c.Backlog, c.BacklogBytes = c.Backlog-st.hiddenN, c.BacklogBytes-st.hiddenBytes
+		}
 		if c.Backlog == 0 || tx == nil {
 			continue
 		}

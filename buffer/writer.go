@@ -553,7 +553,10 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 		}
 		return t, err
 	}
+	// A pending deletion of a failed commit's records was in t (update runs it first): nothing is hidden now.
 	l.undoFrom, l.undoTo = 0, 0
+	l.hideFrom, l.hideTo = 0, 0
+	t.st.hideFrom, t.st.hideTo, t.st.hiddenN, t.st.hiddenBytes = 0, 0, 0, 0
 	if !l.db.NoSync {
 		// bbolt's write time of the commit: its page writes and its two fsyncs (data, then meta page).
 		st := t.tx.Stats()
@@ -598,8 +601,9 @@ func (l *Log) countRemovals(t *txn) {
 // before the failure (its fsync failed): the page cache then holds the new meta page, so the file names the
 // failed transaction while bbolt's free list holds that transaction's pages as free again, for the next
 // commit to overwrite (etcd-io/bbolt#233). In that case the file is closed and opened again, which rebuilds
-// the free list from the file, the transaction's removals are counted, and its appends are deleted again —
-// their appenders were told they are not stored — by the next commit, attempted here at once. When the file
+// the free list from the file, the transaction's removals are counted, and its appends — their appenders were
+// told they are not stored — are hidden from readers and deleted again by the next commit, attempted here at
+// once. When the file
 // cannot be opened, the next commit tries again. The caller holds writeMu.
 func (l *Log) recoverCommit(t *txn, txid int, cause error) {
 	took, err := l.took(txid)
@@ -608,6 +612,9 @@ func (l *Log) recoverCommit(t *txn, txid int, cause error) {
 		return
 	}
 	l.logger.Error("commit failed after its meta page was written; opening the log file again", "error", cause)
+	if t.st.lastSeq > t.lastSeq0 { // hidden from readers as soon as the file is open again, should it hold them
+		l.hideFrom, l.hideTo = t.lastSeq0+1, t.st.lastSeq
+	}
 	l.dbMu.Lock()
 	if err := l.db.Close(); err != nil {
 		l.logger.Warn("close the log file after a failed commit", "error", err)
@@ -621,6 +628,7 @@ func (l *Log) recoverCommit(t *txn, txid int, cause error) {
 		l.logger.Error("read the log file opened again", "error", err)
 	}
 	if !took {
+		l.unhide()
 		return
 	}
 	l.countRemovals(t)
@@ -635,6 +643,20 @@ func (l *Log) recoverCommit(t *txn, txid int, cause error) {
 			l.logger.Error("delete the events of the failed commit; the next commit tries again", "error", err)
 		}
 		l.recovering = false
+	}
+}
+
+// unhide shows the records hidden for a failed commit again: the file did not take it, so their sequence numbers
+// are given again.
+func (l *Log) unhide() {
+	if l.hideFrom == 0 {
+		return
+	}
+	l.hideFrom, l.hideTo = 0, 0
+	if st := l.state.Load(); st.hideFrom != 0 {
+		c := st.clone()
+		c.hideFrom, c.hideTo, c.hiddenN, c.hiddenBytes = 0, 0, 0, 0
+		l.state.Store(c)
 	}
 }
 
