@@ -1,6 +1,7 @@
 package forward
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,6 +47,9 @@ const (
 	DefaultKeepAlive     = 30 * time.Second
 	DefaultConnTimeout   = 10 * time.Second
 	DefaultMaxRetryAfter = 5 * time.Minute
+	// MaxWindow is the largest window a sink may have: MQTT numbers the messages in flight with 16 bits, and
+	// every sink keeps buffers of a window's size.
+	MaxWindow = 65535
 )
 
 // Config configures the forwarding sinks (yaml key "forward"). No sinks is valid: events then stay in the log
@@ -74,8 +78,8 @@ type SinkConfig struct {
 	// in one request (default 128).
 	BatchSize int `yaml:"batch_size"`
 	// Window is the most events sent past the sink's cursor as the log has durably stored it, in flight or
-	// acknowledged and not yet stored (default 1024). After a reconnect, or a restart after a crash, at most this
-	// many events are sent again.
+	// acknowledged and not yet stored (default 1024, at most 65535). After a reconnect, or a restart after a crash,
+	// at most this many events are sent again.
 	Window int `yaml:"window"`
 	// RateLimit caps the events sent per second (0, the default: no cap); the sink's priority lanes share it.
 	RateLimit float64 `yaml:"rate_limit"`
@@ -179,8 +183,11 @@ type NATSConfig struct {
 }
 
 // HTTPConfig configures an HTTP upstream using the CloudEvents HTTP binding. A 2xx response acknowledges the
-// request's events; 408, 429, 5xx, timeouts and network errors are retried (honouring Retry-After); any other
-// 4xx rejects them for good: they are dead-lettered (reason upstream_rejected) and the sink moves on.
+// request's events. 400, 409, 413, 415, 422 and 431 refuse them for good: they are dead-lettered (reason
+// upstream_rejected) and the sink moves on. Every other answer — 5xx, and the 4xx that say the endpoint or the
+// credentials are wrong (401, 403, 404, 405, 407, 410, …) or ask to wait (408, 425, 429) — timeouts and network
+// errors are retried with backoff (honouring Retry-After): the cursor stays, and health shows the sink unhealthy
+// with the answer as its last error.
 type HTTPConfig struct {
 	// URL is the endpoint (http:// or https://); events are POSTed to it.
 	URL string `yaml:"url"`
@@ -383,8 +390,8 @@ func (c SinkConfig) validate(key string) error {
 	if c.BatchSize < 0 {
 		add("%s.batch_size: must be >= 0, got %d", key, c.BatchSize)
 	}
-	if c.Window < 0 {
-		add("%s.window: must be >= 0, got %d", key, c.Window)
+	if c.Window < 0 || c.Window > MaxWindow {
+		add("%s.window: must be from 0 to %d, got %d", key, MaxWindow, c.Window)
 	}
 	if c.RateLimit < 0 {
 		add("%s.rate_limit: must be >= 0, got %g", key, c.RateLimit)
@@ -435,6 +442,7 @@ func (m MQTTConfig) validate(key string) error {
 			errs = append(errs, fmt.Errorf("%s.command_topic: %w", key, err))
 		}
 	}
+	errs = append(errs, m.validateNoEcho(key))
 	switch m.Mode {
 	case "", ModeStructured:
 		if m.BatchTopic != "" {
@@ -463,6 +471,31 @@ func (m MQTTConfig) validate(key string) error {
 	}
 	errs = append(errs, m.TLS.validate(key+".tls"))
 	return errors.Join(errs...)
+}
+
+// validateNoEcho rejects a topic events are published on that the command subscription could match: every
+// event sent would come back from the upstream broker as a command to its device. The gateway's id and the
+// values of the events are not known here, so each field counts as any value that fits in one level.
+func (m MQTTConfig) validateNoEcho(key string) error {
+	if m.DisableCommands {
+		return nil
+	}
+	cmdTopic := cmp.Or(m.CommandTopic, DefaultCommandTopic)
+	ct, err := parseCommandTopic(cmdTopic)
+	if err != nil {
+		return nil // command_topic's own error
+	}
+	name, topic, fields := "topic", cmp.Or(m.Topic, DefaultMQTTTopic), eventFields
+	if m.Mode == ModeBatch {
+		name, topic, fields = "batch_topic", cmp.Or(m.BatchTopic, DefaultMQTTBatchTopic), batchFields
+	}
+	t, err := parseTemplate(topic, fields, mqttTopicCheck)
+	if err != nil || !ct.couldMatch(t) {
+		return nil // a topic's own error, or no echo
+	}
+	return fmt.Errorf("%s.%s: %q can match the subscription of %s.command_topic %q (%s): every event sent "+
+		"would come back as a command to its device; make them differ or set disable_commands",
+		key, name, topic, key, cmdTopic, ct.wildcards())
 }
 
 func (n NATSConfig) validate(key string) error {

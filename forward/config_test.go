@@ -213,3 +213,110 @@ func TestBackoff(t *testing.T) {
 		t.Errorf("min = max: %s", d)
 	}
 }
+
+// TestValidateWindow: window is bounded, so a mistyped window fails validation instead of the process running out
+// of memory when the sink connects (and MQTT out of packet ids).
+func TestValidateWindow(t *testing.T) {
+	tests := []struct {
+		window int
+		want   string // "" for valid
+	}{
+		{0, ""},
+		{1, ""},
+		{DefaultWindow, ""},
+		{MaxWindow, ""},
+		{MaxWindow + 1, "forward.sinks[0].window: must be from 0 to 65535, got 65536"},
+		{1 << 40, "forward.sinks[0].window: must be from 0 to 65535, got 1099511627776"},
+		{-1, "forward.sinks[0].window: must be from 0 to 65535, got -1"},
+	}
+	for _, typ := range []string{TypeMQTT, TypeNATS, TypeHTTP} {
+		for _, tc := range tests {
+			s := SinkConfig{Name: "s", Type: typ, Window: tc.window}
+			switch typ {
+			case TypeMQTT:
+				s.MQTT = &MQTTConfig{URL: "tcp://127.0.0.1:1883"}
+			case TypeNATS:
+				s.NATS = &NATSConfig{URL: "nats://127.0.0.1:4222"}
+			case TypeHTTP:
+				s.HTTP = &HTTPConfig{URL: "http://127.0.0.1:8080/events"}
+			}
+			err := Config{Sinks: []SinkConfig{s}}.Validate()
+			switch {
+			case tc.want == "" && err != nil:
+				t.Errorf("%s window %d: %v", typ, tc.window, err)
+			case tc.want != "" && (err == nil || err.Error() != tc.want):
+				t.Errorf("%s window %d: err = %v, want %q", typ, tc.window, err, tc.want)
+			}
+		}
+	}
+}
+
+// TestValidateCommandEcho: an MQTT sink whose events (or batches) could be published on a topic its command
+// subscription matches would receive every event it sends back as a command; such a configuration is refused,
+// naming both keys, unless commands are off.
+func TestValidateCommandEcho(t *testing.T) {
+	const echo = "can match the subscription of forward.sinks[0].mqtt.command_topic"
+	tests := []struct {
+		name    string
+		m       MQTTConfig
+		wantKey string // "" for valid
+	}{
+		{"defaults", MQTTConfig{}, ""},
+		{"default batch topic", MQTTConfig{Mode: ModeBatch}, ""},
+		{"events under the default command topic",
+			MQTTConfig{Topic: "edgegate/{gateway}/commands/{subject}/{type}"}, "topic"},
+		{"events under the default command topic, commands off",
+			MQTTConfig{Topic: "edgegate/{gateway}/commands/{subject}/{type}", DisableCommands: true}, ""},
+		{"literal levels where the subscription has +",
+			MQTTConfig{Topic: "edgegate/{gateway}/commands/hall/{type}"}, "topic"},
+		{"a literal gateway where the subscription has the gateway's id",
+			MQTTConfig{Topic: "edgegate/gw1/commands/{subject}/{type}"}, "topic"},
+		{"events topic with the default command topic's shape, another word",
+			MQTTConfig{Topic: "edgegate/{gateway}/command/{subject}/{type}"}, ""},
+		{"one level more", MQTTConfig{Topic: "edgegate/{gateway}/commands/{subject}/{type}/x"}, ""},
+		{"one level less", MQTTConfig{Topic: "edgegate/{gateway}/commands/{subject}"}, ""},
+		{"custom command topic",
+			MQTTConfig{Topic: "site/{subject}/{type}", CommandTopic: "site/{device}/{command}"}, "topic"},
+		{"custom command topic, different first level",
+			MQTTConfig{Topic: "site/{subject}/{type}", CommandTopic: "cmd/{device}/{command}"}, ""},
+		{"a first level that could match, one level less",
+			MQTTConfig{Topic: "{type}-x/c/{subject}", CommandTopic: "x-{gateway}/c/{device}/{command}"}, ""},
+		{"a field inside a level of each, overlapping text",
+			MQTTConfig{Topic: "ab{type}/c/{subject}/{type}", CommandTopic: "{gateway}ba/c/{device}/{command}"}, "topic"},
+		{"a field inside a level of each, same depth",
+			MQTTConfig{Topic: "{type}-x/c/{subject}/{type}", CommandTopic: "x-{gateway}/c/{device}/{command}"}, "topic"},
+		{"a field inside a level of each: no value fits both",
+			MQTTConfig{Topic: "a{type}/c/{subject}/{type}", CommandTopic: "b{gateway}/c/{device}/{command}"}, ""},
+		{"a field needs at least one character",
+			MQTTConfig{Topic: "gw/c/{subject}/{type}", CommandTopic: "gw{sink}/c/{device}/{command}"}, ""},
+		{"an empty level matches +",
+			MQTTConfig{Topic: "a//x", CommandTopic: "a/{device}/{command}"}, "topic"},
+		{"batches under the command topic",
+			MQTTConfig{Mode: ModeBatch, BatchTopic: "edgegate/{gateway}/commands/all/{sink}"}, "batch_topic"},
+		{"batches elsewhere: the event topic is not used",
+			MQTTConfig{Mode: ModeBatch, Topic: "edgegate/{gateway}/commands/{subject}/{type}"}, ""},
+		{"batches under the command topic, commands off",
+			MQTTConfig{Mode: ModeBatch, BatchTopic: "edgegate/{gateway}/commands/all/{sink}", DisableCommands: true}, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			m := tc.m
+			m.URL = "tcp://127.0.0.1:1883"
+			err := Config{Sinks: []SinkConfig{{Name: "cloud", Type: TypeMQTT, MQTT: &m}}}.Validate()
+			if tc.wantKey == "" {
+				if err != nil {
+					t.Fatalf("err = %v, want valid", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("valid, want an error")
+			}
+			if want := "forward.sinks[0].mqtt." + tc.wantKey + ": "; !strings.HasPrefix(err.Error(), want) ||
+				!strings.Contains(err.Error(), echo) || !strings.Contains(err.Error(), "disable_commands") ||
+				strings.Contains(err.Error(), "\n") {
+				t.Errorf("err = %v, want one error starting %q and naming command_topic", err, want)
+			}
+		})
+	}
+}

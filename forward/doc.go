@@ -68,7 +68,9 @@
 // edgegate/{gateway}/commands/{device}/{command}, and hands each command to the CommandSink. A command for an
 // unknown device is dead-lettered (reason unknown_device). Commands are delivered locally only: they never
 // enter the log and are never forwarded upstream. A command is acknowledged to the broker once delivered or
-// dead-lettered; one cut short by a lost connection is delivered again (at least once).
+// dead-lettered; one cut short by a lost connection is delivered again (at least once). A configuration whose
+// events (or batches) could be published on a topic the command subscription matches is refused: every event
+// sent would come back as a command to its device.
 //
 // # Configuration
 //
@@ -80,7 +82,7 @@
 //	    - name: cloud                 # cursor "sink:cloud"
 //	      type: mqtt
 //	      types: ["sensor.*", door.opened]   # optional filter
-//	      window: 1024                # events in flight
+//	      window: 1024                # events in flight (at most 65535)
 //	      priority_lanes: [5]         # optional: priorities 5-9 go first, on a connection of their own
 //	      strict_order: false         # true: no device goes ahead of a backlog, all in log order
 //	      ack_timeout: 10s            # stall detection

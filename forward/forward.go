@@ -73,7 +73,7 @@ const (
 	ReasonCommandFailed = "command_failed"
 	// ReasonBadCommandTopic: a message on the command subscription whose topic does not fit the template.
 	ReasonBadCommandTopic = "bad_command_topic"
-	// ReasonUpstreamRejected: events an HTTP upstream refused for good (a 4xx other than 408 and 429).
+	// ReasonUpstreamRejected: events an HTTP upstream refused for good (400, 409, 413, 415, 422 or 431).
 	ReasonUpstreamRejected = "upstream_rejected"
 )
 

@@ -26,11 +26,12 @@ const (
 )
 
 // httpTransport POSTs events to an HTTP endpoint, one request at a time (so events arrive in log order; batch
-// mode carries up to batch_size events per request). A 2xx response acknowledges the request's events. 408,
-// 429, 5xx, other non-2xx/4xx answers and network errors end the "connection": the sink waits (Retry-After
-// when the response has one, capped by max_retry_after, else its backoff) and sends again from its cursor. Any
-// other 4xx is final: the events are dead-lettered (reason upstream_rejected) and the cursor moves past them,
-// so one bad event cannot block the sink. A request without an answer within ack_timeout is a stall.
+// mode carries up to batch_size events per request). A 2xx response acknowledges the request's events. A 4xx
+// that refuses the request's content (see refusesEvents) is final: the events are dead-lettered (reason
+// upstream_rejected) and the cursor moves past them, so one bad event cannot block the sink. Every other answer
+// (5xx, 1xx, 3xx, the other 4xx: wrong URL or credentials, 408, 429) and network errors end the "connection":
+// the sink waits (Retry-After when the response has one, capped by max_retry_after, else its backoff) and sends
+// again from its cursor. A request without an answer within ack_timeout is a stall.
 type httpTransport struct {
 	cfg    HTTPConfig
 	batch  int
@@ -152,18 +153,36 @@ func (c *httpConn) post(recs []Record) outcome {
 	snippet, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	code := resp.StatusCode
-	switch {
-	case code >= 200 && code < 300:
+	if code >= 200 && code < 300 {
 		return outcome{}
-	case code == http.StatusRequestTimeout || code == http.StatusTooManyRequests || code >= 500 || code < 400:
-		return outcome{
-			err:        fmt.Errorf("forward: http post to %s: %s", c.t.where, resp.Status),
-			retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now(), c.t.cfg.MaxRetryAfter),
-		}
-	default:
-		return outcome{err: fmt.Errorf("forward: http post to %s: %s: %s", c.t.where, resp.Status,
-			strings.TrimSpace(string(snippet))), reject: true}
 	}
+	err = fmt.Errorf("forward: http post to %s: %s", c.t.where, resp.Status)
+	if body := strings.TrimSpace(string(snippet)); code >= 400 && code < 500 && body != "" {
+		err = fmt.Errorf("forward: http post to %s: %s: %s", c.t.where, resp.Status, body)
+	}
+	if refusesEvents(code) {
+		return outcome{err: err, reject: true}
+	}
+	return outcome{
+		err:        err,
+		retryAfter: parseRetryAfter(resp.Header.Get("Retry-After"), time.Now(), c.t.cfg.MaxRetryAfter),
+	}
+}
+
+// refusesEvents reports whether an HTTP status refuses the events of the request for good, whatever the
+// endpoint's state: 400 Bad Request, 409 Conflict, 413 Content Too Large, 415 Unsupported Media Type, 422
+// Unprocessable Content and 431 Request Header Fields Too Large (in binary mode the headers carry the event's
+// attributes). Such events are dead-lettered. Every other 4xx says that the endpoint or the credentials are
+// wrong (401, 403, 404, 405, 407, 410, 421, 426, and the codes a proxy or server makes up) or that it is too
+// early or too much (408, 425, 429), so a different event would fare no better: those are retried like a 5xx,
+// and the cursor waits, instead of dead-lettering the whole backlog.
+func refusesEvents(code int) bool {
+	switch code {
+	case http.StatusBadRequest, http.StatusConflict, http.StatusRequestEntityTooLarge,
+		http.StatusUnsupportedMediaType, http.StatusUnprocessableEntity, http.StatusRequestHeaderFieldsTooLarge:
+		return true
+	}
+	return false
 }
 
 // request builds the POST for a unit in the configured mode.

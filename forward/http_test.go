@@ -5,6 +5,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -288,5 +290,126 @@ func TestHTTPHealthDuringOutage(t *testing.T) {
 	waitFor(t, 10*time.Second, "healthy after a request succeeded", func() bool {
 		h := sinkHealth(r, "web")
 		return h.Healthy && h.Connected && h.Cursor == 1
+	})
+}
+
+// TestHTTPEndpointRefused: an answer that says the endpoint or the credentials are wrong (an expired token, a
+// wrong URL) is about every event alike: the sink retries, its cursor stays, nothing is dead-lettered, and
+// health shows it unhealthy with the answer; once the endpoint accepts, every event is delivered, in order.
+func TestHTTPEndpointRefused(t *testing.T) {
+	const events = 3
+	for _, code := range []int{http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound,
+		http.StatusMethodNotAllowed, http.StatusProxyAuthRequired, http.StatusGone} {
+		t.Run(strconv.Itoa(code), func(t *testing.T) {
+			var refusing atomic.Bool
+			refusing.Store(true)
+			var mu sync.Mutex
+			var delivered []string
+			up := newUpstream(t, func(_ int, r request) (int, map[string]string) {
+				if refusing.Load() {
+					return code, nil
+				}
+				mu.Lock()
+				delivered = append(delivered, r.body)
+				mu.Unlock()
+				return http.StatusOK, nil
+			})
+			log := newMemLog(t)
+			for i := range events {
+				log.add("sensor.reading", "hall", i+1)
+			}
+			sc := httpSink(up.srv.URL, ModeStructured)
+			sc.BackoffMin, sc.BackoffMax = time.Millisecond, 5*time.Millisecond
+			r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+			waitFor(t, 10*time.Second, "retries, or the events passed over", func() bool {
+				return len(up.requests()) > events+2 && sinkHealth(r, "web").LastError != "" ||
+					log.Cursor("sink:web") > 0 || len(r.dl.all()) > 0
+			})
+			if c := log.Cursor("sink:web"); c != 0 {
+				t.Errorf("cursor = %d while the endpoint refuses, want 0", c)
+			}
+			if dls := r.dl.all(); len(dls) != 0 {
+				t.Errorf("%d dead letters while the endpoint refuses, want none; the first: %s", len(dls), dls[0].detail)
+			}
+			if h := sinkHealth(r, "web"); h.Healthy || h.Connected || !strings.Contains(h.LastError, strconv.Itoa(code)) ||
+				h.LastErrorTime.IsZero() {
+				t.Errorf("health while the endpoint refuses = %+v", h)
+			}
+			reqs := up.requests()
+			for _, rq := range reqs {
+				if rq.body != reqs[0].body {
+					t.Fatalf("a request carried another event than the first: the cursor moved")
+				}
+			}
+
+			refusing.Store(false)
+			waitFor(t, 10*time.Second, "every event delivered", func() bool { return log.Cursor("sink:web") == events })
+			recs, _ := log.Read(0, events)
+			mu.Lock()
+			got := slices.Clone(delivered)
+			mu.Unlock()
+			if len(got) != events {
+				t.Fatalf("%d events delivered, want %d", len(got), events)
+			}
+			for i, rec := range recs {
+				if got[i] != string(rec.Data) {
+					t.Errorf("delivered %d = %s, want %s", i, got[i], rec.Data)
+				}
+			}
+			if dls := r.dl.all(); len(dls) != 0 {
+				t.Errorf("dead letters: %+v", dls)
+			}
+			waitFor(t, 10*time.Second, "healthy once delivered", func() bool {
+				h := sinkHealth(r, "web")
+				return h.Healthy && h.Connected
+			})
+		})
+	}
+}
+
+// TestHTTPRefusesEvents: which answers dead-letter the events of a request, and which retry them.
+func TestHTTPRefusesEvents(t *testing.T) {
+	refuse := []int{400, 409, 413, 415, 422, 431}
+	for code := 100; code < 600; code++ {
+		if got, want := refusesEvents(code), slices.Contains(refuse, code); got != want {
+			t.Errorf("refusesEvents(%d) = %t, want %t", code, got, want)
+		}
+	}
+}
+
+// TestHTTPRejectionHealth: a refused event is the sink's last error. The refusal is an answer, so it ends a
+// stall, but it does not show a sink that failed connected again: only an acknowledgement does.
+func TestHTTPRejectionHealth(t *testing.T) {
+	release := make(chan struct{})
+	var once sync.Once
+	up := newUpstream(t, func(n int, r request) (int, map[string]string) {
+		if n == 0 {
+			<-release // no answer: a stall
+		}
+		if strings.Contains(r.body, `"type":"bad"`) {
+			return http.StatusUnprocessableEntity, nil
+		}
+		return http.StatusOK, nil
+	})
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	log := newMemLog(t)
+	log.add("bad", "hall", 1)
+	sc := httpSink(up.srv.URL, ModeStructured)
+	sc.AckTimeout = 200 * time.Millisecond
+	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+	waitFor(t, 10*time.Second, "the event dead-lettered after a stall", func() bool {
+		return log.Cursor("sink:web") == 1 && len(r.dl.all()) == 1
+	})
+	if h := sinkHealth(r, "web"); h.Stalled || h.Connected || h.Healthy || !strings.Contains(h.LastError, "422") {
+		t.Errorf("health after a stall and a refusal = %+v, want not stalled, not connected, 422 as the last error", h)
+	}
+	if v := testutil.ToFloat64(r.f.metrics.stalled.WithLabelValues("web")); v != 0 {
+		t.Errorf("stalled = %v after an answer", v)
+	}
+
+	log.add("sensor.reading", "hall", 2)
+	waitFor(t, 10*time.Second, "healthy after an acknowledgement", func() bool {
+		h := sinkHealth(r, "web")
+		return h.Healthy && h.Connected && h.Cursor == 2 && !h.LastAck.IsZero()
 	})
 }

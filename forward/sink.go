@@ -524,6 +524,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			}
 			s.learnPersisted()
 		case o := <-c.outcomes():
+			// Only an acknowledgement shows the upstream takes events: a connection whose every answer is a
+			// refusal neither ends a failure nor resets the backoff.
+			acked := o.err == nil
 			if err := s.settle(&tr, o, gen); err != nil {
 				res.err = err
 				return res
@@ -532,6 +535,7 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 			for {
 				select {
 				case o := <-c.outcomes():
+					acked = acked || o.err == nil
 					if err := s.settle(&tr, o, gen); err != nil {
 						res.err = err
 						return res
@@ -541,10 +545,12 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				}
 			}
 			lastProgress = time.Now()
-			res.progressed = true
-			if s.failing {
-				s.failing = false
-				s.setConnected(true)
+			if acked {
+				res.progressed = true
+				if s.failing {
+					s.failing = false
+					s.setConnected(true)
+				}
 			}
 			s.advance(&tr, false)
 		case <-c.lost():
@@ -725,7 +731,8 @@ func (s *sink) settle(tr *tracker, o outcome, gen uint64) error {
 	return nil
 }
 
-// rejected dead-letters events the upstream refused for good.
+// rejected dead-letters events the upstream refused for good. The refusal is the sink's last error; being an
+// answer, it ends a stall, but it does not show the sink connected (only an acknowledgement does).
 func (s *sink) rejected(err error, recs []Record) {
 	s.m.errors.Add(float64(len(recs)))
 	s.log.Warn("upstream rejected events; dead-lettered", "target", s.tr.target(), "events", len(recs),
@@ -733,6 +740,10 @@ func (s *sink) rejected(err error, recs []Record) {
 	for _, r := range recs {
 		s.dl.DeadLetter(ReasonUpstreamRejected, fmt.Sprintf("sink %s: %v", s.name, err), r.Subject, s.tr.target(), r.Data)
 	}
+	s.mu.Lock()
+	s.st.lastErr, s.st.lastErrAt = err.Error(), time.Now()
+	s.answeredLocked()
+	s.mu.Unlock()
 }
 
 // acknowledged records an acknowledgement: its time, and the end of a stall.
@@ -740,12 +751,17 @@ func (s *sink) acknowledged() {
 	now := time.Now()
 	s.mu.Lock()
 	s.st.lastAck = now
+	s.answeredLocked()
+	s.mu.Unlock()
+}
+
+// answeredLocked ends a stall: the upstream answered. s.mu is held.
+func (s *sink) answeredLocked() {
 	if s.st.stalled {
 		s.st.stalled = false
 		s.m.stalled.Set(0)
 		s.log.Info("upstream recovered from a stall", "target", s.tr.target())
 	}
-	s.mu.Unlock()
 }
 
 // forgetUnacked drops the units past the cursor from the flow control when a connection starts: they were

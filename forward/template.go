@@ -271,3 +271,147 @@ func (ct *commandTopic) match(topic string) (device, command string, ok bool) {
 	}
 	return device, command, device != "" && command != ""
 }
+
+// wildcards is the command subscription as a template: + for {device} and {command}, the other fields kept.
+func (ct *commandTopic) wildcards() string {
+	levels := make([]string, len(ct.levels))
+	for i, lvl := range ct.levels {
+		levels[i] = lvl.render(func(f string) string {
+			if f == fieldDevice || f == fieldCommand {
+				return "+"
+			}
+			return "{" + f + "}"
+		})
+	}
+	return strings.Join(levels, "/")
+}
+
+// couldMatch reports whether some rendering of the topic template t could match the command subscription.
+// Values unknown when the configuration is checked count as any text that fits in one level: {device} and
+// {command} are + in the subscription, and every other field, of either template, stands for any non-empty
+// text without '/' (a field's value never holds one).
+func (ct *commandTopic) couldMatch(t *template) bool {
+	levels := t.levels()
+	if len(levels) != len(ct.levels) {
+		return false
+	}
+	for i, lvl := range levels {
+		if i == ct.device || i == ct.command {
+			continue // + matches any level, an empty one too
+		}
+		if !levelsOverlap(lvl, ct.levels[i].parts) {
+			return false
+		}
+	}
+	return true
+}
+
+// levels splits the template at the '/' of its literal text into the parts of each topic level.
+func (t *template) levels() [][]tmplPart {
+	out := [][]tmplPart{nil}
+	for _, p := range t.parts {
+		if p.field != "" {
+			out[len(out)-1] = append(out[len(out)-1], p)
+			continue
+		}
+		for i, lit := range strings.Split(p.lit, "/") {
+			if i > 0 {
+				out = append(out, nil)
+			}
+			if lit != "" {
+				out[len(out)-1] = append(out[len(out)-1], tmplPart{lit: lit})
+			}
+		}
+	}
+	return out
+}
+
+// patTok is one step of a level pattern: a literal byte, any one byte, or any run of bytes (a field is any one
+// byte followed by any run: its value is never empty).
+type patTok struct {
+	kind byte // patLit, patAny or patRun
+	c    byte
+}
+
+const (
+	patLit = iota
+	patAny
+	patRun
+)
+
+func levelPattern(parts []tmplPart) []patTok {
+	var p []patTok
+	for _, part := range parts {
+		if part.field != "" {
+			p = append(p, patTok{kind: patAny}, patTok{kind: patRun})
+			continue
+		}
+		for i := range len(part.lit) {
+			p = append(p, patTok{kind: patLit, c: part.lit[i]})
+		}
+	}
+	return p
+}
+
+// levelsOverlap reports whether one text matches both level patterns: a search of the pairs of positions the two
+// can be at after the same text, over the bytes either names and one byte neither does.
+func levelsOverlap(a, b []tmplPart) bool {
+	pa, pb := levelPattern(a), levelPattern(b)
+	alphabet := []byte{0} // 0 stands for every byte neither pattern names (templates hold no NUL)
+	for _, p := range [][]patTok{pa, pb} {
+		for _, t := range p {
+			if t.kind == patLit && !slices.Contains(alphabet, t.c) {
+				alphabet = append(alphabet, t.c)
+			}
+		}
+	}
+	type pos struct{ i, j int }
+	seen := map[pos]bool{}
+	var queue []pos
+	add := func(is, js []int) {
+		for _, i := range is {
+			for _, j := range js {
+				if p := (pos{i, j}); !seen[p] {
+					seen[p] = true
+					queue = append(queue, p)
+				}
+			}
+		}
+	}
+	add(patClosure(pa, 0), patClosure(pb, 0))
+	for len(queue) > 0 {
+		p := queue[0]
+		queue = queue[1:]
+		if p.i == len(pa) && p.j == len(pb) {
+			return true
+		}
+		for _, c := range alphabet {
+			add(patStep(pa, p.i, c), patStep(pb, p.j, c))
+		}
+	}
+	return false
+}
+
+// patClosure is position i and those a run at i lets the pattern skip to without consuming a byte.
+func patClosure(p []patTok, i int) []int {
+	out := []int{i}
+	for i < len(p) && p[i].kind == patRun {
+		i++
+		out = append(out, i)
+	}
+	return out
+}
+
+// patStep returns the positions the pattern can be at after consuming c at position i.
+func patStep(p []patTok, i int, c byte) []int {
+	if i >= len(p) {
+		return nil
+	}
+	switch t := p[i]; {
+	case t.kind == patRun:
+		return patClosure(p, i)
+	case t.kind == patAny, t.c == c:
+		return patClosure(p, i+1)
+	}
+	return nil
+}
