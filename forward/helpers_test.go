@@ -34,6 +34,7 @@ type memLog struct {
 	acks    int
 	woke    map[uint64]int // Wait calls that returned nil, by after
 	scans   []uint64       // the after of every ReadHeaders call
+	maxRead uint64         // the highest Seq a Read returned
 
 	onHeaders func(ctx context.Context, after uint64) error // when set, called at every ReadHeaders call first
 }
@@ -77,6 +78,9 @@ func (l *memLog) Read(after uint64, max int) ([]Record, error) {
 	defer l.mu.Unlock()
 	i := sort.Search(len(l.recs), func(i int) bool { return l.recs[i].Seq > after })
 	j := min(len(l.recs), i+max)
+	if j > i && l.recs[j-1].Seq > l.maxRead {
+		l.maxRead = l.recs[j-1].Seq
+	}
 	return slices.Clone(l.recs[i:j]), nil
 }
 

@@ -119,6 +119,40 @@ func TestPriorityLanesHoldTheCursor(t *testing.T) {
 	}
 }
 
+// TestPriorityLanesHoldBounded: a lane that cannot deliver holds up its sink after a few windows of the lane's
+// events, instead of the sink reading the whole backlog of the lane's priorities into memory; once the lane
+// delivers, everything arrives.
+func TestPriorityLanesHoldBounded(t *testing.T) {
+	log := newMemLog(t)
+	const alarms = 3000
+	for i := 1; i <= alarms; i++ {
+		log.addPrio("alarm.raised", "alarm", i, 7)
+	}
+	log.addPrio("temp.reported", "temp", 1, 0)
+	up := newEventUpstream(t, "alarm")
+	up.down.Store(true)
+	r := startForwarder(t, Config{Sinks: []SinkConfig{laneSink(up.srv.URL, 5)}}, plainSource{log}, nil)
+	waitFor(t, 10*time.Second, "the lane failing", func() bool {
+		h := sinkHealth(r, "up@p5")
+		return h.LastError != "" && !h.Healthy
+	})
+	// Reading goes a read ahead of the held events at most (the sink holds 4 windows of 16).
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		log.mu.Lock()
+		read := log.maxRead
+		log.mu.Unlock()
+		if read > 1000 {
+			t.Fatalf("the sink read up to seq %d of a lane's events it holds, want a bound of a few windows", read)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	up.down.Store(false)
+	waitFor(t, 30*time.Second, "every event delivered", func() bool { return log.Cursor("sink:up") == alarms+1 })
+	checkLaneDelivery(t, up.accepted(), alarms+1)
+	r.stop()
+}
+
 // TestPriorityLanesDrainFirst: after an outage, a backlog of low-priority events does not hold back the
 // higher-priority ones: with the rate capped, every alarm arrives before half of the backlog has.
 func TestPriorityLanesDrainFirst(t *testing.T) {

@@ -442,6 +442,9 @@ func (s *sink) session(ctx context.Context) (res sessionResult) {
 				continue
 			} else if !s.carries(r) {
 				if l := s.laneOf(r); l != nil && l.done.Load() < r.Seq {
+					if len(held) >= maxHeldWindows*s.window() {
+						break // the lanes are that far behind: read on once they carried some (s.moved)
+					}
 					tr.hold(r.Seq) // the cursor passes it once the lane has carried it
 					held = append(held, heldEvent{l, r.Seq})
 				} else {
@@ -637,6 +640,11 @@ func (u *unitRoom) take(r *Record) bool {
 	}
 	return false
 }
+
+// maxHeldWindows bounds the events of lanes that a sink holds (it passes them only once their lane carried them)
+// to this many of its windows: a lane that cannot deliver holds up its sink after that, instead of the sink
+// reading, and keeping in memory, the whole backlog of the lane's priorities.
+const maxHeldWindows = 4
 
 // heldEvent is an event of a lane that the sink's cursor may pass only once the lane has carried it.
 type heldEvent struct {
