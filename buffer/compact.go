@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -102,8 +103,12 @@ func (l *Log) compact(oldSize, used int64) error {
 	return nil
 }
 
-// syncDir fsyncs a directory so that a rename in it is durable.
+// syncDir fsyncs a directory so that a new name or a rename in it is durable. Windows cannot fsync a directory
+// (NTFS journals its names): there it does nothing.
 func syncDir(dir string) error {
+	if runtime.GOOS == "windows" {
+		return nil
+	}
 	d, err := os.Open(dir)
 	if err != nil {
 		return err

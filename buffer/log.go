@@ -354,6 +354,13 @@ func openDB(path, durability string) (db *bolt.DB, kind string, err error) {
 	default:
 		return nil, "", fmt.Errorf("buffer: open %s: %w", path, err)
 	}
+	if kind == openNew {
+		// The new file's name must outlive a power loss as its first commits do.
+		if err := syncDir(filepath.Dir(path)); err != nil {
+			_ = db.Close()
+			return nil, "", fmt.Errorf("buffer: open %s: %w", path, err)
+		}
+	}
 	db.NoSync = durability == DurabilityInterval
 	return db, kind, nil
 }
