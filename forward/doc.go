@@ -72,6 +72,25 @@
 // events (or batches) could be published on a topic the command subscription matches is refused: every event
 // sent would come back as a command to its device.
 //
+// Commands published while the gateway is away wait at the broker and come right after the sink connects, as a
+// rule before their devices are back. A command for a device the CommandSink knows but that cannot take it yet
+// (ErrDeviceOffline) is held, unacknowledged, for up to 30 s and tried again every 250 ms; once the device
+// takes it, it is delivered (in order with that device's other commands) and acknowledged. A held command whose
+// delivery then fails is tried again as well, while the hold lasts: its device has just come and may not have
+// subscribed yet. When the hold ends the command is dead-lettered (reason command_failed). A connection holds at
+// most 16 commands, because a held command occupies one of the broker's in-flight slots of the session
+// (mosquitto's max_inflight_messages is 20 by default) and commands for connected devices need the others; a
+// further command for a device that cannot take it is dead-lettered at once. A connection that ends leaves its
+// held commands unacknowledged: the broker sends them again on the next one, which holds them anew.
+//
+// With disable_commands the sink subscribes to nothing and removes the command subscriptions of earlier runs
+// from its session (the default filter, and that of its command_topic); a command still queued there is left
+// unacknowledged at the broker, neither delivered nor dead-lettered, and arrives once commands are enabled
+// again. A sink whose command_topic is not the default also removes the default filter. A filter of an earlier
+// command_topic that was not the default is not known to the sink and stays in the session: the commands it
+// brings fit no template and are dead-lettered (reason bad_command_topic). To end that, unsubscribe the old
+// filter in the sink's session (its client id, clean session off) while the gateway is stopped.
+//
 // # Configuration
 //
 // Under the key "forward"; every sink needs name, type and the block of its type, the rest has defaults
@@ -93,6 +112,8 @@
 //	        tls: {ca_file: /etc/edgegate/ca.pem}
 //	        # mode: batch             # optional: JSON arrays of up to batch_size events on batch_topic
 //	        # batch_topic: edgegate/{gateway}/batches
+//	        # command_topic: edgegate/{gateway}/commands/{device}/{command}
+//	        # disable_commands: true  # take no commands; those queued at the broker stay there
 //	    - name: stream
 //	      type: nats
 //	      nats: {url: "nats://10.0.0.5:4222", stream: EVENTS}

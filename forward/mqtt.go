@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"slices"
 	"sync"
 	"time"
 
@@ -36,6 +37,8 @@ type mqttTransport struct {
 	batch      int           // the most events in one message: 1, or batch_size in batch mode
 	batchTopic string        // the topic of batches; "" unless in batch mode (the sink bounds a batch's bytes)
 	cmd        *commandTopic // nil: no command subscription
+	unsub      []string      // command filters an earlier configuration may have left in the session
+	hold       time.Duration // how long a command waits for its device (commandHold)
 	cmds       CommandSink
 	dl         DeadLetterer
 	tls        *tls.Config
@@ -62,6 +65,7 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 		log:        log,
 		where:      redactURL(mc.URL),
 		sinkName:   cfg.Name,
+		hold:       commandHold,
 	}
 	if t.clientID == "" {
 		t.clientID = mqttClientID(gatewayID, cfg.Name)
@@ -86,6 +90,9 @@ func newMQTTTransport(cfg SinkConfig, gatewayID string, cmds CommandSink, dl Dea
 			return nil, fmt.Errorf("mqtt.command_topic: %w", err)
 		}
 		t.cmd.bind(gatewayID, cfg.Name)
+	}
+	if cmds != nil {
+		t.unsub = staleCommandFilters(t.cmd, mc.CommandTopic, gatewayID, cfg.Name)
 	}
 	if t.tls, err = tlsConfig(mc.TLS, log); err != nil {
 		return nil, fmt.Errorf("mqtt.%w", err)
@@ -167,27 +174,21 @@ func (t *mqttTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 	}
 	if t.cmd != nil {
 		st := cl.Subscribe(t.cmd.filter, 1, c.onMessage)
-		timer := time.NewTimer(t.ackTimeout)
-		select {
-		case <-st.Done():
-			timer.Stop()
-		case <-ctx.Done():
-			timer.Stop()
-			c.close()
-			return nil, ctx.Err()
-		case <-timer.C:
-			c.close()
-			return nil, fmt.Errorf("forward: mqtt subscribe %s: no SUBACK within %s", t.cmd.filter, t.ackTimeout)
-		}
-		if err := st.Error(); err != nil {
-			c.close()
-			return nil, fmt.Errorf("forward: mqtt subscribe %s: %w", t.cmd.filter, err)
+		if err := c.await(ctx, st, "subscribe "+t.cmd.filter); err != nil {
+			return nil, err
 		}
 		if sub, ok := st.(*paho.SubscribeToken); ok && sub.Result()[t.cmd.filter] == 0x80 {
 			// Events still go up; only commands are missing. Refusing to forward over it would be worse.
 			t.log.Warn("the broker refused the command subscription; cloud-to-device commands are not received",
 				"filter", t.cmd.filter)
 		}
+	}
+	if len(t.unsub) > 0 {
+		// The session is persistent: a subscription of an earlier configuration would still bring commands.
+		if err := c.await(ctx, cl.Unsubscribe(t.unsub...), fmt.Sprintf("unsubscribe %v", t.unsub)); err != nil {
+			return nil, err
+		}
+		t.log.Debug("earlier command subscriptions removed", "filters", t.unsub)
 	}
 	return c, nil
 }
@@ -208,6 +209,51 @@ type mqttConn struct {
 
 	loss
 	closeOnce sync.Once
+	offLogged bool // a command left at the broker because commands are disabled was logged (deliverCommands)
+}
+
+// await waits for a subscribe or unsubscribe token of a connection being set up, for at most the ack timeout;
+// on failure it closes the connection.
+func (c *mqttConn) await(ctx context.Context, tok paho.Token, what string) error {
+	timer := time.NewTimer(c.t.ackTimeout)
+	defer timer.Stop()
+	select {
+	case <-tok.Done():
+	case <-ctx.Done():
+		c.close()
+		return ctx.Err()
+	case <-timer.C:
+		c.close()
+		return fmt.Errorf("forward: mqtt %s: no acknowledgement within %s", what, c.t.ackTimeout)
+	}
+	if err := tok.Error(); err != nil {
+		c.close()
+		return fmt.Errorf("forward: mqtt %s: %w", what, err)
+	}
+	return nil
+}
+
+// staleCommandFilters returns the command filters to remove from the sink's persistent session: the default
+// one unless the sink subscribes to exactly it, and, with commands disabled, the configured one. (A filter of an
+// earlier command_topic that was neither is not known here; see the package documentation.)
+func staleCommandFilters(cur *commandTopic, configured, gatewayID, sink string) []string {
+	tmpls := []string{DefaultCommandTopic}
+	if cur == nil {
+		tmpls = append(tmpls, configured)
+	}
+	var out []string
+	for _, tmpl := range tmpls {
+		ct, err := parseCommandTopic(tmpl)
+		if err != nil {
+			continue
+		}
+		ct.bind(gatewayID, sink)
+		if (cur != nil && ct.filter == cur.filter) || slices.Contains(out, ct.filter) {
+			continue
+		}
+		out = append(out, ct.filter)
+	}
+	return out
 }
 
 type mqttPending struct {
@@ -309,60 +355,6 @@ func (c *mqttConn) waitAcks() {
 			}
 		}
 	}
-}
-
-// onMessage runs on paho's router goroutine: it only queues the command.
-func (c *mqttConn) onMessage(_ paho.Client, m paho.Message) {
-	select {
-	case c.cmdq <- m:
-	case <-c.ctx.Done(): // not acknowledged: the broker sends it again on the next connection
-	}
-}
-
-func (c *mqttConn) deliverCommands() {
-	defer c.wg.Done()
-	for {
-		select {
-		case <-c.ctx.Done():
-			return
-		case m := <-c.cmdq:
-			c.deliver(m)
-		}
-	}
-}
-
-// deliver hands one command to the CommandSink and acknowledges it to the broker once it is delivered or
-// dead-lettered; a command cut short by the connection's end is not acknowledged, so the broker resends it.
-func (c *mqttConn) deliver(m paho.Message) {
-	topic, payload := m.Topic(), m.Payload()
-	var device, command string
-	ok := false
-	if c.t.cmd != nil {
-		device, command, ok = c.t.cmd.match(topic)
-	}
-	if !ok {
-		c.t.log.Warn("message on the command subscription does not fit command_topic; dead-lettered", "topic", topic)
-		c.t.dl.DeadLetter(ReasonBadCommandTopic, fmt.Sprintf("sink %s: topic does not fit the command topic", c.t.sinkName), "", topic, payload)
-		m.Ack()
-		return
-	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.t.ackTimeout)
-	err := c.t.cmds.DeliverCommand(ctx, device, command, payload)
-	cancel()
-	switch {
-	case err == nil:
-		c.t.log.Debug("command delivered", "device_id", device, "command", command, "topic", topic)
-	case errors.Is(err, ErrUnknownDevice):
-		c.t.log.Warn("command for an unknown device; dead-lettered", "device_id", device, "command", command, "topic", topic)
-		c.t.dl.DeadLetter(ReasonUnknownDevice, err.Error(), device, topic, payload)
-	case c.ctx.Err() != nil:
-		return
-	default:
-		c.t.log.Warn("command could not be delivered; dead-lettered", "device_id", device, "command", command,
-			"topic", topic, "error", err)
-		c.t.dl.DeadLetter(ReasonCommandFailed, err.Error(), device, topic, payload)
-	}
-	m.Ack()
 }
 
 // redactURL drops the password from a URL for logs and health.
