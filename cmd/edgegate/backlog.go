@@ -60,7 +60,7 @@ func openLogFile(cfg gateway.Config, create bool) (*buffer.Log, error) {
 	return buffer.OpenTool(bcfg, discardLogger())
 }
 
-func cmdBacklog(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func cmdBacklog(ctx context.Context, args []string, stdout, stderr io.Writer) (retErr error) {
 	sub := ""
 	if len(args) > 0 {
 		sub = args[0]
@@ -129,7 +129,11 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 			if err != nil {
 				return err
 			}
-			defer f.Close()
+			defer func() {
+				if cerr := f.Close(); retErr == nil && cerr != nil {
+					retErr = fmt.Errorf("--out: %w", cerr)
+				}
+			}()
 			w = f
 		}
 		// Progress goes to a terminal, unless the events themselves go to that terminal too.
@@ -178,8 +182,10 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		if err != nil {
 			return err
 		}
-		defer lg.Close()
 		n, err := lg.Purge(t)
+		if cerr := lg.Close(); err == nil && cerr != nil { // in interval mode its fsync makes the purge durable
+			err = cerr
+		}
 		if err != nil {
 			return err
 		}
@@ -319,9 +325,14 @@ func drawProgress(w io.Writer, done, total int) {
 	fmt.Fprintf(w, "\r[%s%s] %d/%d events", strings.Repeat("=", filled), strings.Repeat(" ", width-filled), done, total)
 }
 
-// importLog appends CloudEvents JSON lines to the log; every line is validated first, a bad line stops the import
-// with its line number (nothing after it is written).
-func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.Writer) error {
+// importWindow is how many appends importLog keeps in flight: they share commits instead of taking one fsync
+// each.
+const importWindow = 4096
+
+// importLog appends CloudEvents JSON lines to the log, in order; every line is validated first, and a bad line
+// stops the import with its line number (nothing after it is written). Appends are pipelined; the count it
+// reports is of events durably stored (the log's final commit included).
+func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.Writer) (err error) {
 	lg, err := openLogFile(cfg, true)
 	if err != nil {
 		return err
@@ -329,10 +340,46 @@ func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.W
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- lg.Run(runCtx) }()
-	defer func() { stop(); <-done }()
+	type queued struct {
+		p    *buffer.Pending
+		line int
+	}
+	var window []queued
+	n := 0
+	// settle waits for the queued appends until at most keep are left; the first that failed is the error.
+	settle := func(keep int) error {
+		var first error
+		for len(window) > keep {
+			q := window[0]
+			window = window[1:]
+			if _, err := q.p.Wait(ctx); err != nil {
+				if first == nil {
+					first = fmt.Errorf("line %d: %w", q.line, err)
+				}
+				continue
+			}
+			n++
+		}
+		return first
+	}
+	defer func() {
+		serr := settle(0)
+		stop()
+		rerr := <-done
+		switch {
+		case err != nil:
+			err = fmt.Errorf("%w (%d events imported)", err, n)
+		case serr != nil:
+			err = fmt.Errorf("%w (%d events imported)", serr, n)
+		case rerr != nil:
+			err = fmt.Errorf("the log's final commit: %w (%d events imported before it)", rerr, n)
+		default:
+			fmt.Fprintf(stdout, "imported %d events\n", n)
+		}
+	}()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 1<<16), 16<<20)
-	n, line := 0, 0
+	line := 0
 	for sc.Scan() {
 		line++
 		b := []byte(strings.TrimSpace(sc.Text()))
@@ -341,17 +388,22 @@ func importLog(ctx context.Context, cfg gateway.Config, r io.Reader, stdout io.W
 		}
 		ev, err := validateEvent(b)
 		if err != nil {
-			return fmt.Errorf("line %d: %w (imported %d events before it)", line, err, n)
+			return fmt.Errorf("line %d: %w", line, err)
 		}
-		if _, err := lg.Append(ctx, buffer.Entry{Data: b, Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()}); err != nil {
-			return fmt.Errorf("line %d: %w (imported %d events before it)", line, err, n)
+		p, err := lg.AppendAsync(ctx, buffer.Entry{Data: b, Type: ev.Type(), Subject: ev.Subject(), Time: ev.Time()})
+		if err != nil {
+			return fmt.Errorf("line %d: %w", line, err)
 		}
-		n++
+		window = append(window, queued{p, line})
+		if len(window) >= importWindow {
+			if err := settle(importWindow / 2); err != nil {
+				return err
+			}
+		}
 	}
 	if err := sc.Err(); err != nil {
 		return fmt.Errorf("line %d: %w", line+1, err)
 	}
-	fmt.Fprintf(stdout, "imported %d events\n", n)
 	return nil
 }
 

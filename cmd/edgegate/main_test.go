@@ -163,8 +163,8 @@ func TestBacklogImportExportPurge(t *testing.T) {
 	cfg, _ := writeConfig(t, "")
 	in, ids := events(t, 50)
 
-	if code, _, errOut := runCmd(t, "backlog", "import", "--config", cfg, "--in", in); code != 0 {
-		t.Fatalf("import: exit %d: %s", code, errOut)
+	if code, out, errOut := runCmd(t, "backlog", "import", "--config", cfg, "--in", in); code != 0 || out != "imported 50 events\n" {
+		t.Fatalf("import: exit %d: %q %s", code, out, errOut)
 	}
 	if n := backlogEvents(t, cfg); n != 50 {
 		t.Fatalf("after import: %v events, want 50", n)
@@ -221,8 +221,11 @@ func TestBacklogImportExportPurge(t *testing.T) {
 		t.Fatal(err)
 	}
 	code, _, errOut = runCmd(t, "backlog", "import", "--config", cfg, "--in", bad)
-	if code == 0 || !strings.Contains(errOut, "line 2") {
+	if code == 0 || !strings.Contains(errOut, "line 2") || !strings.Contains(errOut, "(1 events imported)") {
 		t.Fatalf("import of a bad file: exit %d: %s", code, errOut)
+	}
+	if n := backlogEvents(t, cfg); n != 21 {
+		t.Fatalf("after the import stopped at line 2: %v events, want 21 (its line 1 stored)", n)
 	}
 }
 
