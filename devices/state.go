@@ -185,10 +185,14 @@ func isJSON(ct string) bool {
 	return mt == "application/json" || mt == "text/json" || strings.HasSuffix(mt, "+json")
 }
 
-// Set sets key in the device's state (an explicit state action from a rule).
+// Set sets key in the device's state (an explicit state action from a rule). A value JSON cannot encode (NaN,
+// ±Inf) is stored as null: the state file must always be writable.
 func (s *StateView) Set(device, key string, value any) {
 	if device == "" || key == "" {
 		return
+	}
+	if _, err := json.Marshal(value); err != nil {
+		value = nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()

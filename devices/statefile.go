@@ -102,11 +102,14 @@ func (s *StateView) LoadAt(path string) (devices int, logSeq uint64, err error) 
 		}
 		sv := saved{id: id, state: st}
 		if v, ok := st[KeyLastSeen]; ok {
+			// A rule may have set it to anything: what is not a time is left out, the rest of the state is kept.
 			str, _ := v.(string)
 			if sv.lastSeen, err = time.Parse(time.RFC3339Nano, str); err != nil {
-				return 0, 0, fmt.Errorf("devices: load state %s: device %q: last_seen %v is not a time", path, id, v)
+				delete(st, KeyLastSeen)
+				sv.lastSeen, err = time.Time{}, nil
+			} else {
+				st[KeyLastSeen] = sv.lastSeen
 			}
-			st[KeyLastSeen] = sv.lastSeen
 		}
 		if _, ok := st[KeyOnline]; ok {
 			st[KeyOnline] = false

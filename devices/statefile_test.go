@@ -1,6 +1,7 @@
 package devices
 
 import (
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -71,7 +72,6 @@ func TestStateLoadBadFiles(t *testing.T) {
 	for name, body := range map[string]string{
 		"truncated.json": `{"version":1,"devices":{"a":{"last_seen":"2026-`,
 		"version.json":   `{"version":7,"devices":{}}`,
-		"seen.json":      `{"version":1,"devices":{"a":{"last_seen":12}}}`,
 		"null.json":      `{"version":1,"devices":{"a":null}}`,
 	} {
 		path := filepath.Join(dir, name)
@@ -84,6 +84,32 @@ func TestStateLoadBadFiles(t *testing.T) {
 	}
 	if st := s.Stats(); st.Devices != 0 {
 		t.Errorf("%d devices after failed loads, want 0", st.Devices)
+	}
+}
+
+// TestStateSavedWhateverRulesSet: what a rule sets never keeps the view from being saved or loaded: a value JSON
+// cannot encode is stored as null, and a last_seen that is not a time is left out at load, with the rest of the
+// state kept (the file used to be refused whole, and moved aside with every device's state).
+func TestStateSavedWhateverRulesSet(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.json")
+	s := NewStateView()
+	s.Set("a", "ratio", math.Inf(1))
+	s.Set("a", "nan", map[string]any{"x": math.NaN()})
+	s.Set("b", KeyLastSeen, "never")
+	s.Set("b", "mode", "eco")
+	if err := s.Save(path); err != nil {
+		t.Fatalf("Save: %v", err)
+	}
+	l := NewStateView()
+	if n, err := l.Load(path); n != 2 || err != nil {
+		t.Fatalf("Load = %d, %v; want 2, nil", n, err)
+	}
+	if a := mustGet(t, l, "a"); a["ratio"] != nil || a["nan"] != nil {
+		t.Errorf("a = %v, want ratio and nan null", a)
+	}
+	b := mustGet(t, l, "b")
+	if _, ok := b[KeyLastSeen]; ok || b["mode"] != "eco" {
+		t.Errorf("b = %v, want mode eco and no last_seen", b)
 	}
 }
 

@@ -293,13 +293,14 @@ func (g *Gateway) loadState() (logSeq uint64) {
 const maxStateReplay = 100_000
 
 // replayState applies to the device state view the events the log holds after pos, the position its file was
-// saved at: what a kill -9 took from the view since its last save. The rules do not see them again. Events already
+// saved at (0 when there is no file or it has none: every event the log holds): what a kill -9 took from the view
+// since its last save. The rules do not see them again. Events already
 // removed from the log (delivered, or dropped by retention) cannot be replayed; the view gets their devices'
 // news from their next events.
 func (g *Gateway) replayState(pos uint64) {
 	last := g.events.LastSeq()
 	switch {
-	case pos == 0 || last == pos:
+	case last == pos: // pos 0 (no state file, or one saved before the log had events): the whole log is replayed
 		return
 	case last < pos:
 		g.log.Warn("device state: saved at a log position the log has not reached (a new log?); nothing replayed",

@@ -63,3 +63,33 @@ func TestStateAfterKill9(t *testing.T) {
 		t.Error("no log line for the replay")
 	}
 }
+
+// TestStateAfterKill9BeforeFirstSave: a gateway killed before it ever saved its device state view (a new install,
+// within the first state_save_interval) gets the view back from the log at its next start.
+func TestStateAfterKill9BeforeFirstSave(t *testing.T) {
+	t.Parallel()
+	devs := e2e.Devices("first", 1)
+	g := e2e.Start(t, bin(t), e2e.Config{Devices: devs, Set: map[string]any{"devices.state_save_interval": "1h"}})
+	c := e2e.NewClient(t, g.MQTTURL(), devs[0])
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var last int
+	for range 3 {
+		seq, acked, err := c.Publish(ctx, 5*time.Second)
+		if err != nil || !acked {
+			t.Fatalf("publish: seq %d acked %v: %v", seq, acked, err)
+		}
+		last = seq
+	}
+	c.Close()
+	g.Kill9()
+	g.Restart()
+
+	st, ok, err := g.DeviceState(devs[0].ID)
+	if err != nil || !ok {
+		t.Fatalf("device state after kill -9: ok %v: %v", ok, err)
+	}
+	if rep, _ := st["reported"].(map[string]any); rep["seq"] != float64(last) {
+		t.Errorf("reported seq after kill -9 = %v, want %d (the last acknowledged event); state %v", rep["seq"], last, st)
+	}
+}

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -471,6 +472,9 @@ func (m *machine) runAction(r *rule, a *action, c *evalCtx, e *env) error {
 		v, err := a.value.eval(e)
 		if err != nil {
 			return fmt.Errorf("value: %w", err)
+		}
+		if _, err := json.Marshal(v); err != nil { // NaN, ±Inf: the state view could not be saved
+			return fmt.Errorf("value: %v cannot be stored: %w", v, err)
 		}
 		m.sink.state(r, device, key, v)
 	}

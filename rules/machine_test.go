@@ -2,6 +2,7 @@ package rules
 
 import (
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -391,6 +392,25 @@ func TestReferenceScenario(t *testing.T) {
 	})
 	if len(r.errs) > 0 {
 		t.Fatalf("errors: %q", r.errs)
+	}
+}
+
+// TestStateValueNotJSON: a state value JSON cannot encode (a division by zero's +Inf) is an evaluation error of
+// the rule, not a value that would keep the device state view from being saved.
+func TestStateValueNotJSON(t *testing.T) {
+	m, r := newMachine(t, `
+rules:
+  - name: ratio
+    on: sensor.reading
+    actions: [{state: {key: ratio, value: '{{ data.a / data.b }}'}}]
+`, nil)
+	m.handle(newEvent("sensor.reading", "s1", t0, map[string]any{"a": 1, "b": 0}), t0)
+	if len(r.acts) != 0 || len(r.errs) != 1 || !strings.Contains(r.errs[0], "cannot be stored") {
+		t.Fatalf("actions %q, errors %q; want none and one error", r.acts, r.errs)
+	}
+	m.handle(newEvent("sensor.reading", "s1", t0, map[string]any{"a": 1, "b": 4}), t0)
+	if got, want := r.take(), []string{"ratio: state s1 ratio=0.25"}; !slices.Equal(got, want) {
+		t.Fatalf("actions %q, want %q", got, want)
 	}
 }
 
