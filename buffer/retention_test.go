@@ -412,6 +412,24 @@ func TestRejectRecovers(t *testing.T) {
 	}
 }
 
+// TestRejectWithoutCursorsByPriority: with no cursor to carry events, a refusal of a low-priority event (the log
+// is full of higher ones) does not refuse the next higher-priority event, which makes its room from the stored
+// lower ones, however soon it comes.
+func TestRejectWithoutCursorsByPriority(t *testing.T) {
+	size := recSize(ev(0))
+	l := openTest(t, Config{MaxBytes: 10 * size}, 4)
+	l.tickEvery = time.Hour // no housekeeping between the appends
+	run(t, l.Log)
+	prio := func(p uint8) func(int) Entry { return func(i int) Entry { e := ev(i); e.Priority = p; return e } }
+	appendN(t, l.Log, 10, prio(5))
+	if _, err := l.Append(context.Background(), prio(0)(10)); !errors.Is(err, ErrFull) {
+		t.Fatalf("priority 0 into a log full of priority 5 = %v, want ErrFull", err)
+	}
+	if _, err := l.Append(context.Background(), prio(9)(11)); err != nil {
+		t.Fatalf("priority 9 right after = %v, want it stored in place of a priority 5", err)
+	}
+}
+
 // TestDropPriorityOrder compares drop-oldest with a model: lowest priority, oldest first, never above the
 // new event's priority, nothing dropped when the room cannot be made.
 func TestDropPriorityOrder(t *testing.T) {

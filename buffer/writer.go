@@ -296,7 +296,9 @@ func (l *Log) commit(b *batch, s *settle) {
 	if t.rejected > 0 {
 		l.m.rejected.Add(float64(t.rejected))
 		l.limiter.rejected += int64(t.rejected)
-		if l.cfg.WhenFull == WhenFullReject && t.rejected > t.oversized {
+		// Without a required cursor a refusal is about priority (the log holds only higher ones), which the
+		// next event may not share: the fast refusal in enqueue is for a log that owes its events to a sink.
+		if l.cfg.WhenFull == WhenFullReject && t.rejected > t.oversized && t.hasRequired {
 			for i := range b.recs {
 				if size := int64(len(b.recs[i].val) + keySize); b.seqs[i] == 0 && size <= l.cfg.MaxBytes &&
 					(l.fullProbe == 0 || size < l.fullProbe) {
