@@ -9,6 +9,7 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/edgegate/edgegate/internal/eventually"
 )
@@ -84,5 +85,48 @@ func TestAckerWritesDurableAcksTogether(t *testing.T) {
 	want = append(want, puback(4))
 	if got := conn.got(); len(got) != 2 || !bytes.Equal(got[1], want[1]) {
 		t.Fatalf("writes %x, want %x", got, want)
+	}
+}
+
+// A refusal carries its reason code, and its reason string unless the client asked for no problem information or
+// its maximum packet size leaves no room for it.
+func TestAppendRefusal(t *testing.T) {
+	cases := []struct {
+		name       string
+		mods       packets.Mods
+		wantReason string
+	}{
+		{"reason string", packets.Mods{}, packets.ErrQuotaExceeded.Reason},
+		{"no problem information", packets.Mods{DisallowProblemInfo: true}, ""},
+		{"small maximum packet size", packets.Mods{MaxSize: 8}, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			b := appendRefusal(puback(1), 7, packets.ErrQuotaExceeded, c.mods)
+			if !bytes.Equal(b[:4], puback(1)) {
+				t.Fatalf("the batch before the refusal changed: %x", b[:4])
+			}
+			b = b[4:]
+			var pk packets.Packet
+			if err := pk.FixedHeader.Decode(b[0]); err != nil {
+				t.Fatal(err)
+			}
+			pk.ProtocolVersion = 5
+			if int(b[1]) != len(b)-2 {
+				t.Fatalf("remaining length %d for %d bytes", b[1], len(b)-2)
+			}
+			pk.FixedHeader.Remaining = int(b[1])
+			if err := pk.PubackDecode(b[2:]); err != nil {
+				t.Fatal(err)
+			}
+			if pk.FixedHeader.Type != packets.Puback || pk.PacketID != 7 || pk.ReasonCode != packets.ErrQuotaExceeded.Code ||
+				pk.Properties.ReasonString != c.wantReason {
+				t.Errorf("got type %d id %d reason 0x%02x %q, want PUBACK 7 0x97 %q", pk.FixedHeader.Type, pk.PacketID,
+					pk.ReasonCode, pk.Properties.ReasonString, c.wantReason)
+			}
+			if c.mods.MaxSize > 0 && uint32(len(b)) > c.mods.MaxSize {
+				t.Errorf("%d bytes, more than the maximum packet size %d", len(b), c.mods.MaxSize)
+			}
+		})
 	}
 }

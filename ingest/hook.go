@@ -28,14 +28,20 @@ type clientState struct {
 	denied  atomic.Bool // a denial by the ACL was logged at info
 	version byte
 	acks    *acker // PUBACKs waiting for durability (AsyncConsumer); only the connection's reader sets it
+	online  bool   // its device.connected event was emitted and it counts in device.online (device.presence)
 }
 
 // deviceState is shared by every connection of one device.
 type deviceState struct {
 	id      string
 	limiter *rate.Limiter
-	clients map[*mqtt.Client]struct{}
-	waiters []*waiter
+	clients map[*mqtt.Client]struct{} // authenticated connections, established or not (hook.mu)
+	waiters []*waiter                 // (hook.mu)
+
+	// presence orders the device's presence events: each is handed to the consumer under it, together with the
+	// change of online it reports, so that the last event always tells whether the device is online.
+	presence sync.Mutex
+	online   int // connections whose session is established and not ended
 }
 
 type hook struct {
@@ -43,6 +49,7 @@ type hook struct {
 	b *Broker
 
 	clients sync.Map // *mqtt.Client → *clientState
+	conns   sync.Map // net.Conn → *mqtt.Client, for each client in clients: see abandon
 
 	mu      sync.Mutex
 	devices map[string]*deviceState
@@ -68,7 +75,7 @@ func (h *hook) ID() string { return "edgegate-ingest" }
 func (h *hook) Provides(b byte) bool {
 	return bytes.Contains([]byte{
 		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
-		mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnQosPublish, mqtt.OnQosComplete, mqtt.OnSubscribe,
+		mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnQosPublish, mqtt.OnPacketRead, mqtt.OnSubscribe,
 	}, []byte{b})
 }
 
@@ -104,6 +111,10 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.b.m.aclDenied.WithLabelValues("will").Inc()
 		h.b.log.Warn("will refused by the ACL: it will not be published", "device_id", id, "topic", pk.Connect.WillTopic)
 	}
+	// A will is published as soon as the connection ends: an MQTT 5 Will Delay Interval is not applied. mochi
+	// publishes a delayed will from its event loop without the client's state, and not at all through the hook
+	// once the session is gone, so a delayed will would reach local subscribers but never become an event.
+	cl.Properties.Will.WillDelayInterval = 0
 	cl.Properties.Username = []byte(id)
 	if !cl.Properties.Clean || cl.Properties.Props.SessionExpiryInterval > 0 {
 		h.trimSessions(id, cl)
@@ -121,6 +132,7 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	st.device = ds
 	h.mu.Unlock()
 	h.clients.Store(cl, st)
+	h.conns.Store(cl.Net.Conn, cl)
 	return true
 }
 
@@ -264,6 +276,7 @@ func (h *hook) logDenied(st *clientState, msg, topic string) {
 	h.b.log.Debug(msg, "device_id", st.device.id, "topic", topic)
 }
 
+// OnSessionEstablished emits device.connected for every connection whose session is established.
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	h.b.guard.established(cl.Net.Conn)
 	st := h.state(cl)
@@ -271,21 +284,28 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 		return
 	}
 	h.b.log.Debug("device connected", "device_id", st.device.id, "client_id", cl.ID, "remote", cl.Net.Remote)
-	h.consume(h.b.deps.Normalizer.Presence(st.device.id, true, "", time.Now()), false)
+	ds := st.device
+	ds.presence.Lock()
+	defer ds.presence.Unlock()
+	ds.online++
+	st.online = true
+	h.consume(h.b.deps.Normalizer.Presence(ds.id, true, "", time.Now()), false)
 }
 
+// OnDisconnect forgets the connection and emits device.disconnected if it was the device's last one.
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	v, ok := h.clients.LoadAndDelete(cl)
 	if !ok {
 		return
 	}
+	h.conns.CompareAndDelete(cl.Net.Conn, cl)
 	st := v.(*clientState)
 	stopAcker(st)
 	reason := "connection_lost"
 	switch {
 	case st.will.Load():
 		reason = "will_published"
-	case cl.IsTakenOver():
+	case errors.Is(cl.StopCause(), packets.ErrSessionTakenOver):
 		reason = "taken_over"
 	case h.b.closed.Load():
 		reason = "server_shutdown"
@@ -296,15 +316,27 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	case err == nil || errors.Is(err, packets.CodeDisconnect):
 		reason = "clean_disconnect"
 	}
-	h.mu.Lock()
 	ds := st.device
+	h.b.log.Debug("device disconnected", "device_id", ds.id, "client_id", cl.ID, "reason", reason, "error", err)
+	// The event is emitted while the connection still holds the device state, so that a new connection of the
+	// device shares it and its device.connected follows this event.
+	ds.presence.Lock()
+	if st.online {
+		st.online = false
+		if ds.online--; ds.online == 0 {
+			h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
+		} else {
+			h.b.log.Debug("device still connected: no device.disconnected", "device_id", ds.id,
+				"client_id", cl.ID, "connections", ds.online)
+		}
+	}
+	ds.presence.Unlock()
+	h.mu.Lock()
 	delete(ds.clients, cl)
 	if len(ds.clients) == 0 && len(ds.waiters) == 0 {
 		delete(h.devices, ds.id)
 	}
 	h.mu.Unlock()
-	h.b.log.Debug("device disconnected", "device_id", ds.id, "client_id", cl.ID, "reason", reason, "error", err)
-	h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
 }
 
 // errRevoked ends the connections of a device whose registry entry is gone or no longer lets them in.
@@ -345,23 +377,31 @@ func (h *hook) revoke(device string) int {
 // errAbandoned ends the session of a client whose connection panicked.
 var errAbandoned = errors.New("ingest: connection abandoned after a panic")
 
-// abandon ends what mochi could not after a panic while serving conn: the client's presence and device state,
-// its subscriptions and its entry in mochi's client list. Without it the device would stay connected forever.
-func (h *hook) abandon(conn net.Conn) {
-	var cl *mqtt.Client
-	h.clients.Range(func(k, _ any) bool {
-		if c := k.(*mqtt.Client); c.Net.Conn == conn {
-			cl = c
-			return false
-		}
-		return true
-	})
-	if cl == nil {
-		return
+// errEndedEarly is the cause given to a client whose connection ended before mochi read from it.
+var errEndedEarly = errors.New("ingest: connection ended before its session started")
+
+// abandon is called once serving conn ended, normally or by a panic, and ends what mochi left of its client.
+// mochi forgets a client (OnDisconnect) only once it has read from the connection after the CONNACK; a
+// connection that ends before — the CONNACK cannot be written, the client gave up while its credentials were
+// checked, a panic — would leave the device connected forever. abandon forgets the client's device state (with
+// its presence), and drops its session when it was not to outlive the connection, or always after a panic.
+func (h *hook) abandon(conn net.Conn, panicked bool) {
+	v, ok := h.conns.Load(conn)
+	if !ok {
+		return // ended through OnDisconnect, or never authenticated
 	}
-	cl.Stop(errAbandoned)
-	h.OnDisconnect(cl, errAbandoned, true)
-	h.dropSession(cl)
+	cl := v.(*mqtt.Client)
+	cause := errEndedEarly
+	if panicked {
+		cause = errAbandoned
+	}
+	cl.Stop(cause) // no-op when mochi stopped it already
+	h.OnDisconnect(cl, cause, true)
+	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) ||
+		(cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
+	if panicked || expire {
+		h.dropSession(cl)
+	}
 }
 
 // kickedForLimit reports whether mochi closed the connection because the client exceeded a limit.
@@ -564,11 +604,19 @@ func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, resends
 	}
 }
 
-// OnQosComplete resolves the command waiting for this PUBACK.
-func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
-	if h.pending.Load() == 0 {
-		return
+// OnPacketRead resolves the command waiting for a PUBACK the device sent. Only a PUBACK read from the
+// connection the command went out on counts: mochi's OnQosComplete also reports the end of the device's own QoS 1
+// and 2 publishes with the same packet id, and mochi keeps one in-flight entry per packet id for both directions,
+// so a device's publish can remove the command's entry and have mochi ignore the device's PUBACK for it.
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Puback && h.pending.Load() > 0 {
+		h.acknowledged(cl, pk.PacketID)
 	}
+	return pk, nil
+}
+
+// acknowledged resolves the command bound to packet id on cl, if there is one.
+func (h *hook) acknowledged(cl *mqtt.Client, id uint16) {
 	st := h.state(cl)
 	if st == nil {
 		return
@@ -576,7 +624,7 @@ func (h *hook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, w := range st.device.waiters {
-		if w.client == cl && w.packetID == pk.PacketID {
+		if w.client == cl && w.packetID == id {
 			w.once.Do(func() { close(w.done) })
 			return
 		}

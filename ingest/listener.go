@@ -62,8 +62,9 @@ type guard struct {
 	drained chan struct{}
 	wg      sync.WaitGroup // every connection goroutine
 
-	// onAbandon is called with the connection after a panic, to end the session of its client.
-	onAbandon func(net.Conn)
+	// onAbandon is called with the connection once serving it ended, normally or by a panic (panicked), to end
+	// what mochi left of its client: mochi ends a client's session only once it has read from the connection.
+	onAbandon func(conn net.Conn, panicked bool)
 	// disconnect ends the sessions of a closing listener's clients, in place of the CloseFn mochi passes to the
 	// listener's Close (see Broker.disconnectListener).
 	disconnect func(listener string)
@@ -180,7 +181,7 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 			g.m.panics.Inc()
 			g.log.Error("panic while serving a connection; connection closed", "listener", listener,
 				"remote", conn.RemoteAddr().String(), "panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-			g.abandon(conn)
+			g.abandon(conn, true)
 		}
 	}()
 	// CONNECT (and the TLS handshake) must complete before this deadline; mochi replaces it with the
@@ -194,10 +195,14 @@ func (g *guard) serve(listener string, conn net.Conn, release func(), establish 
 		}
 		g.log.Debug("connection ended", "listener", listener, "remote", conn.RemoteAddr().String(), "error", err)
 	}
+	// A connection that ended before mochi read from it after the CONNACK (the CONNACK could not be written, the
+	// client left while its credentials were checked) has a client that mochi never ends.
+	g.abandon(conn, false)
 }
 
-// abandon forgets the client of a connection whose serving panicked: mochi did not get to end its session.
-func (g *guard) abandon(conn net.Conn) {
+// abandon forgets the client of a connection whose serving ended without mochi ending its session: after a
+// panic, or before mochi read from the connection.
+func (g *guard) abandon(conn net.Conn, panicked bool) {
 	if g.onAbandon == nil {
 		return
 	}
@@ -206,7 +211,7 @@ func (g *guard) abandon(conn net.Conn) {
 			g.log.Error("panic while forgetting the client of a failed connection", "panic", fmt.Sprint(r))
 		}
 	}()
-	g.onAbandon(conn)
+	g.onAbandon(conn, panicked)
 }
 
 func isClosing(err error) bool {

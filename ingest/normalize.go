@@ -113,7 +113,8 @@ const (
 //   - data is the payload, unchanged: JSON is embedded as is, without the white space around it
 //     (application/json), UTF-8 text as a string (text/plain; charset=utf-8), anything else base64
 //     (data_base64, application/octet-stream). An MQTT 5 content type, when valid, becomes datacontenttype
-//     instead. An empty payload gives an event without data.
+//     instead; a payload it does not embed as JSON (text/plain, application/vnd.x+json, ...) keeps every
+//     byte, white space included. An empty payload gives an event without data.
 //
 // The event carries no extensions: the MQTT topic is not recorded (it is transport detail; rules match on
 // type and subject), and the dead-letter store keeps the topic of what failed.
@@ -349,9 +350,6 @@ func (n *Normalizer) Normalize(m Message) (Result, error) {
 	}
 	if len(payload) > 0 {
 		data = payload
-		if isJSON {
-			data = trimJSONSpace(payload) // embedded as is, but without white space around it
-		}
 		switch {
 		case dct != "":
 			// The content type names the data; the sdk embeds JSON types as is and other types as a string,
@@ -374,6 +372,9 @@ func (n *Normalizer) Normalize(m Message) (Result, error) {
 		default:
 			dct, base64 = contentTypeBinary, true
 		}
+		if isJSON && !base64 && sdkIsJSON(dct) {
+			data = trimJSONSpace(payload) // embedded as is, but without white space around it
+		}
 	}
 	if fields.time != nil {
 		if t, ok := parseEventTime(fields.time); ok {
@@ -385,8 +386,8 @@ func (n *Normalizer) Normalize(m Message) (Result, error) {
 		return deadLetter(ReasonEmptyType, "mapping %s: the event type is blank", mp.name)
 	}
 	r := n.newResult(typ, m.DeviceID, subject, dct, at, data, base64, mp.priority)
-	// data is the payload scanJSON accepted, trimmed of JSON white space; its content type is JSON unless one
-	// given with the message names another type.
+	// data is the payload scanJSON accepted (trimmed of JSON white space when it is embedded as JSON); its content
+	// type is JSON unless one given with the message names another type.
 	r.DataJSON = isJSON && (media == "" || jsonMedia)
 	return r, nil
 }

@@ -744,3 +744,34 @@ func TestNormalizeDataJSON(t *testing.T) {
 		})
 	}
 }
+
+// The payload is the data byte for byte unless the event embeds it as JSON: only then is the white space around
+// JSON dropped. A JSON-looking payload under a content type that is not JSON keeps every byte.
+func TestNormalizeDataUnchangedUnlessEmbeddedAsJSON(t *testing.T) {
+	n := testNormalizer(t, NormalizeConfig{})
+	cases := []struct {
+		name, payload, ct string
+		want              string
+	}{
+		{"text content type", " 42\n", "text/plain", " 42\n"},
+		{"csv content type", " 42\n", "text/csv", " 42\n"},
+		{"text content type, object", " {\"a\":1}\t", "text/plain; charset=utf-8", " {\"a\":1}\t"},
+		{"vendor json content type (embedded as a string)", " {\"a\":1} ", "application/vnd.example+json", " {\"a\":1} "},
+		{"binary content type", " {\"a\":1} ", "application/octet-stream", " {\"a\":1} "},
+		{"json content type", " {\"a\":1}\r\n", "application/json", "{\"a\":1}"},
+		{"json detected", " 42\n", "", "42"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r, err := n.Normalize(Message{DeviceID: "d", Topic: "devices/d/events/x", Payload: []byte(c.payload),
+				ContentType: c.ct, Received: received})
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkResult(t, r)
+			if got := string(r.Event.Data()); got != c.want {
+				t.Errorf("data %q, want %q (content type %q)", got, c.want, r.Event.DataContentType())
+			}
+		})
+	}
+}

@@ -1,9 +1,9 @@
 package ingest
 
 import (
+	"bytes"
 	"context"
 	"sync"
-	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -65,6 +65,7 @@ const maxAckBatch = 256
 type acker struct {
 	jobs     chan ackJob
 	stopOnce sync.Once
+	mods     packets.Mods // how the client lets its refusals be encoded (MQTT 5): maximum size, problem info
 }
 
 // ackerOf returns the connection's acker, starting it on first use. It is called only from the goroutine that
@@ -72,6 +73,9 @@ type acker struct {
 func (h *hook) ackerOf(cl *mqtt.Client, st *clientState) *acker {
 	if st.acks == nil {
 		st.acks = &acker{jobs: make(chan ackJob, maxPendingAcks)}
+		// As mochi encodes the packets it writes to the client (Client.WritePacket).
+		st.acks.mods.MaxSize = cl.Properties.Props.MaximumPacketSize
+		st.acks.mods.DisallowProblemInfo = cl.Properties.Props.RequestProblemInfoFlag && cl.Properties.Props.RequestProblemInfo == 0
 		h.ackers.Add(1)
 		go h.runAcker(cl, st.version, st.acks)
 	}
@@ -102,7 +106,7 @@ func (h *hook) runAcker(cl *mqtt.Client, version byte, a *acker) {
 			}
 		}
 		held = false
-		batch = h.ack(cl, version, j, batch[:0])
+		batch = h.ack(cl, version, a, j, batch[:0])
 	more:
 		for n := 1; n < maxAckBatch; n++ {
 			select {
@@ -115,7 +119,7 @@ func (h *hook) runAcker(cl *mqtt.Client, version byte, a *acker) {
 					next, held = jj, true
 					break more
 				}
-				batch = h.ack(cl, version, jj, batch)
+				batch = h.ack(cl, version, a, jj, batch)
 			default:
 				break more
 			}
@@ -124,9 +128,11 @@ func (h *hook) runAcker(cl *mqtt.Client, version byte, a *acker) {
 	}
 }
 
-// ack waits for j's event and appends its PUBACK to batch. A refusal (MQTT 5; MQTT 3.1.1 has none) is written
-// at once, after what batch holds, through mochi, which encodes its reason; it returns the empty batch then.
-func (h *hook) ack(cl *mqtt.Client, version byte, j ackJob, batch []byte) []byte {
+// ack waits for j's event and appends its PUBACK to batch: every PUBACK of the connection goes out through
+// writeAcks, so none can overtake another. A refusal (MQTT 5; MQTT 3.1.1 has none) carries its reason code and
+// reason string. (mochi's own writes are buffered while deliveries to the client are queued, so a refusal written
+// through mochi could be overtaken by the next success PUBACK.)
+func (h *hook) ack(cl *mqtt.Client, version byte, a *acker, j ackJob, batch []byte) []byte {
 	code := packets.CodeSuccess
 	switch {
 	case j.refuse:
@@ -144,16 +150,23 @@ func (h *hook) ack(cl *mqtt.Client, version byte, j ackJob, batch []byte) []byte
 	if version != 5 {
 		return batch // no PUBACK: the device sends again later
 	}
-	writeAcks(cl, batch)
+	return appendRefusal(batch, j.id, code, a.mods)
+}
+
+// appendRefusal appends an MQTT 5 PUBACK with reason code (>= 0x80) and its reason string, unless the client
+// asked for no problem information or its maximum packet size leaves no room for it.
+func appendRefusal(batch []byte, id uint16, code packets.Code, mods packets.Mods) []byte {
 	pk := packets.Packet{
-		FixedHeader: packets.FixedHeader{Type: packets.Puback},
-		PacketID:    j.id,
-		ReasonCode:  code.Code,
-		Created:     time.Now().Unix(),
+		FixedHeader:     packets.FixedHeader{Type: packets.Puback},
+		ProtocolVersion: 5,
+		PacketID:        id,
+		ReasonCode:      code.Code,
+		Mods:            mods,
 	}
 	pk.Properties.ReasonString = code.Reason
-	_ = cl.WritePacket(pk) // fails only on a closed connection
-	return batch[:0]
+	var buf bytes.Buffer
+	_ = pk.PubackEncode(&buf) // writes to a bytes.Buffer: cannot fail
+	return append(batch, buf.Bytes()...)
 }
 
 // writeAcks writes encoded PUBACKs to the connection, holding the client's lock as mochi's own writes do, so

@@ -303,3 +303,86 @@ func TestPipelinedDeliveryAfterFirstSubscriber(t *testing.T) {
 		}
 	}
 }
+
+// A device's PUBACKs follow the order of its publishes, refusals (MQTT 5) included, also while deliveries to the
+// device are queued (mochi then buffers what it writes to the client, and the acker's writes must not overtake it).
+func TestPipelinedRefusalKeepsPubackOrder(t *testing.T) {
+	tb, ac := startAsync(t, []dev{{id: "sensor-1"}})
+	rc := dialRaw(t, tb.addr, 5)
+	rc.mustConnect("sensor-1")
+	if codes := rc.subscribe("devices/sensor-1/commands/#"); codes[0] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+
+	// Deliveries to the device, all along.
+	stop := make(chan struct{})
+	noiseDone := make(chan struct{})
+	go func() {
+		defer close(noiseDone)
+		for range 1_000_000 {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_ = tb.Publish("devices/sensor-1/commands/noise", []byte("n"), false, 0)
+		}
+	}()
+	type ack struct {
+		id   uint16
+		code byte
+	}
+	acks := make(chan ack, 1024)
+	readerDone := make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		for {
+			pk, err := rc.read(2 * waitTimeout)
+			if err != nil {
+				return
+			}
+			if pk.FixedHeader.Type == packets.Puback {
+				acks <- ack{pk.PacketID, pk.ReasonCode}
+			}
+		}
+	}()
+	defer func() {
+		close(stop)
+		<-noiseDone
+		_ = rc.c.Close()
+		<-readerDone
+	}()
+
+	// Pairs of publishes: the first is refused (no room), the second stored.
+	const rounds = 300
+	var want []ack
+	for i := range rounds {
+		for j := range 2 {
+			rc.nextID++
+			pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+				TopicName: "devices/sensor-1/events/e", Payload: []byte(`{}`), PacketID: rc.nextID, ProtocolVersion: 5}
+			if err := rc.write(encode(t, pk)); err != nil {
+				t.Fatal(err)
+			}
+			code := packets.CodeSuccess.Code
+			if j == 0 {
+				code = packets.ErrQuotaExceeded.Code
+			}
+			want = append(want, ack{pk.PacketID, code})
+		}
+		ac.waitQueued(t, 2)
+		ac.finish(2*i, fmt.Errorf("log: %w", ingest.ErrFull))
+		ac.finish(2*i+1, nil)
+	}
+	deadline := time.After(2 * waitTimeout)
+	for i, w := range want {
+		select {
+		case got := <-acks:
+			if got != w {
+				t.Fatalf("PUBACK %d: id %d reason 0x%02x, want id %d reason 0x%02x", i, got.id, got.code, w.id, w.code)
+			}
+		case <-deadline:
+			t.Fatalf("%d of %d PUBACKs", i, len(want))
+		}
+	}
+}

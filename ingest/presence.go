@@ -5,13 +5,14 @@ import (
 	"unicode/utf8"
 )
 
-// Presence reasons: why a device disconnected, the data of a device.disconnected event.
+// Presence reasons: why a device disconnected, the data of a device.disconnected event. The event is emitted when
+// the device's last connection ends, with the reason that connection ended.
 const (
 	PresenceCleanDisconnect = "clean_disconnect" // the device sent DISCONNECT
 	PresenceConnectionLost  = "connection_lost"  // the network connection ended without DISCONNECT
 	PresenceWillPublished   = "will_published"   // the connection ended and the device's will was published
 	PresenceKickedLimit     = "kicked_limit"     // the broker closed the connection (a limit was exceeded)
-	PresenceTakenOver       = "taken_over"       // a new connection with the same client id replaced it
+	PresenceTakenOver       = "taken_over"       // a new connection with the same client id replaced it (before the new one was up)
 	PresenceServerShutdown  = "server_shutdown"  // the gateway is stopping
 	PresenceRevoked         = "revoked"          // the device left the registry, or its credentials or grants changed
 )
