@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"regexp"
+	"strings"
 	"time"
 
 	"github.com/goccy/go-yaml"
@@ -94,7 +96,8 @@ func LoadConfig(path string) (Config, error) {
 	return ParseConfig(path, data)
 }
 
-// ParseConfig decodes YAML (named name in errors) over the defaults. It does not validate.
+// ParseConfig decodes YAML (named name in errors) over the defaults. It does not validate. A file without any key
+// (empty, only comments, or only "---") is all defaults.
 func ParseConfig(name string, data []byte) (Config, error) {
 	cfg := DefaultConfig()
 	if len(bytes.TrimSpace(data)) == 0 {
@@ -102,9 +105,46 @@ func ParseConfig(name string, data []byte) (Config, error) {
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data), yaml.Strict())
 	if err := dec.Decode(&cfg); err != nil {
-		return Config{}, fmt.Errorf("config: %s:\n%s", name, yaml.FormatError(err, false, true))
+		if errors.Is(err, io.EOF) { // no document with content
+			if onlyComments(data) {
+				return DefaultConfig(), nil
+			}
+			return Config{}, fmt.Errorf("config: %s: no settings found: write the keys as one YAML document", name)
+		}
+		return Config{}, fmt.Errorf("config: %s: %s", name, yamlError(err))
 	}
 	return cfg, nil
+}
+
+// onlyComments reports whether data holds nothing but blank lines, comments and document markers.
+func onlyComments(data []byte) bool {
+	for line := range strings.Lines(string(data)) {
+		t := strings.TrimSpace(line)
+		for _, marker := range []string{"---", "..."} {
+			if rest, ok := strings.CutPrefix(t, marker); ok && (rest == "" || rest[0] == ' ' || rest[0] == '\t') {
+				t = strings.TrimSpace(rest)
+			}
+		}
+		if t != "" && !strings.HasPrefix(t, "#") {
+			return false
+		}
+	}
+	return true
+}
+
+// yamlError describes a decoding error by its position and message only. The decoder's own Error text quotes the
+// lines around the mistake, and those may hold a password or token of a neighbouring key: it must not reach a log.
+func yamlError(err error) string {
+	var ye yaml.Error
+	if errors.As(err, &ye) {
+		msg := ye.GetMessage()
+		if tk := ye.GetToken(); tk != nil && tk.Position != nil {
+			return fmt.Sprintf("[%d:%d] %s", tk.Position.Line, tk.Position.Column, msg)
+		}
+		return msg
+	}
+	msg, _, _ := strings.Cut(err.Error(), "\n")
+	return msg
 }
 
 var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

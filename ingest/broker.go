@@ -127,14 +127,14 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 		}
 		return nil, err
 	}
-	if cfg.Listen != "" && cfg.Listen != "off" {
+	if !listenerOff(cfg.Listen) {
 		ln, err := bind("mqtt.listen", cfg.Listen)
 		if err != nil {
 			return fail(err)
 		}
 		bound = append(bound, &tcpListener{id: "tcp", proto: "tcp", ln: ln, g: b.guard})
 	}
-	if cfg.TLS.Listen != "" {
+	if !listenerOff(cfg.TLS.Listen) {
 		tc, err := serverTLS(cfg.TLS)
 		if err != nil {
 			return fail(err)
@@ -148,7 +148,7 @@ func NewBroker(cfg BrokerConfig, deps Deps, logger *slog.Logger, reg prometheus.
 		current := &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return b.tls.Load(), nil }}
 		bound = append(bound, &tcpListener{id: "tls", proto: "tls", ln: tls.NewListener(ln, current), g: b.guard})
 	}
-	if cfg.WebSocket != "" {
+	if !listenerOff(cfg.WebSocket) {
 		ln, err := bind("mqtt.websocket", cfg.WebSocket)
 		if err != nil {
 			return fail(err)

@@ -13,7 +13,7 @@ import (
 type BrokerConfig struct {
 	// Listen is the plain MQTT (TCP) listener address. Default ":1883". "off" disables it.
 	Listen string `yaml:"listen"`
-	// WebSocket is the MQTT-over-WebSocket listener address, e.g. ":8083". Empty disables it.
+	// WebSocket is the MQTT-over-WebSocket listener address, e.g. ":8083". Empty (the default) or "off" disables it.
 	WebSocket string `yaml:"websocket"`
 	// TLS configures the MQTT-over-TLS listener.
 	TLS TLSConfig `yaml:"tls"`
@@ -44,9 +44,9 @@ type BrokerConfig struct {
 	SessionExpiry time.Duration `yaml:"session_expiry"`
 }
 
-// TLSConfig configures the TLS listener. It is enabled when Listen is set.
+// TLSConfig configures the TLS listener. It is enabled when Listen is set to an address.
 type TLSConfig struct {
-	Listen   string `yaml:"listen"`    // e.g. ":8883"
+	Listen   string `yaml:"listen"`    // e.g. ":8883"; empty (the default) or "off" disables it
 	CertFile string `yaml:"cert_file"` // server certificate (PEM)
 	KeyFile  string `yaml:"key_file"`  // server key (PEM)
 	// ClientCAFile holds the CAs that sign device certificates. With it, a device may authenticate by its
@@ -72,11 +72,17 @@ func DefaultBrokerConfig() BrokerConfig {
 	}
 }
 
+// listenerOff reports whether a listener address (mqtt.listen, mqtt.websocket, mqtt.tls.listen) disables its
+// listener: it is empty or "off".
+func listenerOff(addr string) bool {
+	return addr == "" || addr == "off"
+}
+
 // Validate reports every problem of the configuration, each naming its key.
 func (c BrokerConfig) Validate() error {
 	var errs []error
 	addr := func(key, v string) {
-		if v == "" || v == "off" {
+		if listenerOff(v) {
 			return
 		}
 		if _, _, err := net.SplitHostPort(v); err != nil {
@@ -86,10 +92,10 @@ func (c BrokerConfig) Validate() error {
 	addr("mqtt.listen", c.Listen)
 	addr("mqtt.websocket", c.WebSocket)
 	addr("mqtt.tls.listen", c.TLS.Listen)
-	if (c.Listen == "" || c.Listen == "off") && c.WebSocket == "" && c.TLS.Listen == "" {
+	if listenerOff(c.Listen) && listenerOff(c.WebSocket) && listenerOff(c.TLS.Listen) {
 		errs = append(errs, errors.New("mqtt: no listener enabled (set mqtt.listen, mqtt.websocket or mqtt.tls.listen)"))
 	}
-	if c.TLS.Listen != "" {
+	if !listenerOff(c.TLS.Listen) {
 		if c.TLS.CertFile == "" {
 			errs = append(errs, errors.New("mqtt.tls.cert_file: required when mqtt.tls.listen is set"))
 		}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"strings"
 	"syscall"
@@ -43,12 +44,23 @@ func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-// parse parses flags; --help is not an error (exit 0), a bad flag is a usage error (exit 2).
+// parse parses flags; --help is not an error (exit 0), a bad flag is a usage error (exit 2), and so is an argument
+// left after the flags: no command takes one, so a file named without --config (or a flag after a stray word, where
+// parsing stops) must not go unnoticed while the command carries on with its defaults.
 func parse(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return errHelp
 		}
+		return errUsage
+	}
+	if fs.NArg() > 0 {
+		hint := ""
+		if ext := filepath.Ext(fs.Arg(0)); fs.Lookup("config") != nil && (ext == ".yaml" || ext == ".yml") {
+			hint = " (a configuration file is named with --config FILE)"
+		}
+		fmt.Fprintf(fs.Output(), "%s: unexpected argument %q%s\n", fs.Name(), fs.Arg(0), hint)
+		fs.Usage()
 		return errUsage
 	}
 	return nil
@@ -78,6 +90,16 @@ func newLogger(cfg gateway.LogConfig, w io.Writer) *slog.Logger {
 }
 
 func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
+	// The signals are taken first, before the start-up: gateway.New may take minutes (after a crash it checks the
+	// log and replays the device state), and until signal.Notify Go's default action applies: a SIGHUP (systemctl
+	// reload) would kill the daemon, and systemd does not restart a death by SIGHUP. A SIGHUP during start-up waits
+	// in hup and is handled once the gateway runs; a SIGINT or SIGTERM during start-up stops it cleanly after.
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
 	fs := newFlagSet("run", "[--config FILE]", stderr)
 	path := fs.String("config", defaultConfig, "configuration file (YAML)")
 	cfg, err := parseValidConfig(fs, args, path)
@@ -97,6 +119,10 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if ctx.Err() != nil {
+		// Run stops at once and closes what New opened.
+		logger.Info("stop requested during start-up")
+	}
 
 	// Under systemd with WatchdogSec the watchdog is fed from here on, start-up included, while no part stalls.
 	if every, err := daemon.SdWatchdogEnabled(false); err != nil {
@@ -115,12 +141,6 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 		logger.Info("feeding the systemd watchdog", "watchdog_sec", every, "stall_timeout", cfg.StallTimeout)
 	}
 
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-
 	done := make(chan error, 1)
 	go func() { done <- gw.Run(ctx) }()
 
@@ -129,12 +149,13 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 	defer tick.Stop()
 	notified := false
 	stopping := ctx.Done()
+	var reload <-chan os.Signal // hup, once the gateway runs: a SIGHUP from before then waits in it
 	for {
 		select {
 		case err := <-done:
 			_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
 			return err
-		case <-hup:
+		case <-reload:
 			// The registry first: the rules may name devices that it adds.
 			if _, err := gw.ReloadDevices(); err != nil {
 				logger.Error("device registry reload failed; the previous registry stays in force", "error", err)
@@ -155,6 +176,9 @@ func cmdRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 				notified = false
 			}
 		case <-tick.C:
+			if reload == nil && gw.Ready() {
+				reload = hup
+			}
 			if !notified && gw.Ready() && ctx.Err() == nil {
 				if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 					logger.Warn("sd_notify failed", "error", err)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -68,17 +69,45 @@ func cmdPasswd(_ context.Context, args []string, stdout, stderr io.Writer) error
 	return nil
 }
 
-// adminAddr returns the admin API address from the config (or the default).
-func adminAddr(path string) string {
+// errAdminOff says that the configuration turns the admin API off (http.listen: off): there is no gateway to ask.
+var errAdminOff = errors.New("the admin API is off")
+
+// adminAPI returns the address of the admin API the configuration at path sets. Only when that path is the
+// default (no --config given: given is false) and no such file exists, as where edgegate runs as a service with its
+// configuration in /etc/edgegate, is it the default address, 127.0.0.1:8080. A configuration that does not load is
+// an error, and so is one with http.listen: off (errAdminOff): any other address could be another gateway's.
+func adminAPI(path string, given bool) (string, error) {
 	cfg, err := gateway.LoadConfig(path)
-	if err != nil || cfg.HTTP.Listen == "off" {
+	switch {
+	case err != nil && !given && errors.Is(err, os.ErrNotExist):
 		cfg = gateway.DefaultConfig()
+	case err != nil:
+		return "", err
+	case cfg.HTTP.Listen == "off":
+		return "", fmt.Errorf("%w in %s (http.listen: off)", errAdminOff, path)
 	}
 	addr := cfg.HTTP.Listen
 	if strings.HasPrefix(addr, ":") {
 		addr = "127.0.0.1" + addr
 	}
+	return addr, nil
+}
+
+// adminAddr returns the admin API address of the configuration at path, or "" when it has none to ask (see
+// adminAPI).
+func adminAddr(path string) string {
+	addr, err := adminAPI(path, true)
+	if err != nil {
+		return ""
+	}
 	return addr
+}
+
+// flagGiven reports whether the command line set the flag name.
+func flagGiven(fs *flag.FlagSet, name string) bool {
+	given := false
+	fs.Visit(func(f *flag.Flag) { given = given || f.Name == name })
+	return given
 }
 
 func getJSON(ctx context.Context, url string, v any) error {
@@ -108,7 +137,14 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if *addr == "" {
-		*addr = adminAddr(*path)
+		a, err := adminAPI(*path, flagGiven(fs, "config"))
+		if errors.Is(err, errAdminOff) {
+			return fmt.Errorf("%w: status asks a running gateway there; name one with --addr HOST:PORT", err)
+		}
+		if err != nil {
+			return err
+		}
+		*addr = a
 	}
 	var raw json.RawMessage
 	if err := getJSON(ctx, "http://"+*addr+"/api/status", &raw); err != nil {
@@ -259,16 +295,25 @@ func cmdDeadLetter(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	var recs []deadletter.Record
-	url := fmt.Sprintf("http://%s/api/deadletters?after=%d&limit=%d", adminAddr(*path), *after, *limit)
-	if err := getJSON(ctx, url, &recs); err != nil {
-		// Not running: read the store directly.
+	addr, err := adminAPI(*path, flagGiven(fs, "config"))
+	if err != nil && !errors.Is(err, errAdminOff) {
+		return err
+	}
+	if err == nil {
+		url := fmt.Sprintf("http://%s/api/deadletters?after=%d&limit=%d", addr, *after, *limit)
+		if err = getJSON(ctx, url, &recs); err != nil {
+			err = fmt.Errorf("the admin API: %w", err)
+		}
+	}
+	if err != nil {
+		// Not running, or the admin API is off: read the store directly.
 		cfg, cerr := loadConfig(*path)
 		if cerr != nil {
-			return cerr
+			return fmt.Errorf("%w (and %w)", cerr, err)
 		}
 		st, oerr := deadletter.Open(filepath.Join(cfg.DataDir, "deadletter.db"), cfg.DeadLetter, discardLogger(), nil)
 		if oerr != nil {
-			return fmt.Errorf("%w (and the admin API: %w)", oerr, err)
+			return fmt.Errorf("%w (and %w)", oerr, err)
 		}
 		defer st.Close()
 		if recs, err = st.List(*after, *limit); err != nil {
