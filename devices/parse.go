@@ -101,10 +101,21 @@ func decodeYAML(data []byte, v any) (err error) {
 	return nil
 }
 
-// yamlError keeps the YAML library's error, formatted with its line, column and source excerpt.
+// yamlError keeps the YAML library's error, told by its line, column and message. The library's own text quotes
+// the lines around the mistake, and those may hold a credential (a password hash) that must not reach a log.
 type yamlError struct{ err error }
 
-func (e *yamlError) Error() string { return strings.TrimSpace(yaml.FormatError(e.err, false, true)) }
+func (e *yamlError) Error() string {
+	var ye yaml.Error
+	if errors.As(e.err, &ye) {
+		if tk := ye.GetToken(); tk != nil && tk.Position != nil {
+			return fmt.Sprintf("[%d:%d] %s", tk.Position.Line, tk.Position.Column, ye.GetMessage())
+		}
+		return ye.GetMessage()
+	}
+	msg, _, _ := strings.Cut(e.err.Error(), "\n")
+	return msg
+}
 func (e *yamlError) Unwrap() error { return e.err }
 
 // lineFinder looks up the line of a device's field in the parsed document.
