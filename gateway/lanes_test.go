@@ -113,6 +113,16 @@ func TestQuietDeviceGoesAheadOfTheBacklog(t *testing.T) {
 
 	cloud.Start()
 	waitFor(t, 30*time.Second, "the log drained", func() bool { return gw.Log().Stats().Events == 0 })
+	// The cloud broker acknowledged everything; its subscriber may still be receiving.
+	waitFor(t, 30*time.Second, "the collector has every telemetry event", func() bool {
+		n := map[string]bool{}
+		for _, e := range col.all() {
+			if e.typ == "telemetry" {
+				n[e.id] = true
+			}
+		}
+		return len(n) == backlog+1
+	})
 
 	seen := map[string]bool{}
 	last := map[string]int{}
