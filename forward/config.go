@@ -45,6 +45,8 @@ const (
 	DefaultCommandTopic  = "edgegate/{gateway}/commands/{device}/{command}"
 	DefaultNATSSubject   = "edgegate.{gateway}.events.{subject}.{type}"
 	DefaultKeepAlive     = 30 * time.Second
+	// MaxKeepAlive is the longest MQTT keep-alive: the protocol carries it in seconds in 16 bits.
+	MaxKeepAlive         = 65535 * time.Second
 	DefaultConnTimeout   = 10 * time.Second
 	DefaultMaxRetryAfter = 5 * time.Minute
 	// MaxWindow is the largest window a sink may have: MQTT numbers the messages in flight with 16 bits, and
@@ -128,12 +130,24 @@ type TLSConfig struct {
 
 // MQTTConfig configures an MQTT 3.1.1 upstream (paho). Events are published with QoS 1 on a persistent session
 // (clean session off) whose client id is stable: edgegate-<gateway>-<sink> unless ClientID is set.
+//
+// Sinks on the same broker (the same host and port, the default port counting for a URL without one) are
+// checked together: no two connections may have the same client id (each would take the session over from the
+// other, forever), at most one sink may subscribe to a command topic another's could match (each command would
+// be delivered twice: with the default command_topic, set disable_commands on all but one), and no sink may
+// publish events where another's command subscription matches.
 type MQTTConfig struct {
-	// URL is the broker: tcp://, ssl:// (or tls://), ws:// or wss://, host and port.
+	// URL is the broker: tcp:// (or mqtt://), ssl:// (or tls://, mqtts://), ws:// or wss://, host and optional
+	// port (default 1883 for tcp and mqtt, 8883 for ssl, tls and mqtts, 80 for ws and 443 for wss). Only ssl,
+	// tls, mqtts and wss use TLS; a tls block with another scheme is refused.
 	URL      string `yaml:"url"`
 	Username string `yaml:"username"`
 	Password Secret `yaml:"password"`
-	// ClientID overrides the derived client id.
+	// ClientID overrides the derived client id, edgegate-<gateway>-<sink> (a priority lane's has "-p<n>"
+	// appended). Two sinks on one broker may not end up with the same id: a sink "cloud" with priority_lanes
+	// [5] and a sink "cloud-p5" are refused, as are two sinks setting the same client_id. Gateways sharing a
+	// broker need distinct ids too, which a single configuration cannot check: gateway "a" with sink "b-c" and
+	// gateway "a-b" with sink "c" both derive edgegate-a-b-c; set client_id on one of them.
 	ClientID string `yaml:"client_id"`
 	// Topic is the topic template for events (default edgegate/{gateway}/events/{subject}/{type}); it may use
 	// {gateway}, {sink}, {subject} and {type}. Characters MQTT forbids in a topic level (+ # / NUL) are
@@ -143,7 +157,8 @@ type MQTTConfig struct {
 	// edgegate/{gateway}/commands/{device}/{command}); {device} and {command} must each fill a whole level. The
 	// sink subscribes with + in their place.
 	CommandTopic string `yaml:"command_topic"`
-	// DisableCommands turns the command subscription off.
+	// DisableCommands turns the command subscription off. Of two sinks on one broker whose command topics
+	// could match the same topic (two sinks with the default command_topic do), all but one must set it.
 	DisableCommands bool `yaml:"disable_commands"`
 	// Mode is structured (the default: one CloudEvent per message, on Topic) or batch: each message carries a
 	// JSON array of up to the sink's batch_size consecutive events (the CloudEvents JSON batch format) on
@@ -156,10 +171,12 @@ type MQTTConfig struct {
 	// BatchMaxBytes bounds a batch's payload (default 131072, the limit of AWS IoT Core); an event larger than
 	// that goes alone.
 	BatchMaxBytes int `yaml:"batch_max_bytes"`
-	// KeepAlive is the MQTT keep-alive (default 30s); ConnectTimeout bounds a connection attempt (default 10s).
+	// KeepAlive is the MQTT keep-alive (default 30s; from 1s to 65535s, counted in whole seconds);
+	// ConnectTimeout bounds a connection attempt (default 10s).
 	KeepAlive      time.Duration `yaml:"keep_alive"`
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
-	TLS            TLSConfig     `yaml:"tls"`
+	// TLS configures TLS for ssl://, tls://, mqtts:// and wss:// URLs; it may not be set with another scheme.
+	TLS TLSConfig `yaml:"tls"`
 }
 
 // NATSConfig configures a NATS JetStream upstream. A stream must capture the subjects; each message carries the
@@ -179,7 +196,10 @@ type NATSConfig struct {
 	// Stream, when set, is the stream the server must store the messages in (expected-stream header).
 	Stream         string        `yaml:"stream"`
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
-	TLS            TLSConfig     `yaml:"tls"`
+	// TLS configures TLS. With tls:// and wss:// URLs the connection always uses TLS; with nats:// and ws://
+	// a tls block makes the client require it too (it fails to connect to a server that offers none, rather
+	// than going on in plaintext).
+	TLS TLSConfig `yaml:"tls"`
 }
 
 // HTTPConfig configures an HTTP upstream using the CloudEvents HTTP binding. A 2xx response acknowledges the
@@ -202,7 +222,8 @@ type HTTPConfig struct {
 	Password Secret `yaml:"password"`
 	// MaxRetryAfter caps the wait a Retry-After header asks for (default 5m).
 	MaxRetryAfter time.Duration `yaml:"max_retry_after"`
-	TLS           TLSConfig     `yaml:"tls"`
+	// TLS configures TLS for an https:// URL; it may not be set with http://.
+	TLS TLSConfig `yaml:"tls"`
 }
 
 // Secret is a configuration value that must not be shown: it formats and logs as "REDACTED" (empty stays empty).
@@ -256,12 +277,15 @@ func (c SinkConfig) lane(gatewayID string, lo uint8) SinkConfig {
 		if m.ClientID == "" {
 			m.ClientID = mqttClientID(gatewayID, c.Name)
 		}
-		m.ClientID += fmt.Sprintf("-p%d", lo)
+		m.ClientID = laneClientID(m.ClientID, lo)
 		c.MQTT = &m
 	}
 	c.PriorityLanes = nil
 	return c
 }
+
+// laneClientID is the MQTT client id of a sink's lane starting at priority lo: the sink's with "-p<lo>" appended.
+func laneClientID(sinkID string, lo uint8) string { return fmt.Sprintf("%s-p%d", sinkID, lo) }
 
 // maxPriority is the highest event priority (priorities go from 0, the lowest, to 9).
 const maxPriority = 9
@@ -346,7 +370,8 @@ func (c SinkConfig) withDefaults() SinkConfig {
 }
 
 // Validate reports every problem of the configuration, each naming its key (forward.sinks[i].…). Zero fields
-// are valid: they take the defaults.
+// are valid: they take the defaults. MQTT sinks on one broker are checked against each other (see MQTTConfig);
+// the gateway's id is not known here, so a client_id equal to another sink's derived id is caught by New.
 func (c Config) Validate() error {
 	var errs []error
 	seen := map[string]int{}
@@ -359,6 +384,7 @@ func (c Config) Validate() error {
 		}
 		errs = append(errs, s.validate(key))
 	}
+	errs = append(errs, c.validateBrokers(gatewayUnknown)...)
 	return errors.Join(errs...)
 }
 
@@ -431,6 +457,8 @@ func (m MQTTConfig) validate(key string) error {
 	var errs []error
 	if err := validURL(m.URL, "tcp", "ssl", "tls", "mqtt", "mqtts", "ws", "wss"); err != nil {
 		errs = append(errs, fmt.Errorf("%s.url: %w", key, err))
+	} else {
+		errs = append(errs, m.TLS.validateScheme(key, m.URL, "ssl", "tls", "mqtts", "wss"))
 	}
 	if m.Topic != "" {
 		if _, err := parseTemplate(m.Topic, eventFields, mqttTopicCheck); err != nil {
@@ -463,8 +491,11 @@ func (m MQTTConfig) validate(key string) error {
 	default:
 		errs = append(errs, fmt.Errorf("%s.mode: %q is not structured or batch", key, m.Mode))
 	}
-	if m.KeepAlive < 0 {
-		errs = append(errs, fmt.Errorf("%s.keep_alive: must be >= 0, got %s", key, m.KeepAlive))
+	if m.KeepAlive != 0 && (m.KeepAlive < time.Second || m.KeepAlive > MaxKeepAlive) {
+		// MQTT carries the keep-alive in whole seconds in 16 bits: paho would send less than a second as 0
+		// (keep-alive off) and cut a longer one than MaxKeepAlive to its low 16 bits.
+		errs = append(errs, fmt.Errorf("%s.keep_alive: must be from 1s to 65535s (%s), or 0 for the default %s; got %s",
+			key, MaxKeepAlive, DefaultKeepAlive, m.KeepAlive))
 	}
 	if m.ConnectTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%s.connect_timeout: must be >= 0, got %s", key, m.ConnectTimeout))
@@ -530,6 +561,8 @@ func (h HTTPConfig) validate(key string) error {
 	var errs []error
 	if err := validURL(h.URL, "http", "https"); err != nil {
 		errs = append(errs, fmt.Errorf("%s.url: %w", key, err))
+	} else {
+		errs = append(errs, h.TLS.validateScheme(key, h.URL, "https"))
 	}
 	switch h.Mode {
 	case "", ModeStructured, ModeBinary, ModeBatch:
@@ -556,6 +589,21 @@ func (t TLSConfig) validate(key string) error {
 		return fmt.Errorf("%s: cert_file and key_file go together (mutual TLS); got only one", key)
 	}
 	return nil
+}
+
+// validateScheme refuses a tls block on a valid URL whose scheme the client connects to without TLS: the block
+// would be ignored and the connection, credentials included, would go in plaintext. key is the block's parent.
+func (t TLSConfig) validateScheme(key, raw string, tlsSchemes ...string) error {
+	if t == (TLSConfig{}) {
+		return nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil || slices.Contains(tlsSchemes, u.Scheme) {
+		return nil // the URL's own error, or TLS
+	}
+	return fmt.Errorf("%s.tls: set, but %s.url %q connects without TLS (scheme %q), so the tls block would be "+
+		"ignored and everything, credentials included, sent in plaintext; use %s:// or remove the tls block",
+		key, key, redactURL(raw), u.Scheme, strings.Join(tlsSchemes, ":// or "))
 }
 
 func validURL(raw string, schemes ...string) error {

@@ -6,7 +6,9 @@
 //
 // At least once, never lost: a sink's cursor ("sink:<name>") moves only over events the upstream acknowledged
 // (an MQTT PUBACK, a JetStream PubAck, an HTTP 2xx) on the connection that sent them, and over events the sink
-// does not carry (its types filter) or that an HTTP upstream refused for good (dead-lettered). At most window
+// does not carry (its types filter) or that the upstream refused for good (dead-lettered, reason
+// upstream_rejected: an HTTP 400, 409, 413, 415, 422 or 431, or a NATS event larger than the server's max_payload
+// or the stream's max_msg_size). At most window
 // events are sent past the cursor as the log has durably stored it, in flight or acknowledged and not yet
 // stored; acknowledgements that arrive out of order are held until the gap before them fills. While events are
 // in flight the cursor goes to the log each time a quarter of the window is acknowledged (it rides along with
@@ -19,6 +21,17 @@
 // Order: a sink sends on one connection, in log order except for the events sent ahead of a backlog, so the
 // events of one device (subject) arrive in order; a reconnect may repeat events already sent, never bring a newer
 // one before an older one.
+//
+// A NATS sink publishes without the client's own retries: a publish that fails ("no responders" while no stream
+// captures the subject, or any other error in its PubAck) ends the connection, and the sink sends again from its
+// cursor, in order. A connection's first event goes alone, the others waiting for its PubAck, so a stream created
+// while the sink is already trying to publish stores the events in order. One window remains, of a round trip:
+// the events sent after an event whose publish fails, before its failure comes back, are stored if the stream
+// takes them, ahead of the failed one, which the sink sends again only after reconnecting (JetStream drops the
+// repeats of those by Nats-Msg-Id). That needs a stream that stops answering and answers again within the round
+// trip (deleted and created again, or a leader lost and elected), or one that refuses an event and takes the next
+// (a stream with discard: new that is full, then makes room). An event then reaches the consumer after newer
+// events of its device, once.
 //
 // # Ahead of a backlog
 //
@@ -70,7 +83,11 @@
 // enter the log and are never forwarded upstream. A command is acknowledged to the broker once delivered or
 // dead-lettered; one cut short by a lost connection is delivered again (at least once). A configuration whose
 // events (or batches) could be published on a topic the command subscription matches is refused: every event
-// sent would come back as a command to its device.
+// sent would come back as a command to its device. The check covers the sinks that share a broker (the same host
+// and port): one sink's events may not be published where another's command subscription matches, and two sinks
+// may not subscribe to command topics that could match the same topic, for the broker would hand every such
+// command to both and it would be delivered twice. Of several sinks on one broker with the default command_topic,
+// all but one must set disable_commands (or use a command_topic with {sink}).
 //
 // Commands published while the gateway is away wait at the broker and come right after the sink connects, as a
 // rule before their devices are back. A command for a device the CommandSink knows but that cannot take it yet
@@ -106,10 +123,12 @@
 //	      strict_order: false         # true: no device goes ahead of a backlog, all in log order
 //	      ack_timeout: 10s            # stall detection
 //	      mqtt:
-//	        url: ssl://broker.example.com:8883
+//	        url: ssl://broker.example.com:8883   # without a port: 1883 for tcp://, 8883 for ssl://
 //	        username: gw-17
 //	        password: s3cret          # logged as REDACTED
-//	        tls: {ca_file: /etc/edgegate/ca.pem}
+//	        tls: {ca_file: /etc/edgegate/ca.pem}  # only with ssl://, tls://, mqtts:// or wss://
+//	        # keep_alive: 30s         # from 1s to 65535s
+//	        # client_id: edgegate-<gateway>-cloud   # unique per broker; a lane's has -p<n> appended
 //	        # mode: batch             # optional: JSON arrays of up to batch_size events on batch_topic
 //	        # batch_topic: edgegate/{gateway}/batches
 //	        # command_topic: edgegate/{gateway}/commands/{device}/{command}

@@ -73,7 +73,8 @@ const (
 	ReasonCommandFailed = "command_failed"
 	// ReasonBadCommandTopic: a message on the command subscription whose topic does not fit the template.
 	ReasonBadCommandTopic = "bad_command_topic"
-	// ReasonUpstreamRejected: events an HTTP upstream refused for good (400, 409, 413, 415, 422 or 431).
+	// ReasonUpstreamRejected: events an upstream refused for good: an HTTP 400, 409, 413, 415, 422 or 431, or
+	// a NATS event larger than the server's max_payload or the stream's max_msg_size.
 	ReasonUpstreamRejected = "upstream_rejected"
 )
 
@@ -117,6 +118,13 @@ type Forwarder struct {
 func New(cfg Config, gatewayID string, src Source, cmds CommandSink, dl DeadLetterer, logger *slog.Logger, reg prometheus.Registerer) (*Forwarder, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
+	}
+	if gatewayID != "" {
+		// Validate compares the derived client ids with each other only; knowing the gateway's id, a
+		// client_id that equals another sink's derived one is caught too.
+		if err := errors.Join(cfg.validateBrokers(gatewayID)...); err != nil {
+			return nil, err
+		}
 	}
 	if src == nil || dl == nil || logger == nil {
 		return nil, errors.New("forward: new: source, dead letterer and logger are required")

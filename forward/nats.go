@@ -18,8 +18,10 @@ import (
 // carried only on its PubAck. The CloudEvent id goes in Nats-Msg-Id, so the stream stores an event sent twice
 // (after a reconnect) once, within its duplicate window.
 //
-// The NATS client's own reconnect and buffering are off: like the other transports, a failed connection is
-// replaced by a new one and the events not acknowledged are sent again from the cursor.
+// The NATS client's own reconnect, buffering and publish retries are off: like the other transports, a failed
+// connection (or publish) is replaced by a new connection and the events not acknowledged are sent again from the
+// cursor, in order. An event the server or the stream can never take for its size is refused instead: the sink
+// dead-letters it and goes on.
 type natsTransport struct {
 	cfg        NATSConfig
 	window     int
@@ -134,34 +136,92 @@ type natsConn struct {
 
 	loss
 	closeOnce sync.Once
+
+	// The connection's first event goes alone: until the stream acknowledges one, the others wait (held). While
+	// no stream captures the subject, the first is answered "no responders"; were the next events already out,
+	// one could reach a stream created meanwhile before the first, which the sink sends again only after them.
+	mu        sync.Mutex
+	confirmed bool     // a PubAck arrived on this connection
+	probing   bool     // an event was published before any PubAck and waits for its answer
+	held      []Record // events waiting for the probe's answer, in log order
 }
 
 type natsPending struct {
-	f    jetstream.PubAckFuture
+	f    jetstream.PubAckFuture // nil when refused before it was sent (refused)
 	last uint64
+	// refused is why the event was refused for good without a PubAck to wait for (too large to publish).
+	refused error
 }
 
+// send publishes one event, or holds it while the connection's first event waits for its answer (see answered).
 func (c *natsConn) send(recs []Record) error {
-	r := recs[0]
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.probing {
+		c.held = append(c.held, recs[0])
+		return nil
+	}
+	return c.publishLocked(recs[0])
+}
+
+// publishLocked publishes r and queues its outcome; c.mu is held. Until a PubAck arrives on the connection, the
+// event published is the probe: the next events are held until it is answered (see answered).
+func (c *natsConn) publishLocked(r Record) error {
+	select {
+	case <-c.lost():
+		return c.cause()
+	default:
+	}
 	m := nats.NewMsg(c.t.subject.event(r.Subject, r.Type, natsTokens))
 	m.Data = r.Data
 	m.Header.Set("Content-Type", "application/cloudevents+json")
 	if id, err := eventID(r.Data); err == nil && id != "" {
 		m.Header.Set(jetstream.MsgIDHeader, id)
 	}
-	var opts []jetstream.PublishOpt
+	// No retries by the client: on "no responders" it would publish the event again 250 ms later on its own,
+	// after the events sent meanwhile, and the stream would store a device's events out of order. An error ends
+	// the connection instead, and the sink sends again, in order, from its cursor.
+	opts := []jetstream.PublishOpt{jetstream.WithRetryAttempts(0)}
 	if c.t.cfg.Stream != "" {
 		opts = append(opts, jetstream.WithExpectStream(c.t.cfg.Stream))
 	}
+	p := natsPending{last: r.Seq}
 	f, err := c.js.PublishMsgAsync(m, opts...)
-	if err != nil {
+	switch {
+	case errors.Is(err, nats.ErrMaxPayload):
+		// Larger than the server's max_payload: the client refuses it before sending, whatever the connection.
+		p.refused = fmt.Errorf("forward: nats publish to %s: %d bytes: %w", c.t.where, len(r.Data), err)
+	case err != nil:
 		return fmt.Errorf("forward: nats publish to %s: %w", c.t.where, err)
+	default:
+		p.f = f
+		c.probing = !c.confirmed
 	}
 	select {
-	case c.pend <- natsPending{f: f, last: r.Seq}:
+	case c.pend <- p:
 		return nil
 	default:
 		return errors.New("forward: nats: more events in flight than the window")
+	}
+}
+
+// answered records the answer to a published event: a PubAck confirms the connection and publishes the events
+// held meanwhile; a refusal makes the next held event the probe.
+func (c *natsConn) answered(acked bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.confirmed || !c.probing {
+		return
+	}
+	c.probing = false
+	c.confirmed = acked
+	for len(c.held) > 0 && !c.probing {
+		r := c.held[0]
+		c.held = c.held[1:]
+		if err := c.publishLocked(r); err != nil {
+			c.markLost(err)
+			return
+		}
 	}
 }
 
@@ -185,14 +245,46 @@ func (c *natsConn) waitAcks() {
 			return
 		case p := <-c.pend:
 			o := outcome{gen: c.gen, last: p.last}
+			if p.refused != nil {
+				o.err, o.reject = p.refused, true
+				c.out <- o
+				continue
+			}
 			select {
 			case <-c.ctx.Done():
 				return
 			case <-p.f.Ok():
 			case err := <-p.f.Err():
 				o.err = fmt.Errorf("forward: nats publish to %s: %w", c.t.where, err)
+				o.reject = refusedForGood(err)
+			}
+			if o.err != nil && !o.reject {
+				// The connection ends (settle): nothing more is published on it, held events included, so
+				// that none of them reaches the stream before this one, which the sink sends again first.
+				c.markLost(o.err)
+				c.out <- o
+				continue
 			}
 			c.out <- o
+			c.answered(o.err == nil)
 		}
 	}
 }
+
+// refusedForGood reports whether a PubAck error refuses the event itself, whatever the connection: it is larger
+// than the stream takes (max_msg_size), or its headers are. The sink dead-letters such an event and moves on.
+func refusedForGood(err error) bool {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return false
+	}
+	switch apiErr.ErrorCode {
+	case jetstream.JSErrCodeStreamMessageExceedsMaximum, jsErrCodeStreamHeaderExceedsMaximum:
+		return true
+	}
+	return false
+}
+
+// jsErrCodeStreamHeaderExceedsMaximum is the server's JSStreamHeaderExceedsMaximumErr ("header size exceeds
+// maximum allowed of 64k"), which the client library has no name for.
+const jsErrCodeStreamHeaderExceedsMaximum jetstream.ErrorCode = 10097

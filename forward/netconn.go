@@ -159,7 +159,7 @@ func gatheredDialer(scheme string) paho.OpenConnectionFunc {
 	}
 	return func(uri *url.URL, o paho.ClientOptions) (net.Conn, error) {
 		d := &net.Dialer{Timeout: o.ConnectTimeout}
-		c, err := proxy.FromEnvironmentUsing(d).Dial("tcp", uri.Host)
+		c, err := proxy.FromEnvironmentUsing(d).Dial("tcp", mqttHostPort(uri)) // a URL may name no port
 		if err != nil {
 			return nil, err
 		}
