@@ -257,12 +257,11 @@ func streamIDs(t *testing.T, s jetstream.Stream) []string {
 	return ids
 }
 
-// TestNATSNoRespondersEndsConnection: a publish that no stream answers ("no responders") ends the connection at
-// once, and the sink sends again from its cursor. The NATS client would otherwise publish the event again on
-// its own 250 ms later, after the events the sink sent meanwhile: a stream created in between stores the
-// device's events out of order. The tap holds the answer until the stream exists, so the client's own retry
-// would succeed and no failure would ever show.
-func TestNATSNoRespondersEndsConnection(t *testing.T) {
+// startHeldNATSSink starts the sink "js" with one event in its log, on the shared NATS server behind a tap that
+// holds the "no responders" answer to it (no stream captures the subject yet); once the answer is held, it creates
+// the stream. It returns the tap, the log, the running forwarder and the stream.
+func startHeldNATSSink(t *testing.T) (*natsTap, *memLog, *running, jetstream.Stream) {
+	t.Helper()
 	js, _, prefix := natsClient(t)
 	tap := newNATSTap(t)
 	tap.holdNoResponders()
@@ -280,6 +279,16 @@ func TestNATSNoRespondersEndsConnection(t *testing.T) {
 		t.Fatal("no no-responders answer to the first event")
 	}
 	stream := natsNamedStream(t, js, jetstream.StreamConfig{Name: strings.ToUpper(prefix), Subjects: []string{prefix + ".>"}})
+	return tap, log, r, stream
+}
+
+// TestNATSNoRespondersEndsConnection: a publish that no stream answers ("no responders") ends the connection at
+// once, and the sink sends again from its cursor. The NATS client would otherwise publish the event again on
+// its own 250 ms later, after the events the sink sent meanwhile: a stream created in between stores the
+// device's events out of order. The tap holds the answer until the stream exists, so the client's own retry
+// would succeed and no failure would ever show.
+func TestNATSNoRespondersEndsConnection(t *testing.T) {
+	tap, log, r, stream := startHeldNATSSink(t)
 	tap.releaseHeld()
 	waitForOrReport(t, 5*time.Second, "the no-responders answer to end the connection", func() bool {
 		return strings.Contains(sinkHealth(r, "js").LastError, "no response from stream")
@@ -295,23 +304,7 @@ func TestNATSNoRespondersEndsConnection(t *testing.T) {
 // stream appears while the first event's "no responders" answer is on its way: the second, sent at once, would
 // be stored before the first, which the sink sends again only after reconnecting.
 func TestNATSFirstEventGoesAlone(t *testing.T) {
-	js, _, prefix := natsClient(t)
-	tap := newNATSTap(t)
-	tap.holdNoResponders()
-
-	log := newMemLog(t)
-	log.add("sensor.reading", "hall", 1)
-	sc := fastSink("js", TypeNATS)
-	sc.AckTimeout = 5 * time.Second
-	sc.NATS = &NATSConfig{URL: tap.url(), Subject: prefix + ".{subject}"}
-	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
-
-	select {
-	case <-tap.held:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no no-responders answer to the first event")
-	}
-	stream := natsNamedStream(t, js, jetstream.StreamConfig{Name: strings.ToUpper(prefix), Subjects: []string{prefix + ".>"}})
+	tap, log, r, stream := startHeldNATSSink(t)
 	log.add("sensor.reading", "hall", 2)
 	waitFor(t, 5*time.Second, "the sink to send event 2", func() bool {
 		return testutil.ToFloat64(r.f.metrics.sent.WithLabelValues("js")) >= 2
