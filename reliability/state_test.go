@@ -17,19 +17,7 @@ import (
 // the device, gone before the kill, is not online (its replayed connection does not set online).
 func TestStateAfterKill9(t *testing.T) {
 	t.Parallel()
-	devs := e2e.Devices("state", 1)
-	g := e2e.Start(t, bin(t), e2e.Config{Devices: devs, Set: map[string]any{"devices.state_save_interval": "1h"}})
-	c := e2e.NewClient(t, g.MQTTURL(), devs[0])
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	publish := func() int {
-		t.Helper()
-		seq, acked, err := c.Publish(ctx, 5*time.Second)
-		if err != nil || !acked {
-			t.Fatalf("publish: seq %d acked %v: %v", seq, acked, err)
-		}
-		return seq
-	}
+	g, devs, c, publish := stateGateway(t, "state")
 	publish()
 	if err := g.Stop(); err != nil { // saves the view: seq 1
 		t.Fatal(err)
@@ -68,18 +56,10 @@ func TestStateAfterKill9(t *testing.T) {
 // within the first state_save_interval) gets the view back from the log at its next start.
 func TestStateAfterKill9BeforeFirstSave(t *testing.T) {
 	t.Parallel()
-	devs := e2e.Devices("first", 1)
-	g := e2e.Start(t, bin(t), e2e.Config{Devices: devs, Set: map[string]any{"devices.state_save_interval": "1h"}})
-	c := e2e.NewClient(t, g.MQTTURL(), devs[0])
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	g, devs, c, publish := stateGateway(t, "first")
 	var last int
 	for range 3 {
-		seq, acked, err := c.Publish(ctx, 5*time.Second)
-		if err != nil || !acked {
-			t.Fatalf("publish: seq %d acked %v: %v", seq, acked, err)
-		}
-		last = seq
+		last = publish()
 	}
 	c.Close()
 	g.Kill9()
@@ -91,5 +71,24 @@ func TestStateAfterKill9BeforeFirstSave(t *testing.T) {
 	}
 	if rep, _ := st["reported"].(map[string]any); rep["seq"] != float64(last) {
 		t.Errorf("reported seq after kill -9 = %v, want %d (the last acknowledged event); state %v", rep["seq"], last, st)
+	}
+}
+
+// stateGateway starts a gateway that saves its device state view only at stop (state_save_interval is an hour)
+// and connects its one device; publish sends the device's next event and returns its seq once acknowledged.
+func stateGateway(t *testing.T, prefix string) (g *e2e.Gateway, devs []e2e.Device, c *e2e.Client, publish func() int) {
+	t.Helper()
+	devs = e2e.Devices(prefix, 1)
+	g = e2e.Start(t, bin(t), e2e.Config{Devices: devs, Set: map[string]any{"devices.state_save_interval": "1h"}})
+	c = e2e.NewClient(t, g.MQTTURL(), devs[0])
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return g, devs, c, func() int {
+		t.Helper()
+		seq, acked, err := c.Publish(ctx, 5*time.Second)
+		if err != nil || !acked {
+			t.Fatalf("publish: seq %d acked %v: %v", seq, acked, err)
+		}
+		return seq
 	}
 }
