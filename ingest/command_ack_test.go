@@ -126,3 +126,28 @@ func TestCommandAckFromOtherConnectionIgnored(t *testing.T) {
 		t.Errorf("wait: %v, want ErrNotAcknowledged", err)
 	}
 }
+
+// TestCommandAckedBeforeTheWait: a command the device acknowledged is acknowledged, however late its wait starts
+// (the rule engine's worker may be busy with other commands past command_timeout).
+func TestCommandAckedBeforeTheWait(t *testing.T) {
+	const timeout = 20 * time.Millisecond
+	tb := startBroker(t, brokerOpts{cfg: func(c *ingest.BrokerConfig) { c.CommandTimeout = timeout }})
+	rc := dialRaw(t, tb.addr, 4)
+	rc.mustConnect("light-1")
+	if codes := rc.subscribe("devices/light-1/commands/#"); codes[0] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+	for i := range 20 {
+		wait, err := tb.SendCommand("light-1", "on", []byte("1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := rc.expect(packets.Publish)
+		rc.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: cmd.PacketID})
+		rc.fence()
+		time.Sleep(2 * timeout) // the wait starts after command_timeout: its timer is due at once
+		if err := wait(context.Background()); err != nil {
+			t.Fatalf("command %d, acknowledged before its wait: %v", i, err)
+		}
+	}
+}

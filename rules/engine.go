@@ -308,9 +308,7 @@ func (e *Engine) handOffLocked() {
 	for i, job := range e.handoff {
 		e.handoff[i] = commandJob{}
 		if e.runCtx == nil {
-			release(job)
-			e.met.action(job.rule, actCommand, "failed")
-			e.undelivered(job, "not delivered: the rule engine stopped")
+			e.stopped(job)
 			continue
 		}
 		select {
@@ -324,13 +322,26 @@ func (e *Engine) handOffLocked() {
 	e.handoff = e.handoff[:0]
 }
 
-// release ends the wait for the acknowledgement of a command sent by an evaluation.
-func release(job commandJob) {
-	if job.sent != nil {
-		ctx, cancel := context.WithCancel(context.Background())
-		cancel()
-		_ = job.sent(ctx)
+// release ends the wait for the acknowledgement of a command sent by an evaluation; it reports whether the
+// device had acknowledged it already.
+func release(job commandJob) bool {
+	if job.sent == nil {
+		return false
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return job.sent(ctx) == nil
+}
+
+// stopped settles a command the engine, stopping, will not deliver: one that an evaluation sent and its device
+// has acknowledged already is delivered; any other is a dead letter.
+func (e *Engine) stopped(job commandJob) {
+	if release(job) {
+		e.met.action(job.rule, actCommand, "ok")
+		return
+	}
+	e.met.action(job.rule, actCommand, "failed")
+	e.undelivered(job, "not delivered: the rule engine stopped")
 }
 
 // processLocked evaluates one event: due timers first, then the event. e.mu is held.
@@ -494,9 +505,7 @@ func (s engineSink) state(r *rule, device, key string, value any) {
 func (e *Engine) worker(ctx context.Context, cmds <-chan commandJob) {
 	for job := range cmds {
 		if ctx.Err() != nil {
-			release(job)
-			e.met.action(job.rule, actCommand, "failed")
-			e.undelivered(job, "not delivered: the rule engine stopped")
+			e.stopped(job)
 			continue
 		}
 		e.deliver(ctx, job)
@@ -540,8 +549,9 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 			return
 		}
 	}
-	if attempts == 0 && job.sent != nil {
-		_ = job.sent(ctx) // releases the command sent by the evaluation
+	if attempts == 0 && job.sent != nil && release(job) {
+		e.met.action(job.rule, actCommand, "ok") // acknowledged while the engine stopped
+		return
 	}
 	if err == nil {
 		err = ctx.Err()

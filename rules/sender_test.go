@@ -83,3 +83,49 @@ func TestEngineRetriesAfterSentAttemptFails(t *testing.T) {
 		t.Fatalf("dead letter detail %q", d.detail)
 	}
 }
+
+// blockingSender is a CommandSender whose first command's wait blocks until its context ends (never
+// acknowledged); every later command counts as acknowledged by its device.
+type blockingSender struct {
+	*fakeCommander
+	mu    sync.Mutex
+	sends int
+}
+
+func (c *blockingSender) SendCommand(device, command string, payload []byte) (func(context.Context) error, error) {
+	c.mu.Lock()
+	c.sends++
+	first := c.sends == 1
+	c.mu.Unlock()
+	return func(ctx context.Context) error {
+		if first {
+			<-ctx.Done()
+			return ctx.Err()
+		}
+		return nil
+	}, nil
+}
+
+// TestEngineStopKeepsAcknowledgedCommands: at stop, the commands evaluations sent that wait behind a busy worker
+// and that their device acknowledged are delivered, not dead letters "not delivered".
+func TestEngineStopKeepsAcknowledgedCommands(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg.CommandWorkers = 1
+	f := newEngine(t, cfg, homeDevices)
+	sc := &blockingSender{fakeCommander: f.cmd}
+	f.e.deps.Commander = sc
+	stop := startEngine(t, f.e)
+	for i := range 3 {
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": i}))
+	}
+	f.waitEvaluated(t, "hall", 3)
+	stop()
+	if ok, failed := testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "ok")),
+		testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "failed")); ok != 2 || failed != 1 {
+		t.Errorf("commands ok %v, failed %v; want 2 and 1 (the one never acknowledged)", ok, failed)
+	}
+	if dl := f.dl.all(); len(dl) != 1 {
+		t.Errorf("%d dead letters, want 1: %v", len(dl), dl)
+	}
+}
