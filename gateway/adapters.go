@@ -91,7 +91,16 @@ func (e *emitter) Emit(_ context.Context, ev *event.Event) error {
 type commander struct{ g *Gateway }
 
 func (c commander) Command(ctx context.Context, device, command string, payload []byte) error {
-	return c.g.broker.Command(ctx, device, command, payload)
+	return offline(c.g.broker.Command(ctx, device, command, payload))
+}
+
+// offline marks ingest's "device not connected" as the rules' ErrDeviceOffline: the engine waits a while for the
+// device instead of spending its retries.
+func offline(err error) error {
+	if errors.Is(err, ingest.ErrNotConnected) {
+		return fmt.Errorf("%w: %w", rules.ErrDeviceOffline, err)
+	}
+	return err
 }
 
 // SendCommand lets the rule engine publish a command as the rule fires and wait for the device apart.

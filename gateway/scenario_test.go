@@ -228,3 +228,24 @@ func TestDeviceStateSavedWhileRunning(t *testing.T) {
 		})
 	}
 }
+
+// TestRuleCommandWaitsForLight: a rule's command for a light that is not connected yet (after a start, devices come
+// back one by one, while absences that fell due meanwhile fire at once) reaches the light when it connects a
+// few seconds later, instead of becoming a dead letter after the command's retries.
+func TestRuleCommandWaitsForLight(t *testing.T) {
+	t.Parallel()
+	gw := startGateway(t, func(c *gateway.Config) {
+		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "1m"))
+	})
+	addr := gw.MQTTAddr("tcp")
+	sensor := connectDevice(t, addr, "kitchen-motion")
+	publish(t, sensor, "devices/kitchen-motion/events/room.entered", 1, `{"room":"kitchen"}`)
+	// The default retries (command_backoff 500ms, two retries) are spent within 1.5s.
+	time.Sleep(2 * time.Second)
+	light := connectDevice(t, addr, "kitchen-light-1")
+	in := subscribe(t, light, "devices/kitchen-light-1/commands/#")
+	msgs := in.waitLen(t, 1, 10*time.Second)
+	if want := "devices/kitchen-light-1/commands/lights.on"; msgs[0].Topic != want {
+		t.Fatalf("the light got %s, want %s", msgs[0].Topic, want)
+	}
+}

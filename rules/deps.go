@@ -2,6 +2,7 @@ package rules
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -22,10 +23,18 @@ type Directory interface {
 }
 
 // Commander sends a command to a device and returns once the device acknowledged it (or with an error on timeout
-// or when the device is not connected).
+// or when the device is not connected: wrapping ErrDeviceOffline).
 type Commander interface {
 	Command(ctx context.Context, device, command string, payload []byte) error
 }
+
+// ErrDeviceOffline is what a Commander wraps when the device is not connected. The engine then keeps trying the
+// command, at most every second, for up to offlineHold without counting those tries against command_retries: a
+// device comes back a moment after the gateway starts, when absences that fell due meanwhile fire.
+var ErrDeviceOffline = errors.New("rules: device not connected")
+
+// offlineHold is how long a command waits for its device to connect (see ErrDeviceOffline).
+const offlineHold = 30 * time.Second
 
 // CommandSender is a Commander that can also send a command at once and wait for its acknowledgement apart. With
 // one, the engine sends a command's first attempt as the rule fires, and a command worker only waits for the

@@ -522,9 +522,15 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 	backoff := e.cfg.CommandBackoff
 	var err error
 	attempts := 0
+	holdUntil := time.Now().Add(offlineHold)
+	sent := job.sent // the first attempt's, sent by the evaluation: waited for once
 	for attempt := 0; attempt <= e.cfg.CommandRetries; attempt++ {
-		if attempt > 0 {
-			t := time.NewTimer(backoff)
+		if attempts > 0 {
+			wait := backoff
+			if errors.Is(err, ErrDeviceOffline) {
+				wait = min(backoff, time.Second)
+			}
+			t := time.NewTimer(wait)
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -537,12 +543,15 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 		}
 		attempts++
 		actx, cancel := context.WithTimeout(ctx, e.cfg.CommandTimeout)
-		if attempt == 0 && job.sent != nil {
-			err = job.sent(actx)
+		if sent != nil {
+			err, sent = sent(actx), nil
 		} else {
 			err = e.deps.Commander.Command(actx, job.device, job.command, job.payload)
 		}
 		cancel()
+		if errors.Is(err, ErrDeviceOffline) && time.Now().Before(holdUntil) {
+			attempt-- // the device is not there yet: that is not a refused attempt, while the hold lasts
+		}
 		if err == nil {
 			e.met.action(job.rule, actCommand, "ok")
 			e.log.Debug("command delivered", "rule", job.rule.name, "device_id", job.device, "command", job.command, "event_id", job.cause)

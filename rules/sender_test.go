@@ -3,6 +3,7 @@ package rules
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -127,5 +128,41 @@ func TestEngineStopKeepsAcknowledgedCommands(t *testing.T) {
 	}
 	if dl := f.dl.all(); len(dl) != 1 {
 		t.Errorf("%d dead letters, want 1: %v", len(dl), dl)
+	}
+}
+
+// offlineCommander is a Commander whose device is not connected for its first offline calls.
+type offlineCommander struct {
+	mu             sync.Mutex
+	calls, offline int
+}
+
+func (c *offlineCommander) Command(ctx context.Context, device, command string, payload []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.calls++
+	if c.calls <= c.offline {
+		return fmt.Errorf("%w: %s", ErrDeviceOffline, device)
+	}
+	return nil
+}
+
+// TestEngineWaitsForOfflineDevice: a command for a device that is not connected yet (it comes back a moment
+// after the gateway starts) is tried again without spending its retries, and delivered once the device is there.
+func TestEngineWaitsForOfflineDevice(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg.CommandRetries = 1
+	cfg.CommandBackoff = time.Millisecond
+	f := newEngine(t, cfg, homeDevices)
+	oc := &offlineCommander{offline: 5}
+	f.e.deps.Commander = oc
+	startEngine(t, f.e)
+	f.e.Submit(newEvent("button.pressed", "b1", t0, nil))
+	waitFor(t, 10*time.Second, "the command delivered", func() bool {
+		return testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "ok")) == 1
+	})
+	if dl := f.dl.all(); len(dl) != 0 {
+		t.Fatalf("dead letters %v, want none", dl)
 	}
 }
