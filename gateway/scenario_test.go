@@ -229,9 +229,9 @@ func TestDeviceStateSavedWhileRunning(t *testing.T) {
 	}
 }
 
-// TestRuleCommandWaitsForLight: a rule's command for a light that is not connected yet (after a start, devices come
-// back one by one, while absences that fell due meanwhile fire at once) reaches the light when it connects a
-// few seconds later, instead of becoming a dead letter after the command's retries.
+// TestRuleCommandWaitsForLight: right after a start, a rule's command for a light that is not connected yet
+// (devices come back one by one, while absences that fell due meanwhile fire at once) reaches the light when it
+// connects a few seconds later, instead of becoming a dead letter after the command's retries.
 func TestRuleCommandWaitsForLight(t *testing.T) {
 	t.Parallel()
 	gw := startGateway(t, func(c *gateway.Config) {

@@ -28,12 +28,13 @@ type Commander interface {
 	Command(ctx context.Context, device, command string, payload []byte) error
 }
 
-// ErrDeviceOffline is what a Commander wraps when the device is not connected. The engine then keeps trying the
-// command, at most every second, for up to offlineHold without counting those tries against command_retries: a
-// device comes back a moment after the gateway starts, when absences that fell due meanwhile fire.
+// ErrDeviceOffline is what a Commander wraps when the device is not connected. Until offlineHold after the engine
+// started, the engine then keeps trying the command, at most every second, without counting those tries against
+// command_retries: after a start the devices come back one by one, while absences that fell due meanwhile fire
+// at once. Later, an offline device's command is retried as any other.
 var ErrDeviceOffline = errors.New("rules: device not connected")
 
-// offlineHold is how long a command waits for its device to connect (see ErrDeviceOffline).
+// offlineHold is how long after a start commands wait for their devices to connect (see ErrDeviceOffline).
 const offlineHold = 30 * time.Second
 
 // CommandSender is a Commander that can also send a command at once and wait for its acknowledgement apart. With

@@ -32,6 +32,7 @@ const reloadSettle = 250 * time.Millisecond
 
 // Engine evaluates the rules against every submitted event, one event at a time, and carries out their actions.
 type Engine struct {
+	started atomic.Int64 // when Run started (unix ns): commands wait for offline devices until offlineHold after
 	cfg     Config
 	deps    Deps
 	log     *slog.Logger
@@ -217,6 +218,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	}
 	defer e.running.Store(false)
 
+	e.started.Store(time.Now().UnixNano())
 	e.mu.Lock()
 	e.runCtx = ctx
 	e.mu.Unlock()
@@ -522,7 +524,7 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 	backoff := e.cfg.CommandBackoff
 	var err error
 	attempts := 0
-	holdUntil := time.Now().Add(offlineHold)
+	holdUntil := time.Unix(0, e.started.Load()).Add(offlineHold)
 	sent := job.sent // the first attempt's, sent by the evaluation: waited for once
 	for attempt := 0; attempt <= e.cfg.CommandRetries; attempt++ {
 		if attempts > 0 {
