@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -43,6 +44,9 @@ func (l *Log) usedBytes() (int64, error) {
 // compact copies the live data into a new file next to the log, fsyncs it, renames it over the log and
 // reopens it. Appends wait meanwhile (the writer holds writeMu); readers wait for the swap only.
 func (l *Log) compact(oldSize, used int64) error {
+	if l.damaged.Load() {
+		return nil // copying a damaged file would fail, or crash on it: recovery is the way (backlog recover)
+	}
 	start := time.Now()
 	tmp := l.path + ".compact"
 	fail := func(err error) error {
@@ -57,7 +61,10 @@ func (l *Log) compact(oldSize, used int64) error {
 	if err != nil {
 		return fail(err)
 	}
-	if err := bolt.Compact(dst, l.db, compactTxBytes); err != nil {
+	if err := copyInto(dst, l.db, l.path); err != nil {
+		if errors.Is(err, ErrCorrupt) {
+			l.damaged.Store(true)
+		}
 		_ = dst.Close()
 		return fail(err)
 	}
@@ -101,6 +108,18 @@ func (l *Log) compact(oldSize, used int64) error {
 	l.logger.Info("log compacted", "file_bytes_before", oldSize, "file_bytes_after", fileSize(l.path),
 		"used_bytes", used, "duration", time.Since(start).Round(time.Millisecond), "reopen", kind)
 	return nil
+}
+
+// copyInto copies the log file src into dst (bolt.Compact). A damaged page of src, on which bbolt panics or the
+// read faults past the file, is ErrCorrupt.
+func copyInto(dst, src *bolt.DB, path string) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("%w: %s: %v", ErrCorrupt, path, r)
+		}
+	}()
+	return bolt.Compact(dst, src, compactTxBytes)
 }
 
 // syncDir fsyncs a directory so that a new name or a rename in it is durable. Windows cannot fsync a directory

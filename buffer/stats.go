@@ -1,6 +1,7 @@
 package buffer
 
 import (
+	"runtime/debug"
 	"slices"
 	"time"
 
@@ -75,9 +76,25 @@ func (l *Log) Stats() Stats {
 	if s.Cursors == nil {
 		s.Cursors = []CursorStats{}
 	}
-	now := l.now()
 	l.dbMu.RLock()
 	defer l.dbMu.RUnlock()
+	l.statsFromFile(&s, st)
+	return s
+}
+
+// statsFromFile fills in what Stats reads from the file: the oldest times and the cursors' backlogs. A damaged
+// page (bbolt panics, or the read faults past the file) leaves them as far as they got and marks the log
+// damaged, like a read: Stats runs in the metrics collector, where a panic would end the process. l.dbMu is
+// held for reading.
+func (l *Log) statsFromFile(s *Stats, st *state) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			l.damaged.Store(true)
+			l.logger.Error("the log file is damaged: stats incomplete", "path", l.path, "error", r)
+		}
+	}()
+	now := l.now()
 	var tx *bolt.Tx
 	if l.db != nil {
 		if t, err := l.db.Begin(false); err == nil {
@@ -102,7 +119,6 @@ func (l *Log) Stats() Stats {
 			c.OldestUnackedAge = max(0, now.Sub(t).Seconds())
 		}
 	}
-	return s
 }
 
 // backlog counts the stored events after pos and their bytes.
