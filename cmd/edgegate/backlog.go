@@ -71,7 +71,7 @@ func cmdBacklog(ctx context.Context, args []string, stdout, stderr io.Writer) (r
   edgegate backlog export  [--config FILE] [--since T] [--until T] [--out FILE]
   edgegate backlog import  [--config FILE] [--in FILE]
   edgegate backlog purge   [--config FILE] --before T --yes
-  edgegate backlog recover [--config FILE]
+  edgegate backlog recover [--config FILE] [--force]
 T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be stopped for all but stats.`)
 	}
 	synopsis := map[string]string{
@@ -79,7 +79,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		"export":  "[--config FILE] [--since T] [--until T] [--out FILE]   (T: RFC 3339 or a duration ago such as 2h)",
 		"import":  "[--config FILE] [--in FILE]   (CloudEvents JSON lines; the gateway must be stopped)",
 		"purge":   "[--config FILE] --before T --yes   (T: RFC 3339 or a duration ago; the gateway must be stopped)",
-		"recover": "[--config FILE]   (moves a corrupt log aside and starts a new one; the gateway must be stopped)",
+		"recover": "[--config FILE] [--force]   (moves a damaged log aside and starts a new one; a sound one only with --force; the gateway must be stopped)",
 	}[sub]
 	fs := newFlagSet("backlog "+sub, synopsis, stderr)
 	path := fs.String("config", defaultConfig, "configuration file")
@@ -192,6 +192,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		fmt.Fprintf(stdout, "purged %d events older than %s\n", n, t.Format(time.RFC3339))
 		return nil
 	case "recover":
+		force := fs.Bool("force", false, "move the log aside even when it reads as sound")
 		if err := parse(fs, args[1:]); err != nil {
 			return err
 		}
@@ -199,7 +200,17 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		if err != nil {
 			return err
 		}
-		moved, err := buffer.Recover(filepath.Join(cfg.DataDir, "events.db"))
+		file := filepath.Join(cfg.DataDir, "events.db")
+		// A sound log holds the events still owed to the sinks: it is not moved aside without --force.
+		switch err := buffer.Check(file); {
+		case err == nil && !*force:
+			return fmt.Errorf("%s reads as sound (every page and record checked): nothing moved; --force moves it aside anyway", file)
+		case errors.Is(err, buffer.ErrLocked):
+			return err
+		case err != nil && !errors.Is(err, buffer.ErrCorrupt):
+			return err
+		}
+		moved, err := buffer.Recover(file)
 		if err != nil {
 			return err
 		}

@@ -514,6 +514,13 @@ func TestBacklogRecover(t *testing.T) {
 		t.Fatalf("import: exit %d: %s", code, errOut)
 	}
 	path := filepath.Join(dataDir, "events.db")
+	// A sound log is not moved aside, unless forced.
+	if code, _, errOut := runCmd(t, "backlog", "recover", "--config", cfg); code != 1 || !strings.Contains(errOut, "reads as sound") {
+		t.Fatalf("recover of a sound log: exit %d, want 1 and a refusal: %s", code, errOut)
+	}
+	if n := backlogEvents(t, cfg); n != 20 {
+		t.Fatalf("after a refused recover: %v events, want 20", n)
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
