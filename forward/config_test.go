@@ -226,7 +226,7 @@ func TestValidateWindow(t *testing.T) {
 		{DefaultWindow, ""},
 		{MaxWindow, ""},
 		{MaxWindow + 1, "forward.sinks[0].window: must be from 0 to 65535, got 65536"},
-		{1 << 40, "forward.sinks[0].window: must be from 0 to 65535, got 1099511627776"},
+		{1 << 30, "forward.sinks[0].window: must be from 0 to 65535, got 1073741824"},
 		{-1, "forward.sinks[0].window: must be from 0 to 65535, got -1"},
 	}
 	for _, typ := range []string{TypeMQTT, TypeNATS, TypeHTTP} {
