@@ -3,6 +3,7 @@ package ingest
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"strings"
@@ -126,8 +127,8 @@ func (c BrokerConfig) Validate() error {
 	if c.MaxConnectionsPerIP <= 0 {
 		errs = append(errs, fmt.Errorf("mqtt.max_connections_per_ip: must be > 0, got %d", c.MaxConnectionsPerIP))
 	}
-	if c.PublishRate <= 0 {
-		errs = append(errs, fmt.Errorf("mqtt.publish_rate: must be > 0, got %g", c.PublishRate))
+	if !(c.PublishRate > 0) || math.IsInf(c.PublishRate, 1) { // NaN fails the comparison
+		errs = append(errs, fmt.Errorf("mqtt.publish_rate: must be a finite number > 0, got %g", c.PublishRate))
 	}
 	if c.PublishBurst <= 0 {
 		errs = append(errs, fmt.Errorf("mqtt.publish_burst: must be > 0, got %d", c.PublishBurst))

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -48,6 +49,7 @@ type guard struct {
 	log            *slog.Logger
 	m              *metrics
 	connectTimeout time.Duration
+	maxPacket      int
 	maxConns       int64
 	maxPerIP       int
 
@@ -75,6 +77,7 @@ func newGuard(cfg BrokerConfig, log *slog.Logger, m *metrics) *guard {
 		log:            log,
 		m:              m,
 		connectTimeout: cfg.ConnectTimeout,
+		maxPacket:      cfg.MaxPacketBytes,
 		maxConns:       int64(cfg.MaxConnections),
 		maxPerIP:       cfg.MaxConnectionsPerIP,
 		perIP:          make(map[string]int),
@@ -95,11 +98,15 @@ func (g *guard) closePending(limit time.Duration) {
 			close(g.drained)
 		}
 	}
+	open := make([]net.Conn, 0, len(g.pending))
 	for c := range g.pending {
-		_ = c.Close()
+		open = append(open, c)
 	}
 	drained := g.drained
 	g.mu.Unlock()
+	for _, c := range open { // outside the lock: closing a connection may release its place under the caps
+		_ = c.Close()
+	}
 	t := time.NewTimer(limit)
 	defer t.Stop()
 	select {
@@ -164,10 +171,13 @@ func hostOf(a net.Addr) string {
 }
 
 // serve runs one admitted connection through mochi, containing any panic to this connection.
-func (g *guard) serve(listener string, conn net.Conn, release func(), establish listeners.EstablishFn) {
+func (g *guard) serve(listener string, c net.Conn, release func(), establish listeners.EstablishFn) {
 	defer g.wg.Done()
 	defer release()
-	defer conn.Close()
+	defer c.Close()
+	// mochi allocates a packet's announced length as soon as it read the fixed header: the CONNECT, which anyone
+	// may send, is held back until all of it arrived, so that it costs only the bytes that did.
+	var conn net.Conn = &connectConn{Conn: c, max: g.maxPacket}
 	g.mu.Lock()
 	if g.drained != nil {
 		g.mu.Unlock()
@@ -330,18 +340,22 @@ func (l *wsListener) Serve(establish listeners.EstablishFn) {
 			return
 		}
 		raw := c.UnderlyingConn()
-		release, reason := l.g.admit(raw.RemoteAddr())
-		if reason != "" {
-			l.g.m.refused.WithLabelValues(reason).Inc()
+		ac, ok := raw.(*admittedConn)
+		if !ok { // not reached: every connection comes through admitListener
 			_ = c.Close()
 			return
 		}
 		c.SetReadLimit(l.maxBytes)
 		l.g.wg.Add(1)
-		l.g.serve(l.id, &wsConn{Conn: raw, c: c}, release, establish)
+		l.g.serve(l.id, &wsConn{Conn: raw, c: c}, ac.release, establish)
 	})
-	l.srv = &http.Server{Handler: mux, ReadHeaderTimeout: l.g.connectTimeout, ErrorLog: slog.NewLogLogger(l.g.log.Handler(), slog.LevelDebug)}
-	if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !l.done.Load() {
+	// A connection counts against the caps from its accept, and must upgrade within connect_timeout: the request
+	// (headers and body), its answer and the wait for a next request are each bounded by it. Once upgraded, the
+	// guard sets the CONNECT deadline.
+	t := l.g.connectTimeout
+	l.srv = &http.Server{Handler: mux, ReadHeaderTimeout: t, ReadTimeout: t, WriteTimeout: t, IdleTimeout: t,
+		ErrorLog: slog.NewLogLogger(l.g.log.Handler(), slog.LevelDebug)}
+	if err := l.srv.Serve(admitListener{Listener: l.ln, id: l.id, g: l.g}); err != nil && !errors.Is(err, http.ErrServerClosed) && !l.done.Load() {
 		l.g.log.Error("websocket listener stopped", "listener", l.id, "error", err)
 	}
 }
@@ -355,6 +369,125 @@ func (l *wsListener) Close(listeners.CloseFn) {
 	}
 	l.g.disconnect(l.id)
 }
+
+// admitListener counts each accepted connection against the caps, and closes those over them at once.
+type admitListener struct {
+	net.Listener
+	id string
+	g  *guard
+}
+
+func (a admitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := a.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		release, reason := a.g.admit(c.RemoteAddr())
+		if reason == "" {
+			return &admittedConn{Conn: c, release: release}, nil
+		}
+		a.g.m.refused.WithLabelValues(reason).Inc()
+		a.g.log.Debug("connection refused", "listener", a.id, "remote", c.RemoteAddr().String(), "reason", reason)
+		_ = c.Close()
+	}
+}
+
+// admittedConn releases its place under the caps when it is closed (release runs once).
+type admittedConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *admittedConn) Close() error {
+	err := c.Conn.Close()
+	c.release()
+	return err
+}
+
+// connectConn hands the connection's first packet (CONNECT) on only once all of it has arrived, read into a
+// buffer that grows with what arrives; after it, reads go straight to the connection. A first packet that is not
+// a CONNECT, or larger than max, is handed on as it is, for mochi to refuse from its fixed header. Only mochi's
+// reader calls Read.
+type connectConn struct {
+	net.Conn
+	max  int
+	done bool   // the first packet is read (or is not to be held back)
+	buf  []byte // read and not yet handed on
+	err  error  // the error that ended the reading of the first packet, returned once buf is handed on
+}
+
+// connectChunk is how much of a CONNECT is read at a time: the buffer grows with the bytes that arrive.
+const connectChunk = 4 << 10
+
+func (c *connectConn) Read(p []byte) (int, error) {
+	if !c.done {
+		c.fill()
+	}
+	if len(c.buf) > 0 {
+		n := copy(p, c.buf)
+		if c.buf = c.buf[n:]; len(c.buf) == 0 {
+			c.buf = nil
+		}
+		return n, nil
+	}
+	if c.err != nil {
+		err := c.err
+		c.err = nil
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+// fill reads until buf holds the first packet whole, or the first packet is not to be held back, or the
+// connection fails.
+func (c *connectConn) fill() {
+	defer func() { c.done = true }()
+	for {
+		if want, ok := c.firstPacketSize(); ok {
+			if want < 0 || len(c.buf) >= want {
+				return
+			}
+			c.buf = slices.Grow(c.buf, min(want-len(c.buf), connectChunk))
+		} else {
+			c.buf = slices.Grow(c.buf, 8)
+		}
+		n, err := c.Conn.Read(c.buf[len(c.buf):cap(c.buf)])
+		c.buf = c.buf[:len(c.buf)+n]
+		if err != nil {
+			c.err = err
+			return
+		}
+	}
+}
+
+// firstPacketSize returns the size of the first packet once its fixed header is in buf (ok), or -1 when it is not
+// to be held back: not a CONNECT, a malformed length, or over max.
+func (c *connectConn) firstPacketSize() (size int, ok bool) {
+	if len(c.buf) == 0 {
+		return 0, false
+	}
+	if c.buf[0]>>4 != packets.Connect {
+		return -1, true
+	}
+	n, mul := 0, 1
+	for i := 1; i < len(c.buf); i++ {
+		n += int(c.buf[i]&0x7f) * mul
+		if c.buf[i]&0x80 == 0 {
+			if n+1 > c.max {
+				return -1, true
+			}
+			return i + 1 + n, true
+		}
+		if mul *= 128; i == 4 {
+			return -1, true // a fifth length byte: malformed
+		}
+	}
+	return 0, false
+}
+
+// NetConn returns the connection it reads from.
+func (c *connectConn) NetConn() net.Conn { return c.Conn }
 
 // wsConn presents a WebSocket as a byte stream: binary messages in, one binary message per write out.
 type wsConn struct {
@@ -399,6 +532,9 @@ func (w *wsConn) Write(p []byte) (int, error) {
 
 // tlsState returns the TLS connection state of conn, if it is a TLS connection.
 func tlsState(conn net.Conn) (tls.ConnectionState, bool) {
+	if cc, ok := conn.(*connectConn); ok {
+		conn = cc.Conn
+	}
 	if tc, ok := conn.(*tls.Conn); ok {
 		return tc.ConnectionState(), true
 	}
