@@ -53,7 +53,10 @@ type hook struct {
 
 	mu      sync.Mutex
 	devices map[string]*deviceState
-	pending atomic.Int64 // commands waiting for an acknowledgement
+	// limiters are the devices' publish token buckets, kept when a device's last connection ends: reconnecting
+	// does not fill a bucket. One per device that ever authenticated (bounded by the registry).
+	limiters map[string]*rate.Limiter
+	pending  atomic.Int64 // commands waiting for an acknowledgement
 	// subscribed is set by the first SUBSCRIBE and stays set: until then no client can receive a message, so
 	// pipelined publishes skip local delivery (see publishPipelined).
 	subscribed atomic.Bool
@@ -63,7 +66,7 @@ type hook struct {
 }
 
 func newHook(b *Broker) *hook {
-	h := &hook{b: b, devices: map[string]*deviceState{}}
+	h := &hook{b: b, devices: map[string]*deviceState{}, limiters: map[string]*rate.Limiter{}}
 	for q := range h.messagesIn {
 		h.messagesIn[q] = b.m.messagesIn.WithLabelValues(qosLabel(byte(q)))
 	}
@@ -124,8 +127,12 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	h.mu.Lock()
 	ds := h.devices[id]
 	if ds == nil {
-		ds = &deviceState{id: id, limiter: rate.NewLimiter(rate.Limit(h.b.cfg.PublishRate), h.b.cfg.PublishBurst),
-			clients: map[*mqtt.Client]struct{}{}}
+		lim := h.limiters[id]
+		if lim == nil {
+			lim = rate.NewLimiter(rate.Limit(h.b.cfg.PublishRate), h.b.cfg.PublishBurst)
+			h.limiters[id] = lim
+		}
+		ds = &deviceState{id: id, limiter: lim, clients: map[*mqtt.Client]struct{}{}}
 		h.devices[id] = ds
 	}
 	ds.clients[cl] = struct{}{}

@@ -195,6 +195,28 @@ func TestPublishRateLimit(t *testing.T) {
 	}
 }
 
+// TestPublishRateLimitOutlivesConnections: a device does not get a full bucket back by reconnecting.
+func TestPublishRateLimitOutlivesConnections(t *testing.T) {
+	tb := startBroker(t, brokerOpts{cfg: func(c *ingest.BrokerConfig) {
+		c.PublishRate, c.PublishBurst = 0.1, 2 // one token every 10 s: nothing refills during the test
+	}})
+	accepted := 0
+	for i := range 3 {
+		c := dialRaw(t, tb.addr, 5)
+		c.mustConnect("sensor-1")
+		for range 2 {
+			if code := c.publishAck("devices/sensor-1/events/tick", []byte(`{}`)); code < 0x80 {
+				accepted++
+			}
+		}
+		c.disconnect()
+		waitFor(t, "the device's disconnection", func() bool { return len(tb.cons.disconnectReasons("sensor-1")) == i+1 })
+	}
+	if accepted != 2 {
+		t.Fatalf("%d publishes accepted over three connections, want the burst of 2", accepted)
+	}
+}
+
 // panicAuth panics when the device "boom" logs in.
 type panicAuth struct{ *devices.Registry }
 
