@@ -200,8 +200,28 @@ func (r *Registry) DeviceForCN(cn string) (string, bool) {
 // the password) so that reconnecting devices are checked in microseconds; otherwise the stored bcrypt or argon2id
 // hash is verified, with at most GOMAXPROCS verifications running at once. An unknown id, or a device without a
 // password, costs a verification against another hash too, so response times do not reveal which ids exist.
+//
+// The answer is that of the registry in force when Authenticate returns: a check that ran while Replace removed
+// the device or changed its password hash is made again against the new entry, so that a login with the old
+// password cannot slip in after the reload closed the device's connections.
 func (r *Registry) Authenticate(id string, password []byte) bool {
 	s := r.set.Load()
+	for range 4 { // a registry replaced during each of these checks in turn: refuse
+		ok := r.authenticate(s, id, password)
+		cur := r.set.Load()
+		if cur == s || !ok {
+			return ok
+		}
+		if e, found := cur.byID[id]; found && e.dev.PasswordHash == s.byID[id].dev.PasswordHash {
+			return true // replaced, but this device's password hash is the one just verified
+		}
+		s = cur
+	}
+	return false
+}
+
+// authenticate checks the password against the device's entry in s.
+func (r *Registry) authenticate(s *deviceSet, id string, password []byte) bool {
 	e, ok := s.byID[id]
 	if !ok || e.dev.PasswordHash == "" {
 		r.verify(s.dummyHash, password)

@@ -181,7 +181,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	midG.Go(func() error { g.saveStateEvery(midCtx); return nil })
 	var srv *http.Server
 	if g.httpLn != nil {
-		srv = &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		// Bounded: an idle keep-alive connection, or a client that stops reading, does not hold the server.
+		srv = &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second,
+			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
 		midG.Go(wrap("http", func() error {
 			if err := srv.Serve(g.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("gateway: http: %w", err)
@@ -212,7 +214,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 	stopMid()
 	if srv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = srv.Shutdown(sctx)
+		if err := srv.Shutdown(sctx); err != nil {
+			_ = srv.Close() // requests still running end now, before the parts they read are closed
+		}
 		cancel()
 	}
 	errMid := midG.Wait()

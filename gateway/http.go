@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -52,7 +53,11 @@ func (g *Gateway) Handler() http.Handler {
 		if !st.Ready || !st.Healthy {
 			code = http.StatusServiceUnavailable
 		}
-		writeJSON(w, code, map[string]any{"ready": st.Ready, "healthy": st.Healthy, "problems": st.Problems, "sinks": st.Sinks})
+		problems := st.Problems
+		if problems == nil {
+			problems = []string{}
+		}
+		writeJSON(w, code, map[string]any{"ready": st.Ready, "healthy": st.Healthy, "problems": problems, "sinks": st.Sinks})
 	})
 	mux.HandleFunc("GET /api/status", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, g.Status())
@@ -67,8 +72,9 @@ func (g *Gateway) Handler() http.Handler {
 			Connected bool              `json:"connected"`
 			State     map[string]any    `json:"state,omitempty"`
 		}
-		var out []dev
-		for _, d := range g.registry.All() {
+		all := g.registry.All()
+		out := make([]dev, 0, len(all)) // [] rather than null without devices
+		for _, d := range all {
 			st, _ := g.state.Get(d.ID)
 			out = append(out, dev{ID: d.ID, Name: d.Name, Room: d.Room, Kind: d.Kind, Labels: d.Labels,
 				Connected: g.broker.Connected(d.ID), State: st})
@@ -76,14 +82,18 @@ func (g *Gateway) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, out)
 	})
 	mux.HandleFunc("GET /api/deadletters", func(w http.ResponseWriter, r *http.Request) {
-		after, _ := strconv.ParseUint(r.URL.Query().Get("after"), 10, 64)
-		limit, err := strconv.Atoi(r.URL.Query().Get("limit"))
-		if err != nil || limit <= 0 || limit > 10000 {
-			limit = 100
+		after, limit, err := deadLetterQuery(r)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
 		}
 		recs, err := g.dead.List(after, limit)
 		if err != nil {
-			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+			code := http.StatusInternalServerError
+			if errors.Is(err, deadletter.ErrClosed) {
+				code = http.StatusServiceUnavailable // the gateway has stopped
+			}
+			writeJSON(w, code, map[string]string{"error": err.Error()})
 			return
 		}
 		if recs == nil {
@@ -92,6 +102,30 @@ func (g *Gateway) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, recs)
 	})
 	return mux
+}
+
+// deadLetterQuery reads the parameters of GET /api/deadletters as the store's List takes them: after (a record id,
+// default 0) and limit (default deadletter.DefaultListLimit, also for 0 or less; capped at
+// deadletter.MaxListLimit). A value that is not a number is an error rather than a silent default: a client paging
+// with a bad cursor would otherwise be shown the first page again.
+func deadLetterQuery(r *http.Request) (after uint64, limit int, err error) {
+	q := r.URL.Query()
+	if v := q.Get("after"); v != "" {
+		if after, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return 0, 0, fmt.Errorf("after: %q is not a record id (a number >= 0)", v)
+		}
+	}
+	limit = deadletter.DefaultListLimit
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil && !errors.Is(err, strconv.ErrRange) {
+			return 0, 0, fmt.Errorf("limit: %q is not a number", v)
+		}
+		if n > 0 { // out of range: the largest or smallest int64
+			limit = int(min(n, deadletter.MaxListLimit))
+		}
+	}
+	return after, limit, nil
 }
 
 // Stalls names the parts stuck in one step for longer than stall_timeout: the log in a commit (a disk that stopped

@@ -297,3 +297,98 @@ func tryConnect(addr, id, password string) (paho.Client, error) {
 	}
 	return c, tok.Error()
 }
+
+// TestReloadDevicesPasswordAndMetadata: a reload that gives thermo-1 a new password closes its connection (with
+// reason revoked), refuses the old password and lets the new one in; one that moves kitchen-light-1 to the hall
+// (metadata only) leaves its connection open, and the rules select it by its new room at once.
+func TestReloadDevicesPasswordAndMetadata(t *testing.T) {
+	t.Parallel()
+	gw := startGateway(t, func(c *gateway.Config) {
+		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "5m"))
+	})
+	path := gw.Cfg.Devices.Registry
+	original, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := gw.MQTTAddr("tcp")
+	lost := make(chan error, 1)
+	connectClientWith(t, addr, "thermo-1", "thermo-1", "thermo-1-pw", func(o *paho.ClientOptions) {
+		o.SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
+	})
+	kitchenMotion := connectDevice(t, addr, "kitchen-motion")
+	hallMotion := connectDevice(t, addr, "hall-motion")
+	inboxes := map[string]*inbox{}
+	clients := map[string]paho.Client{}
+	for _, id := range []string{"kitchen-light-1", "kitchen-light-2", "hall-light"} {
+		clients[id] = connectDevice(t, addr, id)
+		inboxes[id] = subscribe(t, clients[id], "devices/"+id+"/commands/#")
+	}
+
+	hash, err := bcrypt.GenerateFromPassword([]byte("thermo-1-new"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	thermoHash := regexp.MustCompile(`password_hash: "[^"]+" # thermo-1-pw`)
+	lightRoom := regexp.MustCompile(`(  - id: kitchen-light-1\n(?:    .*\n)*?    room: )kitchen\n`)
+	if !thermoHash.Match(original) || !lightRoom.Match(original) {
+		t.Fatal("the registry has no thermo-1 password or kitchen-light-1 room to change")
+	}
+	next := thermoHash.ReplaceAllLiteral(original, fmt.Appendf(nil, "password_hash: %q # thermo-1-new", hash))
+	next = lightRoom.ReplaceAll(next, []byte("${1}hall\n"))
+	if err := os.WriteFile(path, next, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changed, err := gw.ReloadDevices()
+	if err != nil {
+		t.Fatalf("ReloadDevices: %v", err)
+	}
+	if !slices.Equal(changed, []string{"thermo-1"}) {
+		t.Errorf("access changed for %v, want [thermo-1] (a room is not access)", changed)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("thermo-1's connection is still open 10s after its password changed")
+	}
+	if c, err := tryConnect(addr, "thermo-1", "thermo-1-pw"); err == nil {
+		c.Disconnect(0)
+		t.Error("thermo-1 logged in with its old password after the reload")
+	}
+	if c, err := tryConnect(addr, "thermo-1", "thermo-1-new"); err != nil {
+		t.Errorf("thermo-1 cannot log in with its new password: %v", err)
+	} else {
+		c.Disconnect(100)
+	}
+	for id, c := range clients {
+		if !c.IsConnectionOpen() {
+			t.Errorf("%s was disconnected by a reload that changed only metadata or nothing of it", id)
+		}
+	}
+
+	// Hall motion: the hall light and the moved light. Kitchen motion: only the light left in the kitchen.
+	publish(t, hallMotion, "devices/hall-motion/events/room.entered", 1, `{"room":"hall"}`)
+	for _, id := range []string{"hall-light", "kitchen-light-1"} {
+		if m := inboxes[id].waitLen(t, 1, 10*time.Second); !strings.HasSuffix(m[0].Topic, "/lights.on") {
+			t.Errorf("%s received %s, want lights.on", id, m[0].Topic)
+		}
+	}
+	publish(t, kitchenMotion, "devices/kitchen-motion/events/room.entered", 1, `{"room":"kitchen"}`)
+	inboxes["kitchen-light-2"].waitLen(t, 1, 10*time.Second)
+	// The kitchen command went out with the hall's; kitchen-light-1 must not get a second one from it.
+	publish(t, hallMotion, "devices/hall-motion/events/marker", 1, `{}`)
+	eventually.True(t, 10*time.Second, "the marker event in the log", func() bool {
+		return len(eventsOfType(logEvents(t, gw.Log()), "marker")) == 1
+	})
+	if got := inboxes["kitchen-light-1"].all(); len(got) != 1 {
+		t.Errorf("kitchen-light-1 (moved to the hall) received %d commands, want only the hall's: %+v", len(got), got)
+	}
+	eventually.True(t, 10*time.Second, "thermo-1's revoked disconnect in the log", func() bool {
+		for _, e := range eventsOfType(logEvents(t, gw.Log()), "device.disconnected") {
+			if e.Subject == "thermo-1" && string(e.Data) == `{"reason":"revoked"}` {
+				return true
+			}
+		}
+		return false
+	})
+}
