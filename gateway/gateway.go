@@ -9,13 +9,15 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cloudevents/sdk-go/v2/event"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/deadletter"
@@ -47,6 +49,9 @@ type Gateway struct {
 	savedState uint64     // the state view's Changes at the last save or load
 	stateSeq   uint64     // the log's end at the previous save of the state view (saveMu), or at start
 	reloads    *prometheus.CounterVec
+
+	ran      atomic.Bool                                                                    // Run was called
+	wrapPart func(name string, run func(context.Context) error) func(context.Context) error // tests: how a part runs
 }
 
 // New validates the configuration, opens the data directory, loads the registry and the rules, and binds the
@@ -144,9 +149,23 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 	return g, nil
 }
 
-// Run runs every part until ctx ends or one of them fails. Downstream parts start first; on stop the broker stops
-// first (no new events), then rules and sinks, then the log (which commits what is queued).
+// stopGrace is how long Run still waits for the parts once shutdown_timeout has passed and every one of them has
+// been told to stop at once: Run returns at the latest shutdown_timeout + stopGrace after it began to stop.
+const stopGrace = time.Second
+
+// Run runs every part until ctx ends or one of them fails (returns an error or panics). Downstream parts start
+// first; on stop the broker stops first (no new events), then rules and sinks, then the device state is saved and
+// the log commits what is queued and closes. It returns the errors of the parts that failed.
+//
+// The stop is bounded: once shutdown_timeout has passed every part still running is told to stop at once, and a
+// part that has not returned stopGrace later is left behind: Run returns an error that names it. What such a part
+// may still use (the dead-letter store) is closed once it has returned.
+//
+// A gateway runs once: a second call returns an error at once.
 func (g *Gateway) Run(ctx context.Context) error {
+	if !g.ran.CompareAndSwap(false, true) {
+		return errors.New("gateway: run: this gateway has already been run (New makes another)")
+	}
 	g.started = time.Now()
 	// Three stop stages, in order: ingest, then rules/forward/http, then the log.
 	ingestCtx, stopIngest := context.WithCancel(context.Background())
@@ -157,34 +176,24 @@ func (g *Gateway) Run(ctx context.Context) error {
 	defer stopLog()
 
 	failed := make(chan struct{})
-	var failOnce atomic.Bool
-	fail := func() {
-		if failOnce.CompareAndSwap(false, true) {
-			close(failed)
+	var failOnce sync.Once
+	fail := func() { failOnce.Do(func() { close(failed) }) }
+	start := func(ctx context.Context, name string, run func(context.Context) error) *runningPart {
+		if g.wrapPart != nil {
+			run = g.wrapPart(name, run)
 		}
-	}
-	wrap := func(name string, f func() error) func() error {
-		return func() error {
-			err := f()
-			if err != nil {
-				g.log.Error("part failed", "part", name, "error", err)
-				fail()
-			}
-			return err
-		}
+		return g.startPart(ctx, name, run, fail)
 	}
 
-	var logG, midG, ingestG errgroup.Group
-	logG.Go(wrap("buffer", func() error { return g.events.Run(logCtx) }))
-	midG.Go(wrap("forward", func() error { return g.fwd.Run(midCtx) }))
-	midG.Go(wrap("rules", func() error { return g.rules.Run(midCtx) }))
-	midG.Go(func() error { g.saveStateEvery(midCtx); return nil })
+	logPart := start(logCtx, "buffer", g.events.Run)
+	saver := start(midCtx, "device state", func(ctx context.Context) error { g.saveStateEvery(ctx); return nil })
+	mid := []*runningPart{start(midCtx, "forward", g.fwd.Run), start(midCtx, "rules", g.rules.Run), saver}
 	var srv *http.Server
 	if g.httpLn != nil {
 		// Bounded: an idle keep-alive connection, or a client that stops reading, does not hold the server.
 		srv = &http.Server{Handler: g.Handler(), ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second,
 			IdleTimeout: time.Minute, MaxHeaderBytes: 64 << 10}
-		midG.Go(wrap("http", func() error {
+		mid = append(mid, start(midCtx, "http", func(context.Context) error {
 			if err := srv.Serve(g.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("gateway: http: %w", err)
 			}
@@ -192,7 +201,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		}))
 		g.log.Info("admin http ready", "addr", g.httpLn.Addr().String())
 	}
-	ingestG.Go(wrap("ingest", func() error { return g.broker.Run(ingestCtx) }))
+	ingestPart := start(ingestCtx, "ingest", g.broker.Run)
 	g.ready.Store(true)
 	g.log.Info("gateway running", "id", g.cfg.ID, "data_dir", g.cfg.DataDir, "devices", g.registry.Len())
 
@@ -202,32 +211,126 @@ func (g *Gateway) Run(ctx context.Context) error {
 	case <-failed:
 	}
 	g.ready.Store(false)
-	deadline := time.AfterFunc(g.cfg.ShutdownTimeout, func() {
-		g.log.Error("graceful stop took too long; stopping everything now", "timeout", g.cfg.ShutdownTimeout)
+	timeout := g.cfg.ShutdownTimeout
+	force := time.AfterFunc(timeout, func() {
+		g.log.Error("graceful stop took too long; stopping everything now", "timeout", timeout)
 		stopMid()
 		stopLog()
 	})
-	defer deadline.Stop()
+	defer force.Stop()
+	giveUp, cancelGiveUp := context.WithTimeout(context.Background(), timeout+stopGrace)
+	defer cancelGiveUp()
 
 	stopIngest()
-	errIngest := ingestG.Wait()
+	stuck := waitParts(giveUp.Done(), ingestPart)
 	stopMid()
 	if srv != nil {
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		sctx, cancel := context.WithTimeout(giveUp, 2*time.Second)
 		if err := srv.Shutdown(sctx); err != nil {
 			_ = srv.Close() // requests still running end now, before the parts they read are closed
 		}
 		cancel()
 	}
-	errMid := midG.Wait()
-	g.saveState(true) // after the rules: their last state actions are in it
+	stuck = append(stuck, waitParts(giveUp.Done(), mid...)...)
+	// After the rules: their last state actions are in it. With ingest or the rules still running, the view may
+	// still change: it is saved at the position of the previous save, from where a start replays the log.
+	if slices.Contains(stuck, saver) {
+		g.log.Error("device state not saved at stop: the previous save has not finished")
+	} else {
+		g.saveState(len(stuck) == 0)
+	}
 	stopLog()
-	errLog := logG.Wait()
+	stuck = append(stuck, waitParts(giveUp.Done(), logPart)...)
+
+	all := append([]*runningPart{ingestPart}, mid...)
+	all = append(all, logPart)
+	if len(stuck) == 0 {
+		g.closeDeadLetters()
+		g.log.Info("stopped")
+		return partErrors(all)
+	}
+	names := make([]string, len(stuck))
+	for i, p := range stuck {
+		names[i] = p.name
+	}
+	// The parts left behind may still write dead letters: the store is closed once they have returned.
+	go func() {
+		for _, p := range stuck {
+			<-p.done
+		}
+		g.closeDeadLetters()
+		g.log.Info("the parts that did not stop in time have returned; dead letters closed", "parts", names)
+	}()
+	g.log.Error("stopped, leaving behind parts that did not stop within shutdown_timeout", "parts", names,
+		"timeout", timeout)
+	return errors.Join(partErrors(all), fmt.Errorf("gateway: stop: %s did not stop within shutdown_timeout (%s)",
+		strings.Join(names, ", "), timeout))
+}
+
+// runningPart is a part Run started: done is closed once its Run has returned, err is then its error.
+type runningPart struct {
+	name string
+	done chan struct{}
+	err  error
+}
+
+// startPart runs run(ctx) in a goroutine. An error, or a panic (turned into an error, logged with its stack),
+// calls fail.
+func (g *Gateway) startPart(ctx context.Context, name string, run func(context.Context) error, fail func()) *runningPart {
+	p := &runningPart{name: name, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		defer func() {
+			if r := recover(); r != nil {
+				p.err = fmt.Errorf("gateway: %s: panic: %v", name, r)
+				g.log.Error("part panicked", "part", name, "panic", r, "stack", string(debug.Stack()))
+				fail()
+			}
+		}()
+		if err := run(ctx); err != nil {
+			p.err = err
+			g.log.Error("part failed", "part", name, "error", err)
+			fail()
+		}
+	}()
+	return p
+}
+
+// waitParts waits for the parts to return until giveUp is closed, and returns those that have not.
+func waitParts(giveUp <-chan struct{}, parts ...*runningPart) (stuck []*runningPart) {
+	for _, p := range parts {
+		select {
+		case <-p.done:
+			continue
+		default:
+		}
+		select {
+		case <-p.done:
+		case <-giveUp:
+			stuck = append(stuck, p)
+		}
+	}
+	return stuck
+}
+
+// partErrors joins the errors of the parts that have returned.
+func partErrors(parts []*runningPart) error {
+	var errs []error
+	for _, p := range parts {
+		select {
+		case <-p.done:
+			errs = append(errs, p.err)
+		default:
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// closeDeadLetters closes the dead-letter store.
+func (g *Gateway) closeDeadLetters() {
 	if err := g.dead.Close(); err != nil {
 		g.log.Warn("close dead letters", "error", err)
 	}
-	g.log.Info("stopped")
-	return errors.Join(errIngest, errMid, errLog)
 }
 
 // ReloadDevices reads the device registry file again and, if it is valid, puts it in force at once: new devices
