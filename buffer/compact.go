@@ -10,7 +10,6 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
-	berrors "go.etcd.io/bbolt/errors"
 )
 
 const (
@@ -143,28 +142,14 @@ func syncDir(dir string) error {
 // Check reads the whole log file at path, read-only, and reports damage as ErrCorrupt: every page and element
 // (as the open after a crash walks them) and every record's header; nil means the file is sound. It fails with
 // ErrLocked while a process holds the file (a running gateway). It takes time in proportion to the file's size.
-func Check(path string) (err error) {
+func Check(path string) error {
 	if _, err := os.Stat(path); err != nil {
 		return fmt.Errorf("buffer: check %s: %w", path, err)
 	}
 	if err := precheck(path); err != nil {
 		return err
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: openTimeout})
-	switch {
-	case errors.Is(err, berrors.ErrTimeout):
-		return fmt.Errorf("buffer: check %s: %w", path, ErrLocked)
-	case err != nil:
-		return corruptError(path, err)
-	}
-	defer db.Close()
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			err = corruptError(path, fmt.Errorf("%v", r))
-		}
-	}()
-	return db.View(func(tx *bolt.Tx) error {
+	return readChecked(path, func(tx *bolt.Tx) error {
 		events := tx.Bucket(bucketEvents)
 		if events == nil || tx.Bucket(bucketMeta) == nil || tx.Bucket(bucketSegments) == nil || tx.Bucket(bucketCursors) == nil {
 			return corruptError(path, errors.New("a bucket is missing"))

@@ -384,31 +384,30 @@ func preread(path string) {
 	}
 }
 
+// openReadOnly opens the log file at path read-only, for a check: ErrLocked while a process holds it, ErrCorrupt
+// (naming the recovery) when bbolt refuses it.
+func openReadOnly(path string) (*bolt.DB, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: openTimeout})
+	switch {
+	case err == nil:
+		return db, nil
+	case errors.Is(err, berrors.ErrTimeout):
+		return nil, fmt.Errorf("buffer: open %s: %w", path, ErrLocked)
+	case errors.Is(err, os.ErrPermission):
+		return nil, fmt.Errorf("buffer: open %s: %w", path, err)
+	default:
+		return nil, corruptError(path, err)
+	}
+}
+
 // precheck walks every page and element of an existing file, read-only, before the real open of a file that
 // was not closed cleanly. Opening it for writing rebuilds bbolt's free list by walking the file in a goroutine
 // of its own, where a damaged page would crash the process; here the same damage is caught and reported as
 // ErrCorrupt. It reads page and element headers, not the events, and costs about as much as that rebuild.
-func precheck(path string) (err error) {
+func precheck(path string) error {
 	if fi, statErr := os.Stat(path); statErr != nil || fi.Size() == 0 {
 		return nil // created (or reported) by the real open
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: openTimeout})
-	switch {
-	case err == nil:
-	case errors.Is(err, berrors.ErrTimeout):
-		return fmt.Errorf("buffer: open %s: %w", path, ErrLocked)
-	case errors.Is(err, os.ErrPermission):
-		return fmt.Errorf("buffer: open %s: %w", path, err)
-	default:
-		return corruptError(path, err)
-	}
-	defer db.Close()
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			err = corruptError(path, fmt.Errorf("%v", r))
-		}
-	}()
 	var walk func(b *bolt.Bucket) error
 	walk = func(b *bolt.Bucket) error {
 		c := b.Cursor()
@@ -421,9 +420,26 @@ func precheck(path string) (err error) {
 		}
 		return nil
 	}
-	return db.View(func(tx *bolt.Tx) error {
+	return readChecked(path, func(tx *bolt.Tx) error {
 		return tx.ForEach(func(_ []byte, b *bolt.Bucket) error { return walk(b) })
 	})
+}
+
+// readChecked opens the file at path read-only and runs fn in a read transaction; a damaged page, on which bbolt
+// panics or the read faults past the file, is ErrCorrupt.
+func readChecked(path string, fn func(tx *bolt.Tx) error) (err error) {
+	db, err := openReadOnly(path)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = corruptError(path, fmt.Errorf("%v", r))
+		}
+	}()
+	return db.View(fn)
 }
 
 func corruptError(path string, cause error) error {

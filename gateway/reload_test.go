@@ -196,19 +196,8 @@ func compact(ns []int) string {
 // leaves the other devices' connections alone.
 func TestReloadDevices(t *testing.T) {
 	t.Parallel()
-	gw := startGateway(t, func(c *gateway.Config) {
-		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "5m"))
-	})
-	path := gw.Cfg.Devices.Registry
-	original, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := gw.MQTTAddr("tcp")
-	lost := make(chan error, 1)
-	thermo := connectClientWith(t, addr, "thermo-1", "thermo-1", "thermo-1-pw", func(o *paho.ClientOptions) {
-		o.SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
-	})
+	gw, path, original, addr, lost := reloadGateway(t)
+	thermo := connectThermo(t, addr, lost)
 	motion := connectDevice(t, addr, "kitchen-motion")
 	light1c := connectDevice(t, addr, "kitchen-light-1")
 	light1 := subscribe(t, light1c, "devices/kitchen-light-1/commands/#")
@@ -303,19 +292,8 @@ func tryConnect(addr, id, password string) (paho.Client, error) {
 // (metadata only) leaves its connection open, and the rules select it by its new room at once.
 func TestReloadDevicesPasswordAndMetadata(t *testing.T) {
 	t.Parallel()
-	gw := startGateway(t, func(c *gateway.Config) {
-		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "5m"))
-	})
-	path := gw.Cfg.Devices.Registry
-	original, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := gw.MQTTAddr("tcp")
-	lost := make(chan error, 1)
-	connectClientWith(t, addr, "thermo-1", "thermo-1", "thermo-1-pw", func(o *paho.ClientOptions) {
-		o.SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
-	})
+	gw, path, original, addr, lost := reloadGateway(t)
+	connectThermo(t, addr, lost)
 	kitchenMotion := connectDevice(t, addr, "kitchen-motion")
 	hallMotion := connectDevice(t, addr, "hall-motion")
 	inboxes := map[string]*inbox{}
@@ -390,5 +368,28 @@ func TestReloadDevicesPasswordAndMetadata(t *testing.T) {
 			}
 		}
 		return false
+	})
+}
+
+// reloadGateway starts a gateway with the shipped lights rules and returns it, its registry file and that file's
+// content, its MQTT address, and a channel for thermo-1's connection loss (see connectThermo).
+func reloadGateway(t *testing.T) (gw *testGateway, path string, original []byte, addr string, lost chan error) {
+	t.Helper()
+	gw = startGateway(t, func(c *gateway.Config) {
+		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, "5m"))
+	})
+	path = gw.Cfg.Devices.Registry
+	original, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gw, path, original, gw.MQTTAddr("tcp"), make(chan error, 1)
+}
+
+// connectThermo connects thermo-1, sending the error of its connection loss to lost.
+func connectThermo(t *testing.T, addr string, lost chan error) paho.Client {
+	t.Helper()
+	return connectClientWith(t, addr, "thermo-1", "thermo-1", "thermo-1-pw", func(o *paho.ClientOptions) {
+		o.SetConnectionLostHandler(func(_ paho.Client, err error) { lost <- err })
 	})
 }
