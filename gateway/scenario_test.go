@@ -240,8 +240,12 @@ func TestRuleCommandWaitsForLight(t *testing.T) {
 	addr := gw.MQTTAddr("tcp")
 	sensor := connectDevice(t, addr, "kitchen-motion")
 	publish(t, sensor, "devices/kitchen-motion/events/room.entered", 1, `{"room":"kitchen"}`)
-	// The default retries (command_backoff 500ms, two retries) are spent within 1.5s.
-	time.Sleep(2 * time.Second)
+	// For each of the two kitchen lights, the evaluation's send and a worker's three tries (the first and the
+	// default two retries) find it not connected: without the wait for offline devices, both commands would be
+	// dead letters by now.
+	waitFor(t, 10*time.Second, "four attempts at each light's command", func() bool {
+		return metricSum(t, gw.Reg, "edgegate_ingest_commands_total", map[string]string{"outcome": "not_connected"}) >= 8
+	})
 	light := connectDevice(t, addr, "kitchen-light-1")
 	in := subscribe(t, light, "devices/kitchen-light-1/commands/#")
 	msgs := in.waitLen(t, 1, 10*time.Second)

@@ -295,6 +295,9 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 	topic := commandTopic(b.cfg.CommandTopic, device, command)
 	w, err := b.hook.expectAck(device, topic)
 	if err != nil {
+		if errors.Is(err, ErrNotConnected) {
+			b.m.commands.WithLabelValues("not_connected").Inc()
+		}
 		return nil, fmt.Errorf("ingest: command %s to %s: %w", command, device, err)
 	}
 	sent := time.Now()
@@ -418,7 +421,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		normalize: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "edgegate_ingest_normalize_duration_seconds",
 			Help: "Time to turn one message into a CloudEvent.", Buckets: prometheus.ExponentialBuckets(250e-9, 2, 14)}),
 		commands: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_commands_total",
-			Help: "Commands sent to devices, by outcome: acked, timeout (no PUBACK within mqtt.command_timeout), abandoned (the sender stopped waiting first)."}, []string{"outcome"}),
+			Help: "Commands sent to devices, by outcome: acked, timeout (no PUBACK within mqtt.command_timeout), abandoned (the sender stopped waiting first), not_connected (not sent: the device had no connection)."}, []string{"outcome"}),
 	}
 	for _, c := range []prometheus.Collector{m.connections, m.refused, m.closed, m.sessionsDropped, m.panics, m.authFail, m.aclDenied, m.messagesIn,
 		m.events, m.deadLetters, m.rateLimited, m.rejected, m.normalize, m.commands} {
