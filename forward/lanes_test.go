@@ -132,20 +132,17 @@ func TestPriorityLanesHoldBounded(t *testing.T) {
 	up := newEventUpstream(t, "alarm")
 	up.down.Store(true)
 	r := startForwarder(t, Config{Sinks: []SinkConfig{laneSink(up.srv.URL, 5)}}, plainSource{log}, nil)
-	waitFor(t, 10*time.Second, "the lane failing", func() bool {
-		h := sinkHealth(r, "up@p5")
-		return h.LastError != "" && !h.Healthy
+	// Three failed attempts of the lane, with its backoff between them, give the sink ample time to read the
+	// in-memory log to its end, were it not bounded.
+	waitFor(t, 10*time.Second, "the lane failing three times", func() bool {
+		return testutil.ToFloat64(r.f.metrics.reconnects.WithLabelValues("up@p5")) >= 3
 	})
 	// Reading goes a read ahead of the held events at most (the sink holds 4 windows of 16).
-	deadline := time.Now().Add(time.Second)
-	for time.Now().Before(deadline) {
-		log.mu.Lock()
-		read := log.maxRead
-		log.mu.Unlock()
-		if read > 1000 {
-			t.Fatalf("the sink read up to seq %d of a lane's events it holds, want a bound of a few windows", read)
-		}
-		time.Sleep(10 * time.Millisecond)
+	log.mu.Lock()
+	read := log.maxRead
+	log.mu.Unlock()
+	if read > 1000 {
+		t.Fatalf("the sink read up to seq %d of a lane's events it holds, want a bound of a few windows", read)
 	}
 	up.down.Store(false)
 	waitFor(t, 30*time.Second, "every event delivered", func() bool { return log.Cursor("sink:up") == alarms+1 })
