@@ -523,10 +523,10 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 	}
 	backoff := e.cfg.CommandBackoff
 	var err error
-	attempts := 0
+	attempts, refused := 0, 0 // refused: the attempts that count against command_retries
 	holdUntil := time.Unix(0, e.started.Load()).Add(offlineHold)
 	sent := job.sent // the first attempt's, sent by the evaluation: waited for once
-	for attempt := 0; attempt <= e.cfg.CommandRetries; attempt++ {
+	for refused <= e.cfg.CommandRetries {
 		if attempts > 0 {
 			wait := backoff
 			if errors.Is(err, ErrDeviceOffline) {
@@ -551,13 +551,13 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 			err = e.deps.Commander.Command(actx, job.device, job.command, job.payload)
 		}
 		cancel()
-		if errors.Is(err, ErrDeviceOffline) && time.Now().Before(holdUntil) {
-			attempt-- // the device is not there yet: that is not a refused attempt, while the hold lasts
-		}
 		if err == nil {
 			e.met.action(job.rule, actCommand, "ok")
 			e.log.Debug("command delivered", "rule", job.rule.name, "device_id", job.device, "command", job.command, "event_id", job.cause)
 			return
+		}
+		if !errors.Is(err, ErrDeviceOffline) || !time.Now().Before(holdUntil) {
+			refused++ // a device not there yet, while the hold lasts, has not refused it
 		}
 	}
 	if attempts == 0 && job.sent != nil && release(job) {
