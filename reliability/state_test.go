@@ -27,10 +27,20 @@ func TestStateAfterKill9(t *testing.T) {
 	for range 5 {
 		last = publish()
 	}
+	before, err := g.Status() // every event so far is committed: the publishes were acknowledged
+	if err != nil {
+		t.Fatal(err)
+	}
 	c.Close()
-	e2e.WaitFor(t, 10*time.Second, "the device's disconnection", func() bool {
+	// The view sees an event once the log has queued it, before its commit: wait for both, so that the
+	// disconnection is in the log when the process is killed.
+	e2e.WaitFor(t, 10*time.Second, "the device's disconnection, in the view and committed", func() bool {
 		st, ok, err := g.DeviceState(devs[0].ID)
-		return err == nil && ok && st["online"] == false
+		if err != nil || !ok || st["online"] != false {
+			return false
+		}
+		now, err := g.Status()
+		return err == nil && now.Backlog.LastSeq > before.Backlog.LastSeq
 	})
 	g.Kill9()
 	g.Restart()
