@@ -126,7 +126,7 @@ func connectSubscriber(ctx context.Context, url, filter string, withIDs bool, li
 	opts := paho.NewClientOptions().AddBroker(url).SetClientID("bench-sub").SetCleanSession(false).
 		SetProtocolVersion(4).SetAutoReconnect(true).SetMaxReconnectInterval(200 * time.Millisecond).
 		SetConnectRetry(true).SetConnectRetryInterval(100 * time.Millisecond).SetResumeSubs(true).
-		SetKeepAlive(30 * time.Second).SetOrderMatters(true)
+		SetKeepAlive(30 * time.Second).SetOrderMatters(true).SetCustomOpenConnectionFn(openBuffered)
 	opts.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) { s.onMessage(m.Payload()) })
 	s.cl = paho.NewClient(opts)
 	if err := waitToken(ctx, s.cl.Connect(), 10*time.Second); err != nil {
@@ -307,7 +307,7 @@ type device struct {
 func connectDevice(ctx context.Context, url, id string, idx int) (*device, error) {
 	opts := paho.NewClientOptions().AddBroker(url).SetClientID(id).SetUsername(id).SetPassword(benchPassword).
 		SetProtocolVersion(4).SetCleanSession(true).SetAutoReconnect(false).SetConnectRetry(false).
-		SetKeepAlive(30 * time.Second).SetWriteTimeout(30 * time.Second)
+		SetKeepAlive(30 * time.Second).SetWriteTimeout(30 * time.Second).SetCustomOpenConnectionFn(openBuffered)
 	cl := paho.NewClient(opts)
 	if err := waitToken(ctx, cl.Connect(), 20*time.Second); err != nil {
 		return nil, fmt.Errorf("device %s: connect %s: %w", id, url, err)
