@@ -20,7 +20,8 @@ import (
 // too (rawRate: raw bbolt, one transaction per 1000 events, as many events, once before and once after the
 // appenders, averaged) and reports events/s over it (of-ceiling), and over raw bbolt committing one transaction
 // per `appenders` events (of-bound, over at most 2000 transactions): no commit of closed-loop appenders, each
-// waiting for its event before the next, can hold more events than there are appenders.
+// waiting for its event before the next, can hold more events than there are appenders. textbook-of-ceiling is
+// the textbook group commit on raw bbolt with the same appenders (see textbookRate), of-textbook the log over it.
 func BenchmarkAppendDurable(b *testing.B) {
 	for _, appenders := range []int{1, 16, 256} {
 		b.Run(fmt.Sprintf("appenders=%d", appenders), func(b *testing.B) {
@@ -56,12 +57,15 @@ func BenchmarkAppendDurable(b *testing.B) {
 			elapsed := time.Since(start)
 			b.StopTimer()
 			ceiling := (before + rawRate(b, b.N, 1000)) / 2
+			textbook := textbookRate(b, min(b.N, 2000*appenders), appenders)
 			slices.Sort(lat)
 			rate := float64(b.N) / elapsed.Seconds()
 			b.ReportMetric(rate, "events/s")
 			b.ReportMetric(ceiling, "ceiling-events/s")
 			b.ReportMetric(rate/ceiling, "of-ceiling")
 			b.ReportMetric(rate/bound, "of-bound")
+			b.ReportMetric(textbook/ceiling, "textbook-of-ceiling")
+			b.ReportMetric(rate/textbook, "of-textbook")
 			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
 			commits := float64(testutilHistogramCount(b, l, "edgegate_buffer_commit_batch_size"))
 			b.ReportMetric(float64(b.N)/commits, "events/commit")
@@ -195,4 +199,95 @@ func BenchmarkOpenWithBacklog(b *testing.B) {
 		b.StartTimer()
 	}
 	b.ReportMetric(float64(fileSize(cfg.Path))/(1<<20), "file-MiB")
+}
+
+// textbookRate runs the textbook group commit on raw bbolt with the log's options: appenders goroutines, each
+// queuing a 200-byte event under a mutex and waiting for its commit before the next; one writer that takes
+// whatever is queued, puts it in one transaction (one commit, two fsyncs) and wakes the batch. It has none of
+// the log's work (segments, retention, cursors, metrics) and none of its care for closed-loop appenders: it is
+// what any group commit on this disk and these processors starts from. It returns the events per second over n
+// events.
+func textbookRate(b *testing.B, n, appenders int) float64 {
+	b.Helper()
+	db, err := bolt.Open(filepath.Join(b.TempDir(), "textbook.db"), 0o600, &bolt.Options{
+		NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	type batch struct {
+		vals [][]byte
+		err  error
+		done chan struct{}
+	}
+	var (
+		mu      sync.Mutex
+		queued  = sync.NewCond(&mu)
+		cur     = &batch{done: make(chan struct{})}
+		stopped bool
+	)
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		var seq uint64
+		for {
+			mu.Lock()
+			for len(cur.vals) == 0 && !stopped {
+				queued.Wait()
+			}
+			if len(cur.vals) == 0 {
+				mu.Unlock()
+				return
+			}
+			bt := cur
+			cur = &batch{done: make(chan struct{})}
+			mu.Unlock()
+			bt.err = db.Update(func(tx *bolt.Tx) error {
+				bk, err := tx.CreateBucketIfNotExists([]byte("events"))
+				if err != nil {
+					return err
+				}
+				bk.FillPercent = 1.0
+				for _, v := range bt.vals {
+					seq++
+					if err := bk.Put(seqKey(seq), v); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			close(bt.done)
+		}
+	}()
+	val := benchEntry().Data
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range appenders {
+		wg.Go(func() {
+			for next.Add(1) <= int64(n) {
+				v := append([]byte(nil), val...)
+				mu.Lock()
+				bt := cur
+				bt.vals = append(bt.vals, v)
+				if len(bt.vals) == 1 {
+					queued.Signal()
+				}
+				mu.Unlock()
+				<-bt.done
+				if bt.err != nil {
+					b.Error(bt.err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	rate := float64(n) / time.Since(start).Seconds()
+	mu.Lock()
+	stopped = true
+	queued.Signal()
+	mu.Unlock()
+	<-writerDone
+	return rate
 }
