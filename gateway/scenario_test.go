@@ -30,7 +30,9 @@ func shippedLightsRules(t *testing.T, absence string) string {
 // kitchen has been quiet for the absence period both kitchen lights are turned off.
 func TestReferenceScenario(t *testing.T) {
 	t.Parallel()
-	const absence = time.Second
+	// The repeat must reach the rules before the absence counted from the first motion ends, or that absence
+	// turns the lights off first: the period leaves room for a slow first command and the pause before the repeat.
+	const absence = 5 * time.Second
 	gw := startGateway(t, func(c *gateway.Config) {
 		writeRules(t, c.Rules.Dir, "lights.yaml", shippedLightsRules(t, absence.String()))
 	})
@@ -55,7 +57,7 @@ func TestReferenceScenario(t *testing.T) {
 	publish(t, sensor, "devices/kitchen-motion/events/room.entered", 1, `{"room":"kitchen"}`)
 
 	for _, id := range []string{"kitchen-light-1", "kitchen-light-2"} {
-		msgs := lights[id].waitLen(t, 2, 10*time.Second)
+		msgs := lights[id].waitLen(t, 2, absence+10*time.Second)
 		if len(msgs) != 2 {
 			t.Fatalf("%s received %d messages, want lights.on then lights.off: %+v", id, len(msgs), msgs)
 		}
@@ -248,6 +250,8 @@ func TestRuleCommandWaitsForLight(t *testing.T) {
 	})
 	light := connectDevice(t, addr, "kitchen-light-1")
 	in := subscribe(t, light, "devices/kitchen-light-1/commands/#")
+	// An attempt between the light's connection and its subscription is not sent (it would reach no one and wait
+	// command_timeout for an acknowledgement): like one before the connection, it is tried again within a second.
 	msgs := in.waitLen(t, 1, 10*time.Second)
 	if want := "devices/kitchen-light-1/commands/lights.on"; msgs[0].Topic != want {
 		t.Fatalf("the light got %s, want %s", msgs[0].Topic, want)

@@ -27,6 +27,11 @@ var ErrFull = errors.New("ingest: consumer full")
 // ErrNotConnected is returned by Command when the device has no live connection.
 var ErrNotConnected = errors.New("ingest: device not connected")
 
+// ErrNotSubscribed is returned by Command when the device is connected but none of its connections subscribes to
+// the command's topic (it has just connected and not subscribed yet): the command would reach no one. It wraps
+// ErrNotConnected, as the device cannot take the command yet either way.
+var ErrNotSubscribed = fmt.Errorf("%w: no subscription to its command topic", ErrNotConnected)
+
 // ErrNotAcknowledged is returned by Command when the device did not acknowledge the command in time.
 var ErrNotAcknowledged = errors.New("ingest: command not acknowledged")
 
@@ -293,9 +298,12 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 		return nil, fmt.Errorf("ingest: command %q to %q: invalid device or command name", command, device)
 	}
 	topic := commandTopic(b.cfg.CommandTopic, device, command)
-	w, err := b.hook.expectAck(device, topic)
+	w, err := b.hook.expectAck(device, topic, b.subscribers(topic))
 	if err != nil {
-		if errors.Is(err, ErrNotConnected) {
+		switch {
+		case errors.Is(err, ErrNotSubscribed):
+			b.m.commands.WithLabelValues("not_subscribed").Inc()
+		case errors.Is(err, ErrNotConnected):
 			b.m.commands.WithLabelValues("not_connected").Inc()
 		}
 		return nil, fmt.Errorf("ingest: command %s to %s: %w", command, device, err)
@@ -329,6 +337,21 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 			return fmt.Errorf("ingest: command %s to %s: %w", command, device, ctx.Err())
 		}
 	}, nil
+}
+
+// subscribers returns the ids of the clients that a message on topic would reach.
+func (b *Broker) subscribers(topic string) map[string]bool {
+	subs := b.srv.Topics.Subscribers(topic)
+	ids := make(map[string]bool, len(subs.Subscriptions))
+	for id := range subs.Subscriptions {
+		ids[id] = true
+	}
+	for _, group := range subs.Shared {
+		for id := range group {
+			ids[id] = true
+		}
+	}
+	return ids
 }
 
 // Publish sends a message to local subscribers as the gateway itself (not normalized, not ACL-checked).
@@ -421,7 +444,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		normalize: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "edgegate_ingest_normalize_duration_seconds",
 			Help: "Time to turn one message into a CloudEvent.", Buckets: prometheus.ExponentialBuckets(250e-9, 2, 14)}),
 		commands: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_ingest_commands_total",
-			Help: "Commands sent to devices, by outcome: acked, timeout (no PUBACK within mqtt.command_timeout), abandoned (the sender stopped waiting first), not_connected (not sent: the device had no connection)."}, []string{"outcome"}),
+			Help: "Commands sent to devices, by outcome: acked, timeout (no PUBACK within mqtt.command_timeout), abandoned (the sender stopped waiting first), not_connected (not sent: the device had no connection), not_subscribed (not sent: connected, but no connection of the device subscribed to the command's topic)."}, []string{"outcome"}),
 	}
 	for _, c := range []prometheus.Collector{m.connections, m.refused, m.closed, m.sessionsDropped, m.panics, m.authFail, m.aclDenied, m.messagesIn,
 		m.events, m.deadLetters, m.rateLimited, m.rejected, m.normalize, m.commands} {

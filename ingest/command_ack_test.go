@@ -150,3 +150,44 @@ func TestCommandAckedBeforeTheWait(t *testing.T) {
 		}
 	}
 }
+
+// TestCommandToUnsubscribedDevice: a command to a device that is connected but has not subscribed to its command
+// topic (it has just connected) is not sent into the void, where it would wait command_timeout for an
+// acknowledgement that cannot come: it fails at once with ErrNotSubscribed, which is also ErrNotConnected (the
+// device cannot take it yet), and is sent once the device subscribes.
+func TestCommandToUnsubscribedDevice(t *testing.T) {
+	tb := startBroker(t, brokerOpts{})
+	rc := dialRaw(t, tb.addr, 4)
+	rc.mustConnect("light-1")
+	_, err := tb.SendCommand("light-1", "on", []byte("1"))
+	if !errors.Is(err, ingest.ErrNotSubscribed) || !errors.Is(err, ingest.ErrNotConnected) {
+		t.Fatalf("command to a device with no subscription: %v, want ErrNotSubscribed (and ErrNotConnected)", err)
+	}
+	// A subscription that the command's topic does not match changes nothing.
+	if codes := rc.subscribe("devices/light-1/commands/off"); codes[0] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+	if _, err := tb.SendCommand("light-1", "on", []byte("1")); !errors.Is(err, ingest.ErrNotSubscribed) {
+		t.Fatalf("command to a device subscribed elsewhere: %v, want ErrNotSubscribed", err)
+	}
+	if n := tb.metric(t, "edgegate_ingest_commands_total", "outcome", "not_subscribed"); n != 2 {
+		t.Errorf("not_subscribed commands counted: %v, want 2", n)
+	}
+	if codes := rc.subscribe("devices/light-1/commands/+"); codes[0] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+	wait, err := tb.SendCommand("light-1", "on", []byte("1"))
+	if err != nil {
+		t.Fatalf("command once the device subscribed: %v", err)
+	}
+	cmd := rc.expect(packets.Publish)
+	if cmd.TopicName != "devices/light-1/commands/on" {
+		t.Fatalf("the device got %s", cmd.TopicName)
+	}
+	rc.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: cmd.PacketID})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*waitTimeout)
+	defer cancel()
+	if err := wait(ctx); err != nil {
+		t.Fatalf("acknowledged command: %v", err)
+	}
+}

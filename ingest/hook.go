@@ -552,13 +552,24 @@ func (h *hook) consume(r Result, durable bool) {
 	h.b.m.events.Inc()
 }
 
-// expectAck registers a command waiter for device on topic.
-func (h *hook) expectAck(device, topic string) (*waiter, error) {
+// expectAck registers a command waiter for device on topic. It returns ErrNotConnected when the device has no
+// connection and ErrNotSubscribed when none of its connections is among subs, the clients the topic reaches.
+func (h *hook) expectAck(device, topic string, subs map[string]bool) (*waiter, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	ds := h.devices[device]
 	if ds == nil || len(ds.clients) == 0 {
 		return nil, ErrNotConnected
+	}
+	reached := false
+	for cl := range ds.clients {
+		if subs[cl.ID] {
+			reached = true
+			break
+		}
+	}
+	if !reached {
+		return nil, ErrNotSubscribed
 	}
 	w := &waiter{topic: topic, done: make(chan struct{})}
 	ds.waiters = append(ds.waiters, w)
