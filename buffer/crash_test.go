@@ -56,14 +56,20 @@ func TestCrash(t *testing.T) {
 			t.Fatal(err)
 		}
 		ready := make(chan string, 1)
+		firstAck := make(chan struct{}) // closed when the child has said its first acknowledged append
 		lines := make(chan []string, 1)
 		go func() {
 			var got []string
+			sawAck := false
 			sc := bufio.NewScanner(out)
 			for sc.Scan() {
 				if kind, ok := strings.CutPrefix(sc.Text(), "ready "); ok {
 					ready <- kind
 					continue
+				}
+				if !sawAck && strings.HasPrefix(sc.Text(), "ack ") {
+					sawAck = true
+					close(firstAck)
 				}
 				got = append(got, sc.Text())
 			}
@@ -82,12 +88,23 @@ func TestCrash(t *testing.T) {
 			_ = cmd.Process.Kill()
 			t.Fatalf("round %d: the child did not start: %s", round, stderr.String())
 		}
+		// The crash moment is counted from the first acknowledged append, not from the open: on a loaded machine
+		// the first commit (and its fsync) may take longer than the pause, and a round without any acknowledged
+		// append checks nothing.
+		select {
+		case <-firstAck:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			t.Fatalf("round %d: the child acknowledged no append within 30s: %s", round, stderr.String())
+		}
 		time.Sleep(time.Duration(50+rng.IntN(250)) * time.Millisecond) // the crash moment
 		if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		_ = cmd.Wait()
+		// Everything the child wrote is read before Wait, which closes the pipe: lines still in it would be
+		// lost, and a lost "cursor" line would make the stored cursor look ahead of every one said.
 		got := <-lines
+		_ = cmd.Wait()
 		n := 0
 		for _, line := range got {
 			f := strings.Fields(line)

@@ -61,13 +61,6 @@ func (u *upstream) url() string {
 	return u.link.URL()
 }
 
-// restartBroker starts the killed broker again and waits until the collector is back on its session.
-func (u *upstream) restartBroker(t *testing.T) {
-	t.Helper()
-	u.broker.Start()
-	e2e.WaitFor(t, 15*time.Second, "the collector to reconnect", u.coll.Connected)
-}
-
 // sinkMetric reads a per-sink gauge or counter of the cloud sink.
 func sinkMetric(m e2e.Metrics, name string) float64 { return m.Get(name, "sink", e2e.SinkName) }
 

@@ -515,12 +515,9 @@ func TestPasswdHashesStdin(t *testing.T) {
 // row per sink and priority lane, the sink unhealthy with the events published since it started as its backlog
 // and its last error with its age.
 func TestStatusShowsSinks(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	upstream := ln.Addr().String()
-	ln.Close() // nothing listens there: every connection attempt is refused
+	// Port 1: nothing listens there, so every connection attempt is refused. (A port closed again after a
+	// listener had it could be bound by a test running alongside before the sink dials it.)
+	upstream := "127.0.0.1:1"
 	cfg, _ := writeConfig(t, fmt.Sprintf(`forward:
   sinks:
     - name: cloud
