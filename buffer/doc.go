@@ -20,8 +20,9 @@
 // again, so that the log holds exactly what was acknowledged.
 //
 // Cursors are persisted the same way, promptly and grouped. Ack moves a cursor in memory and does not wait;
-// while appends flow the writer saves it with the next commit of appends, otherwise at once in a commit of
-// its own that every Ack made meanwhile shares. Persisted says where a cursor is after a crash and
+// while appends flow the writer saves it with the next commit of appends, otherwise in a commit of its own
+// that every Ack made meanwhile shares, at once or, when cursors were saved less than 5ms before, 5ms after
+// that save (a sink draining a backlog acknowledges with every round trip). Persisted says where a cursor is after a crash and
 // WaitPersisted waits for it to move, so a reader can bound what it would read again after a crash.
 //
 // # Layout and space

@@ -135,6 +135,7 @@ type Log struct {
 	lastCompact  time.Time
 	lastCommit   time.Duration // how long the last commit of appends took
 	lastAppended time.Time     // when it ended
+	lastSaved    time.Time     // when a commit last saved moved cursors
 	limiter      dropLog
 	fullProbe    int64 // size of the smallest event refused since the log became full
 	// After a failed commit (see recoverCommit): the file could not be opened again (db is nil until the

@@ -140,6 +140,30 @@ func TestAckSavesAreGrouped(t *testing.T) {
 	}
 }
 
+// TestAckSavesAreSpaced: a sink draining a backlog acknowledges all the time, with no append in between. Its
+// cursor is saved by commits of their own, at most one per saveEvery, not one after the other (each with its
+// fsyncs) for as long as it acknowledges; and the last position is still saved promptly.
+func TestAckSavesAreSpaced(t *testing.T) {
+	l, commits, _ := openCounted(t)
+	const n = 400
+	appendN(t, l.Log, n, ev)
+	n0 := commits.Load()
+	start := time.Now()
+	for pos := uint64(1); pos <= n; pos++ {
+		if err := l.Ack("sink", pos); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Microsecond) // an acknowledgement now and then, as from an upstream
+	}
+	waitPersisted(t, l.Log, "sink", n)
+	took := time.Since(start)
+	got := commits.Load() - n0
+	if most := int64(took/saveEvery) + 2; got > most {
+		t.Errorf("%d Acks over %s took %d commits, want at most %d (one per %s)", n, took.Round(time.Millisecond), got, most, saveEvery)
+	}
+	t.Logf("%d Acks over %s: %d commits", n, took.Round(time.Millisecond), got)
+}
+
 // TestWaitPersistedEnds: WaitPersisted returns the context's error when it ends and ErrClosed once the log
 // has stopped; the cursors acknowledged before Close are persisted by it.
 func TestWaitPersistedEnds(t *testing.T) {

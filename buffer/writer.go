@@ -87,7 +87,7 @@ func (l *Log) Run(ctx context.Context) error {
 			}
 			s.timer.Stop()
 			if l.saveAsked.Load() && graceC == nil {
-				if d := l.saveGrace(); time.Since(l.lastAppended) < d {
+				if d := l.saveDelay(); d > 0 {
 					grace.Reset(d)
 					graceC = grace.C
 				} else {
@@ -234,6 +234,23 @@ func (l *Log) fill(t *txn, b *batch, s *settle) error {
 // within 100µs and 2ms.
 func (l *Log) saveGrace() time.Duration {
 	return min(max(l.lastCommit, 100*time.Microsecond), 2*time.Millisecond)
+}
+
+// saveEvery is the least time between a commit that saved cursors and a commit that saves only cursors. A sink
+// draining a backlog moves its cursor with every acknowledgement: saved at once each time, the cursors took a
+// commit (two fsyncs) per round trip, more fsyncs than the live appends, for nothing a crash would show, since
+// events past the saved cursor are sent again anyway (a sink counts them in its window until they are saved).
+const saveEvery = 5 * time.Millisecond
+
+// saveDelay is how long moved cursors wait before a commit of their own: while appends flow (one was committed
+// within saveGrace), for the next commit of appends to carry them; in any case until saveEvery after the last
+// commit that saved cursors.
+func (l *Log) saveDelay() time.Duration {
+	var d time.Duration
+	if g := l.saveGrace(); time.Since(l.lastAppended) < g {
+		d = g
+	}
+	return max(d, saveEvery-time.Since(l.lastSaved))
 }
 
 // queueEmpty reports whether no append waits for a commit.
@@ -566,6 +583,9 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	}
 	prev := l.state.Swap(t.st)
 	l.mu.Lock()
+	if len(t.saves) > 0 {
+		l.lastSaved = time.Now()
+	}
 	saved := false
 	for name, pos := range t.saves {
 		if c := l.cursors[name]; c != nil && c.saved < pos {
