@@ -20,6 +20,7 @@ var (
 	flagDefaults = flag.Bool("bridge-defaults", true, "BenchmarkDrain also runs the bridge at mosquitto's default queue limit, once")
 	flagDurable  = flag.String("durability", "fsync", "the gateway log's buffer.durability: fsync or interval")
 	flagWindow   = flag.Int("window", 0, "the gateway sink's window (0: the forward default)")
+	flagProcs    = flag.Int("gateway-procs", 0, "run the gateway with GOMAXPROCS set to this (0: Go's default)")
 	flagLivePrio = flag.Int("live-priority", 0, "BenchmarkDrain: the live device's priority, with a priority lane for it at the gateway (0: none)")
 	flagBatch    = flag.Bool("batch", false, "the gateway's MQTT sink in batch mode (JSON arrays of up to 128 events per message)")
 	flagProgress = flag.Bool("progress", false, "log each run's progress (the benchmark log keeps only its first lines)")
@@ -172,7 +173,7 @@ func benchOptions(b *testing.B, bin string) Options {
 		logf = b.Logf
 	}
 	return Options{Devices: *flagDevices, Messages: *flagMessages, Backlog: *flagDrain, LiveRate: *flagLive,
-		GatewayBinary: bin, KeepDir: *flagKeep, Logf: logf, Durability: *flagDurable, Window: *flagWindow,
+		GatewayBinary: bin, KeepDir: *flagKeep, Logf: logf, Durability: *flagDurable, Window: *flagWindow, GatewayProcs: *flagProcs,
 		LivePriority: *flagLivePrio, Batch: *flagBatch}
 }
 

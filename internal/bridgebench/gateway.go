@@ -121,8 +121,12 @@ func (g *gatewayProc) logPath() string {
 	return filepath.Join(g.dir, "edgegate.log")
 }
 
-func (g *gatewayProc) start(ctx context.Context, bin string) error {
-	p, err := startProcess(ctx, "edgegate", g.logPath(), bin, "run", "--config", g.configPath)
+func (g *gatewayProc) start(ctx context.Context, bin string, procs int) error {
+	var env []string
+	if procs > 0 {
+		env = []string{fmt.Sprintf("GOMAXPROCS=%d", procs)}
+	}
+	p, err := startProcessEnv(ctx, "edgegate", g.logPath(), env, bin, "run", "--config", g.configPath)
 	if err != nil {
 		return err
 	}

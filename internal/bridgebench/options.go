@@ -89,6 +89,8 @@ type Options struct {
 	// Batch puts the gateway's MQTT sink in batch mode (forward "Batches"): JSON arrays of up to batch_size (128)
 	// events per message on edgegate/bench/batches. The bridge ignores it.
 	Batch bool
+	// GatewayProcs, when above 0, runs the gateway with GOMAXPROCS set to it (0: Go's default, one per processor).
+	GatewayProcs int
 	// BridgeInflight is the edge mosquitto's max_inflight_messages, which bounds the bridge's unacknowledged
 	// QoS 1 messages (0: mosquitto's default, 20; -1: no limit).
 	BridgeInflight int

@@ -34,11 +34,19 @@ type process struct {
 
 // startProcess starts bin with args, its output appended to logPath, in a new process group.
 func startProcess(ctx context.Context, name, logPath, bin string, args ...string) (*process, error) {
+	return startProcessEnv(ctx, name, logPath, nil, bin, args...)
+}
+
+// startProcessEnv is startProcess with env added to this process's environment.
+func startProcessEnv(ctx context.Context, name, logPath string, env []string, bin string, args ...string) (*process, error) {
 	out, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("%s: log: %w", name, err)
 	}
 	cmd := exec.Command(bin, args...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {

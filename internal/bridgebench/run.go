@@ -85,7 +85,7 @@ func setup(ctx context.Context, o Options, live bool) (_ *env, err error) {
 		if err != nil {
 			return e, fmt.Errorf("bridgebench: %w", err)
 		}
-		if err := e.gw.start(ctx, bin); err != nil {
+		if err := e.gw.start(ctx, bin, o.GatewayProcs); err != nil {
 			return e, fmt.Errorf("bridgebench: %w", err)
 		}
 		e.sutPid, deviceURL, filter = e.gw.proc.Pid(), e.gw.url(), eventTopicFilter
