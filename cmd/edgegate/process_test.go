@@ -397,7 +397,7 @@ func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
 		mu    sync.Mutex
 		acked []int
 	)
-	killed := make(chan struct{})
+	killed, giveUp := make(chan struct{}), make(chan struct{})
 	go func() {
 		// Kill once a few hundred events are acknowledged, while more are in flight.
 		for {
@@ -407,7 +407,11 @@ func TestKill9KeepsAcknowledgedEvents(t *testing.T) {
 			if n >= 300 {
 				break
 			}
-			time.Sleep(time.Millisecond)
+			select {
+			case <-giveUp:
+				return
+			case <-time.After(time.Millisecond):
+			}
 		}
 		_ = d.cmd.Process.Signal(syscall.SIGKILL)
 		close(killed)
@@ -434,7 +438,15 @@ publish:
 			}
 		}(i)
 	}
-	<-killed
+	select {
+	case <-killed:
+	case <-time.After(30 * time.Second): // every publish has been answered or timed out by now
+		close(giveUp)
+		mu.Lock()
+		n := len(acked)
+		mu.Unlock()
+		t.Fatalf("%d publishes acknowledged, fewer than the 300 the kill waits for", n)
+	}
 	_ = d.wait(t, 10*time.Second)
 	wg.Wait()
 
