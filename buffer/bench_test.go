@@ -133,15 +133,22 @@ func rawCeiling(b *testing.B, perTx int) {
 	b.ReportMetric(rawRate(b, b.N, perTx), "events/s")
 }
 
-// rawRate writes n 200-byte events under sequential keys into a new bbolt file with the log's options, perTx
-// events per transaction (one fsync each), and returns the events per second.
-func rawRate(b *testing.B, n, perTx int) float64 {
+// openRaw opens a new bbolt file with the log's options.
+func openRaw(b *testing.B) *bolt.DB {
 	b.Helper()
 	db, err := bolt.Open(filepath.Join(b.TempDir(), "raw.db"), 0o600, &bolt.Options{
 		NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
 	if err != nil {
 		b.Fatal(err)
 	}
+	return db
+}
+
+// rawRate writes n 200-byte events under sequential keys into a new bbolt file with the log's options, perTx
+// events per transaction (one fsync each), and returns the events per second.
+func rawRate(b *testing.B, n, perTx int) float64 {
+	b.Helper()
+	db := openRaw(b)
 	defer db.Close()
 	val := benchEntry().Data
 	var seq uint64
@@ -209,11 +216,7 @@ func BenchmarkOpenWithBacklog(b *testing.B) {
 // events.
 func textbookRate(b *testing.B, n, appenders int) float64 {
 	b.Helper()
-	db, err := bolt.Open(filepath.Join(b.TempDir(), "textbook.db"), 0o600, &bolt.Options{
-		NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
-	if err != nil {
-		b.Fatal(err)
-	}
+	db := openRaw(b)
 	defer db.Close()
 	type batch struct {
 		vals [][]byte
