@@ -127,6 +127,7 @@ type Log struct {
 	wake      chan struct{}
 	saveAsked atomic.Bool  // a cursor moved since the last commit took the positions to save
 	busySince atomic.Int64 // when the write transaction or fsync in progress began (Unix ns), 0 when none is
+	lastSaved atomic.Int64 // when a commit last saved moved cursors (Unix ns)
 
 	// Owned by the writer.
 	unsynced     bool
@@ -135,7 +136,6 @@ type Log struct {
 	lastCompact  time.Time
 	lastCommit   time.Duration // how long the last commit of appends took
 	lastAppended time.Time     // when it ended
-	lastSaved    time.Time     // when a commit last saved moved cursors
 	limiter      dropLog
 	fullProbe    int64 // size of the smallest event refused since the log became full
 	// After a failed commit (see recoverCommit): the file could not be opened again (db is nil until the

@@ -250,7 +250,7 @@ func (l *Log) saveDelay() time.Duration {
 	if g := l.saveGrace(); time.Since(l.lastAppended) < g {
 		d = g
 	}
-	return max(d, saveEvery-time.Since(l.lastSaved))
+	return max(d, saveEvery-time.Since(time.Unix(0, l.lastSaved.Load())))
 }
 
 // queueEmpty reports whether no append waits for a commit.
@@ -584,7 +584,7 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	prev := l.state.Swap(t.st)
 	l.mu.Lock()
 	if len(t.saves) > 0 {
-		l.lastSaved = time.Now()
+		l.lastSaved.Store(time.Now().UnixNano())
 	}
 	saved := false
 	for name, pos := range t.saves {
