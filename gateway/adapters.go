@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sync"
 
 	"github.com/cloudevents/sdk-go/v2/event"
 
@@ -111,50 +110,21 @@ func (c commander) SendCommand(device, command string, payload []byte) (func(con
 var _ rules.CommandSender = commander{}
 
 // commandSink delivers cloud-to-device commands to registered devices only. A registered device that is not
-// connected (the sinks start before the local broker, so right after a start none is), or that has not subscribed
-// to anything since the gateway started (a device subscribes to its commands right after it connects; a command
-// published before reaches no one), is reported as forward.ErrDeviceOffline: the sink holds the command until
-// the device can take it.
+// connected (the sinks start before the local broker, so right after a start none is), or whose connections have
+// no subscription the command's topic matches (a device subscribes to its commands right after it connects; a
+// command published before reaches no one), is reported as forward.ErrDeviceOffline: the sink holds the command
+// until the device can take it.
 type commandSink struct{ g *Gateway }
 
 func (c commandSink) DeliverCommand(ctx context.Context, device, command string, payload []byte) error {
 	if _, ok := c.g.registry.Get(device); !ok {
 		return fmt.Errorf("gateway: command %s to %q: %w", command, device, forward.ErrUnknownDevice)
 	}
-	if !c.g.subs.subscribed(device) {
-		return fmt.Errorf("gateway: command %s to %q: %w (no subscription since the gateway started)", command,
-			device, forward.ErrDeviceOffline)
-	}
 	err := c.g.broker.Command(ctx, device, command, payload)
-	if errors.Is(err, ingest.ErrNotConnected) {
+	if errors.Is(err, ingest.ErrNotConnected) { // ingest.ErrNotSubscribed too
 		return fmt.Errorf("gateway: command %s to %q: %w", command, device, forward.ErrDeviceOffline)
 	}
 	return err
-}
-
-// subscribers is the ACL of the local broker (the registry's) that also notes the devices it let subscribe during
-// this run: one entry per device, kept across its reconnects (a persistent session keeps its subscriptions
-// without subscribing again).
-type subscribers struct {
-	ingest.Authorizer
-	seen sync.Map // device id → struct{}
-}
-
-// CanSubscribe is asked for each filter a device subscribes to, and for each message delivered to it.
-func (s *subscribers) CanSubscribe(id, filter string) bool {
-	if !s.Authorizer.CanSubscribe(id, filter) {
-		return false
-	}
-	if _, ok := s.seen.Load(id); !ok {
-		s.seen.Store(id, struct{}{})
-	}
-	return true
-}
-
-// subscribed reports whether the device subscribed to anything since the gateway started.
-func (s *subscribers) subscribed(id string) bool {
-	_, ok := s.seen.Load(id)
-	return ok
 }
 
 // directory shows the device registry to the rules.

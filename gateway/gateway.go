@@ -33,7 +33,6 @@ type Gateway struct {
 	log      *slog.Logger
 	reg      *prometheus.Registry
 	registry *devices.Registry
-	subs     *subscribers // the broker's ACL: the registry's, noting who subscribed
 	state    *devices.StateView
 	dead     *deadletter.Store
 	events   *buffer.Log
@@ -76,7 +75,6 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 	if g.registry, err = devices.LoadRegistry(cfg.Devices.Registry); err != nil {
 		return nil, fmt.Errorf("gateway: devices.registry: %w", err)
 	}
-	g.subs = &subscribers{Authorizer: g.registry}
 	g.state = devices.NewStateView()
 	statePos := g.loadState()
 
@@ -137,7 +135,7 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 	g.broker, err = ingest.NewBroker(cfg.MQTT, ingest.Deps{
 		Normalizer:  g.norm,
 		Auth:        g.registry,
-		ACL:         g.subs,
+		ACL:         g.registry,
 		Consumer:    consumer{g: g},
 		DeadLetters: dl,
 	}, logger, reg)
