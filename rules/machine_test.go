@@ -180,6 +180,14 @@ rules:
 	}
 }
 
+// crossingRule emits when the one-minute maximum of data.temp goes above 30.
+const crossingRule = `
+rules:
+  - name: w
+    on: sensor.temperature
+    window: {size: 1m, agg: max, value: data.temp, emit: crossing, threshold: window.value > 30}
+    actions: [{emit: {type: crossed, data: '{{ window.value }}'}}]`
+
 func TestWindows(t *testing.T) {
 	temp := func(at time.Duration, subj string, v float64) *step {
 		return &step{at: at, ev: newEvent("sensor.temperature", subj, t0.Add(at), map[string]any{"temp": v})}
@@ -241,12 +249,7 @@ rules:
 		},
 		{
 			name: "crossing fires once per crossing",
-			rule: `
-rules:
-  - name: w
-    on: sensor.temperature
-    window: {size: 1m, agg: max, value: data.temp, emit: crossing, threshold: window.value > 30}
-    actions: [{emit: {type: crossed, data: '{{ window.value }}'}}]`,
+			rule: crossingRule,
 			steps: []step{
 				*temp(0, "t1", 20),
 				{at: 10 * time.Second, ev: newEvent("sensor.temperature", "t1", t0.Add(10*time.Second), map[string]any{"temp": 35}), want: []string{"w: emit crossed 35"}},
@@ -258,12 +261,7 @@ rules:
 		{
 			// No housekeeping sweep runs here (as in a dry run): the window's emptying alone ends the crossing.
 			name: "crossing again after the window emptied",
-			rule: `
-rules:
-  - name: w
-    on: sensor.temperature
-    window: {size: 1m, agg: max, value: data.temp, emit: crossing, threshold: window.value > 30}
-    actions: [{emit: {type: crossed, data: '{{ window.value }}'}}]`,
+			rule: crossingRule,
 			steps: []step{
 				{at: 0, ev: newEvent("sensor.temperature", "t1", t0, map[string]any{"temp": 35}), want: []string{"w: emit crossed 35"}},
 				{at: 5 * time.Minute, ev: newEvent("sensor.temperature", "t1", t0.Add(5*time.Minute), map[string]any{"temp": 36}), want: []string{"w: emit crossed 36"}},
