@@ -28,10 +28,11 @@ type Commander interface {
 	Command(ctx context.Context, device, command string, payload []byte) error
 }
 
-// ErrDeviceOffline is what a Commander wraps when the device is not connected. Until offlineHold after the engine
-// started, the engine then keeps trying the command, at most every second, without counting those tries against
-// command_retries: after a start the devices come back one by one, while absences that fell due meanwhile fire
-// at once. Later, an offline device's command is retried as any other.
+// ErrDeviceOffline is what a Commander wraps when the device is not connected, or is but has not subscribed to
+// its commands yet. Until offlineHold after the engine started, the engine then keeps trying the command, at most
+// every second, without counting those tries against command_retries: after a start the devices come back one by
+// one, while absences that fell due meanwhile fire at once. Later, an offline device's command is retried as any
+// other.
 var ErrDeviceOffline = errors.New("rules: device not connected")
 
 // offlineHold is how long after a start commands wait for their devices to connect (see ErrDeviceOffline).
