@@ -100,9 +100,6 @@ func LoadConfig(path string) (Config, error) {
 // (empty, only comments, or only "---") is all defaults.
 func ParseConfig(name string, data []byte) (Config, error) {
 	cfg := DefaultConfig()
-	if len(bytes.TrimSpace(data)) == 0 {
-		return cfg, nil
-	}
 	dec := yaml.NewDecoder(bytes.NewReader(data), yaml.Strict())
 	if err := dec.Decode(&cfg); err != nil {
 		if errors.Is(err, io.EOF) { // no document with content

@@ -560,8 +560,8 @@ func (e *Engine) deliver(ctx context.Context, job commandJob) {
 			refused++ // a device not there yet, while the hold lasts, has not refused it
 		}
 	}
-	if attempts == 0 && job.sent != nil && release(job) {
-		e.met.action(job.rule, actCommand, "ok") // acknowledged while the engine stopped
+	if attempts == 0 { // the engine stopped before the first try
+		e.stopped(job)
 		return
 	}
 	if err == nil {

@@ -798,7 +798,6 @@ func (m *machine) windowAdd(st *ruleState, c *evalCtx) {
 		m.note(r, "window: %s added to group %q (window closes at %s)", formatValue(v), group, fmtTime(st.closeAt.at))
 		return
 	}
-	g.buckets = pruneBuckets(g.buckets, end.Add(-w.size))
 	agg := aggregate(g.buckets, end.Add(-w.size), end)
 	we := windowValue(w, group, agg, end)
 	c.env.Window = we
