@@ -280,8 +280,9 @@ func (b *Broker) disconnectListener(id string) {
 }
 
 // Command publishes a command to a device's command topic with QoS 1 and returns once one of the device's
-// connections acknowledged it. It returns ErrNotConnected when the device has no connection and
-// ErrNotAcknowledged when no acknowledgement arrives within the configured command timeout.
+// connections acknowledged it. It returns ErrNotConnected when the device has no connection (ErrNotSubscribed,
+// which wraps it, when none of its connections subscribed to the command's topic) and ErrNotAcknowledged when no
+// acknowledgement arrives within the configured command timeout.
 func (b *Broker) Command(ctx context.Context, device, command string, payload []byte) error {
 	wait, err := b.SendCommand(device, command, payload)
 	if err != nil {
@@ -298,7 +299,7 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 		return nil, fmt.Errorf("ingest: command %q to %q: invalid device or command name", command, device)
 	}
 	topic := commandTopic(b.cfg.CommandTopic, device, command)
-	w, err := b.hook.expectAck(device, topic, b.subscribers(topic))
+	w, err := b.hook.expectAck(device, topic, b.srv.Topics.Subscribers(topic))
 	if err != nil {
 		switch {
 		case errors.Is(err, ErrNotSubscribed):
@@ -337,21 +338,6 @@ func (b *Broker) SendCommand(device, command string, payload []byte) (wait func(
 			return fmt.Errorf("ingest: command %s to %s: %w", command, device, ctx.Err())
 		}
 	}, nil
-}
-
-// subscribers returns the ids of the clients that a message on topic would reach.
-func (b *Broker) subscribers(topic string) map[string]bool {
-	subs := b.srv.Topics.Subscribers(topic)
-	ids := make(map[string]bool, len(subs.Subscriptions))
-	for id := range subs.Subscriptions {
-		ids[id] = true
-	}
-	for _, group := range subs.Shared {
-		for id := range group {
-			ids[id] = true
-		}
-	}
-	return ids
 }
 
 // Publish sends a message to local subscribers as the gateway itself (not normalized, not ACL-checked).

@@ -553,28 +553,36 @@ func (h *hook) consume(r Result, durable bool) {
 }
 
 // expectAck registers a command waiter for device on topic. It returns ErrNotConnected when the device has no
-// connection and ErrNotSubscribed when none of its connections is among subs, the clients the topic reaches.
-func (h *hook) expectAck(device, topic string, subs map[string]bool) (*waiter, error) {
+// connection and ErrNotSubscribed when none of its connections is among subs, the subscribers of the topic.
+func (h *hook) expectAck(device, topic string, subs *mqtt.Subscribers) (*waiter, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	ds := h.devices[device]
 	if ds == nil || len(ds.clients) == 0 {
 		return nil, ErrNotConnected
 	}
-	reached := false
-	for cl := range ds.clients {
-		if subs[cl.ID] {
-			reached = true
-			break
-		}
-	}
-	if !reached {
+	if !reaches(subs, ds.clients) {
 		return nil, ErrNotSubscribed
 	}
 	w := &waiter{topic: topic, done: make(chan struct{})}
 	ds.waiters = append(ds.waiters, w)
 	h.pending.Add(1)
 	return w, nil
+}
+
+// reaches reports whether subs holds a subscription of one of clients, shared ones included.
+func reaches(subs *mqtt.Subscribers, clients map[*mqtt.Client]struct{}) bool {
+	for cl := range clients {
+		if _, ok := subs.Subscriptions[cl.ID]; ok {
+			return true
+		}
+		for _, group := range subs.Shared {
+			if _, ok := group[cl.ID]; ok {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (h *hook) dropWaiter(device string, w *waiter) {

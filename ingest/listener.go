@@ -486,9 +486,6 @@ func (c *connectConn) firstPacketSize() (size int, ok bool) {
 	return 0, false
 }
 
-// NetConn returns the connection it reads from.
-func (c *connectConn) NetConn() net.Conn { return c.Conn }
-
 // wsConn presents a WebSocket as a byte stream: binary messages in, one binary message per write out.
 type wsConn struct {
 	net.Conn
