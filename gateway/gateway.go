@@ -405,7 +405,7 @@ const maxStateReplay = 100_000
 func (g *Gateway) replayState(pos uint64) {
 	last := g.events.LastSeq()
 	switch {
-	case last == pos: // pos 0 (no state file, or one saved before the log had events): the whole log is replayed
+	case last == pos: // nothing after the saved position (with pos 0: the log has never had an event)
 		return
 	case last < pos:
 		g.log.Warn("device state: saved at a log position the log has not reached (a new log?); nothing replayed",

@@ -29,10 +29,10 @@ type Commander interface {
 }
 
 // ErrDeviceOffline is what a Commander wraps when the device is not connected, or is but has not subscribed to
-// its commands yet. Until offlineHold after the engine started, the engine then keeps trying the command, at most
-// every second, without counting those tries against command_retries: after a start the devices come back one by
-// one, while absences that fell due meanwhile fire at once. Later, an offline device's command is retried as any
-// other.
+// its commands yet. The engine then tries the command again within a second (sooner while the backoff is shorter)
+// rather than after the full backoff; until offlineHold after the engine started, those tries do not count against
+// command_retries: after a start the devices come back one by one, while absences that fell due meanwhile fire at
+// once. Later they count as any other.
 var ErrDeviceOffline = errors.New("rules: device not connected")
 
 // offlineHold is how long after a start commands wait for their devices to connect (see ErrDeviceOffline).
