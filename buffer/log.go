@@ -535,25 +535,20 @@ func (l *Log) init() error {
 	for _, name := range removed {
 		l.logger.Info("cursor removed: no longer configured", "cursor", name)
 	}
-	if l.tool {
-		// A configured cursor that has not saved a position yet (its sink never acknowledged anything) holds
-		// every event, as the gateway's would.
-		for _, name := range l.cfg.Cursors {
-			if l.cursors[name] == nil {
-				l.cursors[name] = &cursor{}
-			}
+	// A configured cursor that has not saved a position yet (its sink never acknowledged anything) holds every
+	// event.
+	for _, name := range l.cfg.Cursors {
+		if l.cursors[name] == nil {
+			l.cursors[name] = &cursor{}
 		}
+	}
+	if l.tool {
 		for name := range l.cursors {
 			l.required = append(l.required, name)
 		}
 		slices.Sort(l.required)
 	} else {
 		l.required = slices.Clone(l.cfg.Cursors)
-		for _, name := range l.required {
-			if l.cursors[name] == nil {
-				l.cursors[name] = &cursor{}
-			}
-		}
 	}
 	return nil
 }

@@ -12,14 +12,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/term"
 
 	"github.com/edgegate/edgegate/buffer"
-	"github.com/edgegate/edgegate/forward"
 	"github.com/edgegate/edgegate/gateway"
 )
 
@@ -102,7 +100,7 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 			return err
 		}
 		defer lg.Close()
-		return printJSON(stdout, withSinkCursors(lg.Stats(), cfg.Forward, time.Now()))
+		return printJSON(stdout, lg.Stats()) // every configured sink's cursor, stored or not (the log opens them all)
 	case "export":
 		since := fs.String("since", "", "only events at or after T")
 		until := fs.String("until", "", "only events before T")
@@ -223,33 +221,6 @@ T is RFC 3339 (2026-01-02T15:04:05Z) or a duration ago (2h). The gateway must be
 		usageAll()
 		return errUsage
 	}
-}
-
-// withSinkCursors adds to st the cursors of the configured sinks and priority lanes that the log has not stored:
-// those of sinks that have not had an event acknowledged yet (a cursor is stored once it moves). Such a cursor is
-// at 0, where the gateway starts it: every stored event waits for it.
-func withSinkCursors(st buffer.Stats, fcfg forward.Config, now time.Time) buffer.Stats {
-	have := make(map[string]bool, len(st.Cursors))
-	for _, c := range st.Cursors {
-		have[c.Name] = true
-	}
-	add := func(name string) {
-		if have[name] {
-			return
-		}
-		have[name] = true
-		c := buffer.CursorStats{Name: name, Required: true, Backlog: st.Events, BacklogBytes: st.Bytes}
-		if st.Events > 0 && !st.Oldest.IsZero() {
-			c.OldestUnacked = st.Oldest
-			c.OldestUnackedAge = max(0, now.Sub(st.Oldest).Seconds())
-		}
-		st.Cursors = append(st.Cursors, c)
-	}
-	for _, name := range fcfg.CursorNames() {
-		add(name)
-	}
-	slices.SortFunc(st.Cursors, func(a, b buffer.CursorStats) int { return strings.Compare(a.Name, b.Name) })
-	return st
 }
 
 func printJSON(w io.Writer, v any) error {
