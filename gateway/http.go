@@ -105,9 +105,9 @@ func (g *Gateway) Handler() http.Handler {
 }
 
 // deadLetterQuery reads the parameters of GET /api/deadletters as the store's List takes them: after (a record id,
-// default 0) and limit (default deadletter.DefaultListLimit, also for 0 or less; capped at
-// deadletter.MaxListLimit). A value that is not a number is an error rather than a silent default: a client paging
-// with a bad cursor would otherwise be shown the first page again.
+// default 0) and limit (absent: 0, which List, like any limit of 0 or less, takes as its default; List caps it).
+// A value that is not a number is an error rather than a silent default: a client paging with a bad cursor would
+// otherwise be shown the first page again.
 func deadLetterQuery(r *http.Request) (after uint64, limit int, err error) {
 	q := r.URL.Query()
 	if v := q.Get("after"); v != "" {
@@ -115,15 +115,13 @@ func deadLetterQuery(r *http.Request) (after uint64, limit int, err error) {
 			return 0, 0, fmt.Errorf("after: %q is not a record id (a number >= 0)", v)
 		}
 	}
-	limit = deadletter.DefaultListLimit
 	if v := q.Get("limit"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil && !errors.Is(err, strconv.ErrRange) {
 			return 0, 0, fmt.Errorf("limit: %q is not a number", v)
 		}
-		if n > 0 { // out of range: the largest or smallest int64
-			limit = int(min(n, deadletter.MaxListLimit))
-		}
+		// Out of range: the largest or smallest int64. Clamped so that it fits an int wherever this runs.
+		limit = int(max(min(n, deadletter.MaxListLimit), 0))
 	}
 	return after, limit, nil
 }
