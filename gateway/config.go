@@ -15,6 +15,7 @@ import (
 
 	"github.com/edgegate/edgegate/buffer"
 	"github.com/edgegate/edgegate/deadletter"
+	"github.com/edgegate/edgegate/devices"
 	"github.com/edgegate/edgegate/forward"
 	"github.com/edgegate/edgegate/ingest"
 	"github.com/edgegate/edgegate/rules"
@@ -108,7 +109,7 @@ func ParseConfig(name string, data []byte) (Config, error) {
 			}
 			return Config{}, fmt.Errorf("config: %s: no settings found: write the keys as one YAML document", name)
 		}
-		return Config{}, fmt.Errorf("config: %s: %s", name, yamlError(err))
+		return Config{}, fmt.Errorf("config: %s: %w", name, devices.YAMLError(err))
 	}
 	return cfg, nil
 }
@@ -127,21 +128,6 @@ func onlyComments(data []byte) bool {
 		}
 	}
 	return true
-}
-
-// yamlError describes a decoding error by its position and message only. The decoder's own Error text quotes the
-// lines around the mistake, and those may hold a password or token of a neighbouring key: it must not reach a log.
-func yamlError(err error) string {
-	var ye yaml.Error
-	if errors.As(err, &ye) {
-		msg := ye.GetMessage()
-		if tk := ye.GetToken(); tk != nil && tk.Position != nil {
-			return fmt.Sprintf("[%d:%d] %s", tk.Position.Line, tk.Position.Column, msg)
-		}
-		return msg
-	}
-	msg, _, _ := strings.Cut(err.Error(), "\n")
-	return msg
 }
 
 var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
