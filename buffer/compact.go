@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"runtime/debug"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -112,14 +111,12 @@ func (l *Log) compact(oldSize, used int64) error {
 
 // copyInto copies the log file src into dst (bolt.Compact). A damaged page of src, on which bbolt panics or the
 // read faults past the file, is ErrCorrupt.
-func copyInto(dst, src *bolt.DB, path string) (err error) {
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("%w: %s: %v", ErrCorrupt, path, r)
-		}
-	}()
-	return bolt.Compact(dst, src, compactTxBytes)
+func copyInto(dst, src *bolt.DB, path string) error {
+	damage, err := guarded(func() error { return bolt.Compact(dst, src, compactTxBytes) })
+	if damage != nil {
+		return fmt.Errorf("%w: %s: %v", ErrCorrupt, path, damage)
+	}
+	return err
 }
 
 // syncDir fsyncs a directory so that a new name or a rename in it is durable. Windows cannot fsync a directory

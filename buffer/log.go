@@ -434,13 +434,20 @@ func readChecked(path string, fn func(tx *bolt.Tx) error) (err error) {
 		return err
 	}
 	defer db.Close()
+	damage, err := guarded(func() error { return db.View(fn) })
+	if damage != nil {
+		return corruptError(path, fmt.Errorf("%v", damage))
+	}
+	return err
+}
+
+// guarded runs fn, which reads the log file, and returns what it panicked with (nil when it returned): bbolt panics
+// on a damaged page, and a read past the end of the mapped file, which would kill the process with SIGBUS, is made
+// a panic too.
+func guarded(fn func() error) (damage any, err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			err = corruptError(path, fmt.Errorf("%v", r))
-		}
-	}()
-	return db.View(fn)
+	defer func() { damage = recover() }()
+	return nil, fn()
 }
 
 func corruptError(path string, cause error) error {
@@ -900,20 +907,18 @@ func (l *Log) ReadPriority(after uint64, most int, lo, hi uint8) (out []Record, 
 func (l *Log) readView(fn func(tx *bolt.Tx, st *state) error) (err error) {
 	l.dbMu.RLock()
 	defer l.dbMu.RUnlock()
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			err = fmt.Errorf("%w: %s: %v", ErrCorrupt, l.path, r)
-		}
-		if errors.Is(err, ErrCorrupt) {
-			l.damaged.Store(true)
-		}
-	}()
 	if l.db == nil {
 		return ErrClosed
 	}
 	st := l.state.Load() // published after the commit: records up to its lastSeq are committed
-	return l.db.View(func(tx *bolt.Tx) error { return fn(tx, st) })
+	damage, err := guarded(func() error { return l.db.View(func(tx *bolt.Tx) error { return fn(tx, st) }) })
+	if damage != nil {
+		err = fmt.Errorf("%w: %s: %v", ErrCorrupt, l.path, damage)
+	}
+	if errors.Is(err, ErrCorrupt) {
+		l.damaged.Store(true)
+	}
+	return err
 }
 
 // scan calls fn for each stored record with seq > after, in order, until fn returns false.

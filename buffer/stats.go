@@ -1,7 +1,6 @@
 package buffer
 
 import (
-	"runtime/debug"
 	"slices"
 	"time"
 
@@ -87,13 +86,14 @@ func (l *Log) Stats() Stats {
 // damaged, like a read: Stats runs in the metrics collector, where a panic would end the process. l.dbMu is
 // held for reading.
 func (l *Log) statsFromFile(s *Stats, st *state) {
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			l.damaged.Store(true)
-			l.logger.Error("the log file is damaged: stats incomplete", "path", l.path, "error", r)
-		}
-	}()
+	if damage, _ := guarded(func() error { l.readStats(s, st); return nil }); damage != nil {
+		l.damaged.Store(true)
+		l.logger.Error("the log file is damaged: stats incomplete", "path", l.path, "error", damage)
+	}
+}
+
+// readStats is statsFromFile's reading, unguarded.
+func (l *Log) readStats(s *Stats, st *state) {
 	now := l.now()
 	var tx *bolt.Tx
 	if l.db != nil {
