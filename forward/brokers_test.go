@@ -90,13 +90,17 @@ func TestValidateClientIDsPerBroker(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) { checkValidate(t, tc.sinks, tc.want...) })
 	}
 
-	// The gateway's id is known only to New: a client_id that equals another sink's derived id is caught there.
+	// Only with the gateway's id (ValidateFor, and New) is a client_id that equals another sink's derived id caught.
 	sinks := []SinkConfig{mqttConf("a", b1, noCommands), mqttConf("b", b1, clientID("edgegate-gw1-a"), noCommands)}
 	if err := (Config{Sinks: sinks}).Validate(); err != nil {
 		t.Fatalf("Validate: %v", err)
 	}
+	const want = `forward.sinks[1].mqtt.client_id: the connection of sink "b" has the client id "edgegate-gw1-a", as has that of sink "a"`
+	if err := (Config{Sinks: sinks}).ValidateFor("gw1"); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("ValidateFor: err = %v, want %q", err, want)
+	}
 	_, err := New(Config{Sinks: sinks}, "gw1", newMemLog(t), nil, &deadLetters{}, testLogger(t), prometheus.NewRegistry())
-	if want := `forward.sinks[1].mqtt.client_id: the connection of sink "b" has the client id "edgegate-gw1-a", as has that of sink "a"`; err == nil || !strings.Contains(err.Error(), want) {
+	if err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("New: err = %v, want %q", err, want)
 	}
 }

@@ -371,8 +371,11 @@ func (c SinkConfig) withDefaults() SinkConfig {
 
 // Validate reports every problem of the configuration, each naming its key (forward.sinks[i].…). Zero fields
 // are valid: they take the defaults. MQTT sinks on one broker are checked against each other (see MQTTConfig);
-// the gateway's id is not known here, so a client_id equal to another sink's derived id is caught by New.
-func (c Config) Validate() error {
+// without the gateway's id, a client_id equal to another sink's derived id is not caught: ValidateFor catches it.
+func (c Config) Validate() error { return c.ValidateFor(gatewayUnknown) }
+
+// ValidateFor is Validate for the gateway named gatewayID, whose id the derived client ids hold.
+func (c Config) ValidateFor(gatewayID string) error {
 	var errs []error
 	seen := map[string]int{}
 	for i, s := range c.Sinks {
@@ -384,7 +387,7 @@ func (c Config) Validate() error {
 		}
 		errs = append(errs, s.validate(key))
 	}
-	errs = append(errs, c.validateBrokers(gatewayUnknown)...)
+	errs = append(errs, c.validateBrokers(gatewayID)...)
 	return errors.Join(errs...)
 }
 

@@ -116,21 +116,14 @@ type Forwarder struct {
 // gatewayID names the gateway in client ids, topics and subjects. cmds may be nil (no cloud-to-device
 // commands); dl and logger must not be nil; reg may be nil (metrics are then not exported).
 func New(cfg Config, gatewayID string, src Source, cmds CommandSink, dl DeadLetterer, logger *slog.Logger, reg prometheus.Registerer) (*Forwarder, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
+	if gatewayID == "" {
+		return nil, errors.New("forward: new: empty gateway id")
 	}
-	if gatewayID != "" {
-		// Validate compares the derived client ids with each other only; knowing the gateway's id, a
-		// client_id that equals another sink's derived one is caught too.
-		if err := errors.Join(cfg.validateBrokers(gatewayID)...); err != nil {
-			return nil, err
-		}
+	if err := cfg.ValidateFor(gatewayID); err != nil {
+		return nil, err
 	}
 	if src == nil || dl == nil || logger == nil {
 		return nil, errors.New("forward: new: source, dead letterer and logger are required")
-	}
-	if gatewayID == "" {
-		return nil, errors.New("forward: new: empty gateway id")
 	}
 	if reg == nil {
 		reg = prometheus.NewRegistry()

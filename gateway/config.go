@@ -168,7 +168,7 @@ func (c Config) Validate() error {
 	} else if _, err := os.Stat(c.Devices.Registry); err != nil {
 		errs = append(errs, fmt.Errorf("devices.registry: %w", err))
 	}
-	errs = append(errs, c.MQTT.Validate(), c.Ingest.Validate(), c.Buffer.Validate(), c.Forward.Validate(),
+	errs = append(errs, c.MQTT.Validate(), c.Ingest.Validate(), c.Buffer.Validate(), c.Forward.ValidateFor(c.ID),
 		c.Rules.Validate(), c.DeadLetter.Validate())
 	return errors.Join(errs...)
 }

@@ -105,3 +105,20 @@ func TestListenersOff(t *testing.T) {
 		t.Errorf("Validate with every listener off: %v, want \"no listener enabled\"", err)
 	}
 }
+
+// TestValidateKnowsTheGatewayID: the configuration's check (check-config, and the start) derives the sinks' client
+// ids with the gateway's id, so a client_id equal to another sink's derived one is refused there, not only later.
+func TestValidateKnowsTheGatewayID(t *testing.T) {
+	cfg, err := gateway.ParseConfig("edgegate.yaml", []byte(`id: gw1
+forward:
+  sinks:
+    - {name: a, type: mqtt, mqtt: {url: "tcp://127.0.0.1:1883", disable_commands: true}}
+    - {name: b, type: mqtt, mqtt: {url: "tcp://127.0.0.1:1883", client_id: edgegate-gw1-a, disable_commands: true}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), `"edgegate-gw1-a", as has that of sink "a"`) {
+		t.Errorf("Validate: %v, want the client id collision", err)
+	}
+}
