@@ -292,11 +292,8 @@ func (l *tcpListener) Serve(establish listeners.EstablishFn) {
 			continue
 		}
 		tempDelay = 0
-		release, reason := l.g.admit(conn.RemoteAddr())
-		if reason != "" {
-			l.g.m.refused.WithLabelValues(reason).Inc()
-			l.g.log.Debug("connection refused", "listener", l.id, "remote", conn.RemoteAddr().String(), "reason", reason)
-			_ = conn.Close()
+		release, ok := l.g.admitConn(l.id, conn)
+		if !ok {
 			continue
 		}
 		l.g.wg.Add(1)
@@ -383,14 +380,23 @@ func (a admitListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		release, reason := a.g.admit(c.RemoteAddr())
-		if reason == "" {
+		if release, ok := a.g.admitConn(a.id, c); ok {
 			return &admittedConn{Conn: c, release: release}, nil
 		}
-		a.g.m.refused.WithLabelValues(reason).Inc()
-		a.g.log.Debug("connection refused", "listener", a.id, "remote", c.RemoteAddr().String(), "reason", reason)
-		_ = c.Close()
 	}
+}
+
+// admitConn counts conn, just accepted on listener id, against the caps; one over them is counted, logged and
+// closed (ok false).
+func (g *guard) admitConn(id string, conn net.Conn) (release func(), ok bool) {
+	release, reason := g.admit(conn.RemoteAddr())
+	if reason == "" {
+		return release, true
+	}
+	g.m.refused.WithLabelValues(reason).Inc()
+	g.log.Debug("connection refused", "listener", id, "remote", conn.RemoteAddr().String(), "reason", reason)
+	_ = conn.Close()
+	return nil, false
 }
 
 // admittedConn releases its place under the caps when it is closed (release runs once).
