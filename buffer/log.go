@@ -96,7 +96,8 @@ type Log struct {
 	compactMinFile int64
 	compactEvery   time.Duration
 	tickEvery      time.Duration
-	epoch          time.Time // origin of pending.start
+	saveEvery      time.Duration // see the constant
+	epoch          time.Time     // origin of pending.start
 
 	dbMu sync.RWMutex // guards db: readers hold it shared; compaction and close hold it exclusively
 	db   *bolt.DB     // nil once closed
@@ -126,6 +127,7 @@ type Log struct {
 
 	wake      chan struct{}
 	saveAsked atomic.Bool  // a cursor moved since the last commit took the positions to save
+	saveNow   atomic.Bool  // and its reader waits for it (AckNow): no saveEvery spacing
 	busySince atomic.Int64 // when the write transaction or fsync in progress began (Unix ns), 0 when none is
 	lastSaved atomic.Int64 // when a commit last saved moved cursors (Unix ns)
 
@@ -278,6 +280,7 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 		compactMinFile: compactMinFile,
 		compactEvery:   compactCheckEvery,
 		tickEvery:      tickEvery,
+		saveEvery:      saveEvery,
 		epoch:          time.Now(),
 		space:          make(chan struct{}),
 		notify:         make(chan struct{}),
@@ -1002,7 +1005,14 @@ func (l *Log) Cursor(name string) uint64 {
 // it are read again (at-least-once). A record is deleted once every
 // cursor in Config.Cursors has passed it; any other name is a reader's cursor that holds nothing (it is
 // persisted too, and removed by the next Open that does not list it).
-func (l *Log) Ack(name string, upTo uint64) error {
+func (l *Log) Ack(name string, upTo uint64) error { return l.ack(name, upTo, false) }
+
+// AckNow is Ack for a reader that sends nothing more until the position is persisted (a sink with a full
+// window): the cursor is committed as soon as the writer can, without the spacing Ack keeps between commits
+// that save only cursors (saveEvery). While appends flow, the next commit of appends still carries it.
+func (l *Log) AckNow(name string, upTo uint64) error { return l.ack(name, upTo, true) }
+
+func (l *Log) ack(name string, upTo uint64, now bool) error {
 	switch {
 	case name == "":
 		return errors.New("buffer: ack: empty cursor name")
@@ -1022,14 +1032,16 @@ func (l *Log) Ack(name string, upTo uint64) error {
 		c = &cursor{}
 		l.cursors[name] = c
 	}
-	if upTo > c.pos {
-		c.pos = upTo
-		if c.pos > c.saved {
-			l.saveAsked.Store(true)
-			select {
-			case l.wake <- struct{}{}:
-			default:
-			}
+	moved := upTo > c.pos
+	c.pos = max(c.pos, upTo)
+	if c.pos > c.saved && (moved || now) {
+		if now {
+			l.saveNow.Store(true)
+		}
+		l.saveAsked.Store(true)
+		select {
+		case l.wake <- struct{}{}:
+		default:
 		}
 	}
 	return nil

@@ -168,6 +168,35 @@ func TestAckSavesAreSpaced(t *testing.T) {
 	}
 }
 
+// TestAckNowIsNotSpaced: a reader that waits for its cursor (a sink with a full window) is not held back by the
+// spacing between cursor commits: AckNow saves at once, also a position an Ack already left waiting.
+func TestAckNowIsNotSpaced(t *testing.T) {
+	l := openTest(t, Config{Cursors: []string{"sink"}}, 0)
+	l.tickEvery, l.saveEvery = time.Hour, time.Hour
+	run(t, l.Log)
+	appendN(t, l.Log, 3, ev)
+	if err := l.Ack("sink", 1); err != nil {
+		t.Fatal(err)
+	}
+	waitPersisted(t, l.Log, "sink", 1) // the first save: nothing to space it from
+	if err := l.Ack("sink", 2); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := l.WaitPersisted(ctx, "sink", 1); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("an Ack right after a save was persisted at once (%v), want it spaced", err)
+	}
+	if err := l.AckNow("sink", 2); err != nil {
+		t.Fatal(err)
+	}
+	waitPersisted(t, l.Log, "sink", 2)
+	if err := l.AckNow("sink", 3); err != nil {
+		t.Fatal(err)
+	}
+	waitPersisted(t, l.Log, "sink", 3)
+}
+
 // TestWaitPersistedEnds: WaitPersisted returns the context's error when it ends and ErrClosed once the log
 // has stopped; the cursors acknowledged before Close are persisted by it.
 func TestWaitPersistedEnds(t *testing.T) {

@@ -86,11 +86,14 @@ func (l *Log) Run(ctx context.Context) error {
 				}
 			}
 			s.timer.Stop()
-			if l.saveAsked.Load() && graceC == nil {
+			// An AckNow cuts short a wait that Ack began.
+			if l.saveAsked.Load() && (graceC == nil || l.saveNow.Load()) {
 				if d := l.saveDelay(); d > 0 {
 					grace.Reset(d)
 					graceC = grace.C
 				} else {
+					grace.Stop()
+					graceC = nil
 					l.saveCursors()
 				}
 			}
@@ -236,21 +239,25 @@ func (l *Log) saveGrace() time.Duration {
 	return min(max(l.lastCommit, 100*time.Microsecond), 2*time.Millisecond)
 }
 
-// saveEvery is the least time between a commit that saved cursors and a commit that saves only cursors. A sink
+// saveEvery is the least time between a commit that saved cursors and a commit that saves only cursors (Ack;
+// AckNow does not wait for it). A sink
 // draining a backlog moves its cursor with every acknowledgement: saved at once each time, the cursors took a
 // commit (two fsyncs) per round trip, more fsyncs than the live appends, for nothing a crash would show, since
 // events past the saved cursor are sent again anyway (a sink counts them in its window until they are saved).
 const saveEvery = 5 * time.Millisecond
 
 // saveDelay is how long moved cursors wait before a commit of their own: while appends flow (one was committed
-// within saveGrace), for the next commit of appends to carry them; in any case until saveEvery after the last
-// commit that saved cursors.
+// within saveGrace), for the next commit of appends to carry them; unless a reader waits for them (AckNow),
+// until saveEvery after the last commit that saved cursors.
 func (l *Log) saveDelay() time.Duration {
 	var d time.Duration
 	if g := l.saveGrace(); time.Since(l.lastAppended) < g {
 		d = g
 	}
-	return max(d, saveEvery-time.Since(time.Unix(0, l.lastSaved.Load())))
+	if l.saveNow.Load() {
+		return d
+	}
+	return max(d, l.saveEvery-time.Since(time.Unix(0, l.lastSaved.Load())))
 }
 
 // queueEmpty reports whether no append waits for a commit.
@@ -522,6 +529,7 @@ func (l *Log) update(fn func(*txn) error) (*txn, error) {
 	t.lastSeq0 = t.st.lastSeq
 	l.mu.Lock()
 	l.saveAsked.Store(false) // the positions taken here are saved, or retried by the next commit or tick
+	l.saveNow.Store(false)
 	for name, c := range l.cursors {
 		if c.pos != c.saved {
 			if t.saves == nil {

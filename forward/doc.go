@@ -12,7 +12,9 @@
 // events are sent past the cursor as the log has durably stored it, in flight or acknowledged and not yet
 // stored; acknowledgements that arrive out of order are held until the gap before them fills. While events are
 // in flight the cursor goes to the log each time a quarter of the window is acknowledged (it rides along with
-// the appends' commits, or takes a commit of its own), and at once when nothing is in flight. After any
+// the appends' commits, or takes a commit of its own, at most one per 5 ms), and at once when nothing is in
+// flight. With the window full it is stored at once, without that spacing: a small window sends a window per
+// commit, not a window per 5 ms. After any
 // failure the sink reconnects (exponential backoff with full jitter) and sends again from its cursor, so an
 // upstream may see an event twice — at most a window of events per reconnect, and per restart after a crash
 // of the gateway (kill -9) as well, plus the events sent ahead of a backlog (below; at most four windows). The

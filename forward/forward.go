@@ -35,6 +35,9 @@ type Source interface {
 	// Ack advances the named cursor to upTo (never backwards); the log persists it soon after, without
 	// Ack waiting for it.
 	Ack(name string, upTo uint64) error
+	// AckNow is Ack from a reader that sends nothing more until the position is persisted: the log stores it
+	// as soon as it can, also when an Ack left it waiting to be grouped with later ones.
+	AckNow(name string, upTo uint64) error
 	// Persisted returns the position of the named cursor as durably stored: where it is after a crash.
 	Persisted(name string) uint64
 	// WaitPersisted blocks until the persisted position of the named cursor is past after, or ctx ends (then

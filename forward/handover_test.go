@@ -82,6 +82,55 @@ func (l *memLog) ackCount() int {
 	return l.acks
 }
 
+// TestFullWindowStoredAtOnce: a log may group the cursor positions handed with Ack and store them later (the
+// buffer spaces its commits of cursors alone). With the window full the sink can send nothing until its cursor
+// is stored, so it hands it with AckNow, which is not grouped, also when the position was handed with Ack before
+// the window filled. Here Ack never stores: the sink still sends on as acknowledgements come.
+func TestFullWindowStoredAtOnce(t *testing.T) {
+	const window = 8
+	log := newMemLog(t)
+	log.spaced = true
+	for i := 1; i <= 4; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	_, _, c := startHandSink(t, log, window, time.Hour)
+	name := CursorName("up")
+	expect := func(from, to uint64) {
+		t.Helper()
+		for seq := from; seq <= to; seq++ {
+			if got := c.next(t)[0].Seq; got != seq {
+				t.Fatalf("sent seq %d, want %d", got, seq)
+			}
+		}
+	}
+	expect(1, 4)
+	// A quarter of the window acknowledged, with room in it: handed with Ack, which this log leaves waiting.
+	c.ack(1)
+	c.ack(2)
+	waitFor(t, 5*time.Second, "the cursor handed", func() bool { return log.ackCount() == 1 })
+	// The window fills with events in flight: the position handed before is handed again with AckNow.
+	for i := 5; i <= 3*window; i++ {
+		log.add("sensor.reading", "hall", i)
+	}
+	expect(5, 2+window)
+	if got := log.Persisted(name); got != 2 {
+		t.Fatalf("persisted %d, want 2", got)
+	}
+	// Each acknowledgement with the window full is stored at once and lets one more event go.
+	for seq := uint64(3); seq <= 2*window; seq++ {
+		c.ack(seq)
+		expect(seq+window, seq+window)
+		if got := log.Persisted(name); got != seq {
+			t.Fatalf("persisted %d after acknowledging %d with the window full", got, seq)
+		}
+	}
+	log.mu.Lock()
+	defer log.mu.Unlock()
+	if want := 1 + 2*window - 2; log.nowAcks != want {
+		t.Errorf("%d AckNow calls, want %d (one re-hand, then one per acknowledgement)", log.nowAcks, want)
+	}
+}
+
 // TestCursorHandedPerQuarterWindow: while events are in flight and the window has room, the sink hands its
 // cursor to the log once a quarter of its window is acknowledged, not on every acknowledgement (each hand is a
 // commit with two fsyncs when no append carries it). With the window full it hands every acknowledgement at once:

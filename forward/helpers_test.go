@@ -32,9 +32,12 @@ type memLog struct {
 	acked   chan struct{} // closed and replaced on every Ack (stored at once)
 	ackErr  error
 	acks    int
-	woke    map[uint64]int // Wait calls that returned nil, by after
-	scans   []uint64       // the after of every ReadHeaders call
-	maxRead uint64         // the highest Seq a Read returned
+	nowAcks int               // the AckNow calls among acks
+	spaced  bool              // Ack positions are stored only by a later AckNow (a log that groups cursor saves)
+	waiting map[string]uint64 // with spaced: the positions Ack left to store
+	woke    map[uint64]int    // Wait calls that returned nil, by after
+	scans   []uint64          // the after of every ReadHeaders call
+	maxRead uint64            // the highest Seq a Read returned
 
 	onHeaders func(ctx context.Context, after uint64) error // when set, called at every ReadHeaders call first
 }
@@ -142,26 +145,40 @@ func (l *memLog) Cursor(name string) uint64 {
 	return l.cursors[name]
 }
 
-func (l *memLog) Ack(name string, upTo uint64) error {
+func (l *memLog) Ack(name string, upTo uint64) error { return l.ack(name, upTo, false) }
+
+func (l *memLog) AckNow(name string, upTo uint64) error { return l.ack(name, upTo, true) }
+
+func (l *memLog) ack(name string, upTo uint64, now bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.ackErr != nil {
 		return l.ackErr
 	}
-	if upTo < l.cursors[name] {
-		l.t.Errorf("cursor %s moved backwards: %d -> %d", name, l.cursors[name], upTo)
+	if upTo < max(l.cursors[name], l.waiting[name]) {
+		l.t.Errorf("cursor %s moved backwards: %d -> %d", name, max(l.cursors[name], l.waiting[name]), upTo)
 	}
 	if upTo > l.seq {
 		l.t.Errorf("cursor %s moved past the log's end: %d > %d", name, upTo, l.seq)
 	}
-	l.cursors[name] = upTo
 	l.acks++
+	if now {
+		l.nowAcks++
+	}
+	if l.spaced && !now {
+		if l.waiting == nil {
+			l.waiting = map[string]uint64{}
+		}
+		l.waiting[name] = upTo
+		return nil
+	}
+	l.cursors[name] = upTo
 	close(l.acked)
 	l.acked = make(chan struct{})
 	return nil
 }
 
-// Persisted is Cursor: an Ack is stored at once.
+// Persisted is Cursor: an Ack is stored at once (with spaced, only an AckNow is).
 func (l *memLog) Persisted(name string) uint64 { return l.Cursor(name) }
 
 func (l *memLog) WaitPersisted(ctx context.Context, name string, after uint64) error {

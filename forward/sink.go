@@ -98,6 +98,7 @@ type sink struct {
 	gen       uint64
 	done      uint64              // the cursor: everything up to it is carried
 	handed    uint64              // the cursor as last handed to the log (Ack)
+	urged     uint64              // the cursor as last handed with AckNow
 	persisted uint64              // the cursor as durably stored in the log, as last learned
 	unsaved   []sentUnit          // the units sent past persisted, in send order: what a crash would send again
 	unsavedN  int                 // events in unsaved; never more than the window
@@ -810,7 +811,9 @@ func (s *sink) learnPersisted() {
 // (the stall check's tick, the end of a connection) and when the window is full: then nothing more is sent until
 // the log stores the cursor, and an upstream that holds back its acknowledgements until it sees more traffic
 // (Nagle's algorithm against the gateway's delayed TCP acknowledgement, about 40 ms on Linux) would otherwise
-// stall the sink.
+// stall the sink. With the window full it is handed with AckNow, also when it was handed before and is not stored
+// yet: the log stores it without first waiting to group it with later cursor moves, which would bound a small
+// window's throughput to a window per wait.
 func (s *sink) advance(tr *tracker, force bool) {
 	if tr.done > s.done {
 		s.done = tr.done
@@ -824,13 +827,19 @@ func (s *sink) advance(tr *tracker, force bool) {
 	s.st.inFlight = inFlight
 	s.mu.Unlock()
 	s.m.inFlight.Set(float64(inFlight))
-	if s.done <= s.handed {
+	w := s.window()
+	full := s.unsavedN >= w
+	if s.done <= s.handed && !(full && s.done > s.persisted && s.done > s.urged) {
 		return
 	}
-	if w := s.window(); !force && tr.unacked > 0 && s.unsavedN < w && s.unsavedN-tr.unacked < max(1, w/4) {
+	if !force && !full && tr.unacked > 0 && s.unsavedN-tr.unacked < max(1, w/4) {
 		return
 	}
-	if err := s.src.Ack(s.cursor, s.done); err != nil {
+	ack := s.src.Ack
+	if full {
+		ack = s.src.AckNow
+	}
+	if err := ack(s.cursor, s.done); err != nil {
 		s.m.errors.Inc()
 		if !s.ackFail {
 			s.log.Error("cannot store the sink's cursor; sending pauses once a window of events waits for it",
@@ -844,6 +853,9 @@ func (s *sink) advance(tr *tracker, force bool) {
 		s.ackFail = false
 	}
 	s.handed = s.done
+	if full {
+		s.urged = s.done
+	}
 	s.learnPersisted()
 }
 

@@ -185,6 +185,7 @@ func forwardRecords(recs []buffer.Record) []forward.Record {
 func (s *logSource) Wait(ctx context.Context, after uint64) error { return s.log.Wait(ctx, after) }
 func (s *logSource) Cursor(name string) uint64                    { return s.log.Cursor(name) }
 func (s *logSource) Ack(name string, upTo uint64) error           { return s.log.Ack(name, upTo) }
+func (s *logSource) AckNow(name string, upTo uint64) error        { return s.log.AckNow(name, upTo) }
 func (s *logSource) Persisted(name string) uint64                 { return s.log.Persisted(name) }
 
 func (s *logSource) WaitPersisted(ctx context.Context, name string, after uint64) error {
