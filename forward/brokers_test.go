@@ -245,6 +245,31 @@ func TestValidateKeepAlive(t *testing.T) {
 	}
 }
 
+// TestValidateNATSKeepAlive: a NATS keep-alive below a second (the client would ping several times a second) is
+// refused; 0 takes the default, which the transport's pings use.
+func TestValidateNATSKeepAlive(t *testing.T) {
+	const refused = "forward.sinks[0].nats.keep_alive: must be at least 1s, or 0 for the default 30s; got "
+	for _, tc := range []struct {
+		ka    time.Duration
+		valid bool
+	}{
+		{0, true}, {time.Second, true}, {20 * time.Hour, true}, {999 * time.Millisecond, false}, {-time.Second, false},
+	} {
+		t.Run(tc.ka.String(), func(t *testing.T) {
+			s := SinkConfig{Name: "s", Type: TypeNATS, NATS: &NATSConfig{URL: "nats://h:4222", KeepAlive: tc.ka}}
+			if tc.valid {
+				checkValidate(t, []SinkConfig{s})
+			} else {
+				checkValidate(t, []SinkConfig{s}, refused+tc.ka.String())
+			}
+		})
+	}
+	c := SinkConfig{Name: "s", Type: TypeNATS, NATS: &NATSConfig{URL: "nats://h:4222"}}.withDefaults()
+	if c.NATS.KeepAlive != DefaultKeepAlive {
+		t.Errorf("default keep_alive = %s, want %s", c.NATS.KeepAlive, DefaultKeepAlive)
+	}
+}
+
 // TestMQTTHostPort: an MQTT URL without a port connects to its scheme's default port; the checks of sinks sharing
 // a broker see the same host and port.
 func TestMQTTHostPort(t *testing.T) {

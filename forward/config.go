@@ -196,6 +196,10 @@ type NATSConfig struct {
 	// Stream, when set, is the stream the server must store the messages in (expected-stream header).
 	Stream         string        `yaml:"stream"`
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	// KeepAlive bounds how long a dead connection with nothing to send looks alive (default 30s, at least 1s):
+	// the client pings the server every half of it and drops the connection when two pings in a row go
+	// unanswered. Sending finds a dead connection sooner (ack_timeout).
+	KeepAlive time.Duration `yaml:"keep_alive"`
 	// TLS configures TLS. With tls:// and wss:// URLs the connection always uses TLS; with nats:// and ws://
 	// a tls block makes the client require it too (it fails to connect to a server that offers none, rather
 	// than going on in plaintext).
@@ -351,6 +355,9 @@ func (c SinkConfig) withDefaults() SinkConfig {
 		n := *c.NATS
 		if n.Subject == "" {
 			n.Subject = DefaultNATSSubject
+		}
+		if n.KeepAlive == 0 {
+			n.KeepAlive = DefaultKeepAlive
 		}
 		if n.ConnectTimeout == 0 {
 			n.ConnectTimeout = DefaultConnTimeout
@@ -555,6 +562,10 @@ func (n NATSConfig) validate(key string) error {
 	}
 	if n.ConnectTimeout < 0 {
 		errs = append(errs, fmt.Errorf("%s.connect_timeout: must be >= 0, got %s", key, n.ConnectTimeout))
+	}
+	if n.KeepAlive != 0 && n.KeepAlive < time.Second {
+		errs = append(errs, fmt.Errorf("%s.keep_alive: must be at least 1s, or 0 for the default %s; got %s",
+			key, DefaultKeepAlive, n.KeepAlive))
 	}
 	errs = append(errs, n.TLS.validate(key+".tls"))
 	return errors.Join(errs...)

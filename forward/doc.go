@@ -137,7 +137,7 @@
 //	        # disable_commands: true  # take no commands; those queued at the broker stay there
 //	    - name: stream
 //	      type: nats
-//	      nats: {url: "nats://10.0.0.5:4222", stream: EVENTS}
+//	      nats: {url: "nats://10.0.0.5:4222", stream: EVENTS}   # keep_alive: 30s: a ping every 15s
 //	    - name: hook
 //	      type: http
 //	      http: {url: "https://ingest.example.com/events", mode: batch, bearer_token: abc}

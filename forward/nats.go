@@ -14,6 +14,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// natsPingsOut is how many pings may go unanswered: at the next ping after them the connection is dropped.
+const natsPingsOut = 2
+
 // natsTransport publishes events to NATS JetStream asynchronously, a window at a time, and counts an event
 // carried only on its PubAck. The CloudEvent id goes in Nats-Msg-Id, so the stream stores an event sent twice
 // (after a reconnect) once, within its duplicate window.
@@ -78,6 +81,10 @@ func (t *natsTransport) dial(ctx context.Context, gen uint64) (conn, error) {
 		nats.Name(t.name),
 		nats.NoReconnect(),
 		nats.Timeout(t.cfg.ConnectTimeout),
+		// An idle connection that died (a NAT entry expired, a cable pulled) is found by the pings alone: with
+		// nats.go's defaults (every 2 minutes, two outstanding) it looked connected for up to 6 minutes.
+		nats.PingInterval(t.cfg.KeepAlive / 2),
+		nats.MaxPingsOutstanding(natsPingsOut),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err == nil {
 				err = errors.New("disconnected")

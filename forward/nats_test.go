@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/mosquittotest"
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -115,5 +116,31 @@ func TestNATSNoStream(t *testing.T) {
 	waitFor(t, 10*time.Second, "an error", func() bool { return sinkHealth(r, "js").LastError != "" })
 	if c := log.Cursor("sink:js"); c != 0 {
 		t.Errorf("cursor moved to %d without a PubAck", c)
+	}
+}
+
+// TestNATSIdleDeadConnection: a connection with nothing to send that stops answering (the path swallows what the
+// server sends) is dropped within about 1.5 keep-alives by the client's pings, and the sink shows disconnected
+// until the path works again; then it reconnects and sends on.
+func TestNATSIdleDeadConnection(t *testing.T) {
+	_, stream, prefix := natsStream(t)
+	proxy := mosquittotest.NewProxy(t, "127.0.0.1:4222")
+	log := newMemLog(t)
+	log.add("sensor.reading", "hall", 1)
+	sc := fastSink("js", TypeNATS)
+	sc.NATS = &NATSConfig{URL: "nats://" + proxy.Addr(), Subject: prefix + ".{subject}.{type}", KeepAlive: time.Second,
+		ConnectTimeout: time.Second}
+	r := startForwarder(t, Config{Sinks: []SinkConfig{sc}}, log, nil)
+	waitFor(t, 10*time.Second, "the first event stored", func() bool { return log.Cursor("sink:js") == 1 })
+	if !sinkHealth(r, "js").Connected {
+		t.Fatal("not connected after an acknowledged event")
+	}
+	proxy.Blackhole(true)
+	waitForOrReport(t, 10*time.Second, "the idle dead connection dropped", func() bool { return !sinkHealth(r, "js").Connected })
+	proxy.Blackhole(false)
+	log.add("sensor.reading", "hall", 2)
+	waitFor(t, 15*time.Second, "the second event stored after the path came back", func() bool { return log.Cursor("sink:js") == 2 })
+	if got := streamIDs(t, stream); strings.Join(got, ",") != "ev-000001,ev-000002" {
+		t.Errorf("stream holds %v, want [ev-000001 ev-000002]", got)
 	}
 }
