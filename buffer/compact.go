@@ -24,10 +24,34 @@ func (l *Log) maybeCompact() error {
 		return nil
 	}
 	used, err := l.usedBytes()
-	if err != nil || size <= 2*(used+compactSlack) {
+	if err != nil || size <= 2*(used+compactSlack) || !l.roomToCompact(used) {
 		return nil
 	}
 	return l.compact(size, used)
+}
+
+// roomToCompact reports whether the filesystem has room for the copy compaction writes (the used part of the
+// file, plus slack) above the free-space guard, MinFreeBytes: a copy that filled the disk would fail anyway,
+// and until then everything else writing there would find it full. It logs when compaction starts and stops
+// waiting for room. Unknown free space counts as room.
+func (l *Log) roomToCompact(used int64) bool {
+	avail, err := l.statfs(l.path)
+	if err != nil {
+		return true
+	}
+	need := used + compactSlack + max(l.cfg.MinFreeBytes, 0)
+	room := avail >= need
+	switch {
+	case room && l.compactHeld:
+		l.logger.Info("room for compaction again", "free_bytes", avail)
+		l.m.compactHeld.Set(0)
+	case !room && !l.compactHeld:
+		l.logger.Warn("the log file is mostly free space, but the filesystem has no room to compact it",
+			"free_bytes", avail, "needed_bytes", need)
+		l.m.compactHeld.Set(1)
+	}
+	l.compactHeld = !room
+	return room
 }
 
 // usedBytes is the part of the file bbolt uses: the high-water mark minus the free pages.

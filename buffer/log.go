@@ -132,6 +132,7 @@ type Log struct {
 	lastSaved atomic.Int64 // when a commit last saved moved cursors (Unix ns)
 
 	// Owned by the writer.
+	compactHeld  bool // compaction waits for room on the filesystem (roomToCompact)
 	unsynced     bool
 	lastSync     time.Time
 	lastTTL      time.Time

@@ -22,6 +22,7 @@ type metrics struct {
 	commitErrors   prometheus.Counter
 	compactions    prometheus.Counter
 	compactErrors  prometheus.Counter
+	compactHeld    prometheus.Gauge
 }
 
 func newMetrics(l *Log, reg prometheus.Registerer) (*metrics, error) {
@@ -70,6 +71,10 @@ func newMetrics(l *Log, reg prometheus.Registerer) (*metrics, error) {
 			Name: "edgegate_buffer_compaction_errors_total",
 			Help: "Compactions that failed (the log keeps its file).",
 		}),
+		compactHeld: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "edgegate_buffer_compaction_waiting_for_room",
+			Help: "1 while the log file is mostly free space but the filesystem lacks the room for compaction's copy above min_free_bytes.",
+		}),
 	}
 	dropped := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "edgegate_buffer_dropped_total",
@@ -82,7 +87,7 @@ func newMetrics(l *Log, reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	cs := []prometheus.Collector{m.appendDuration, m.batchSize, m.commitDuration, m.fsyncDuration, m.appended,
-		dropped, m.deleted, m.rejected, m.commitErrors, m.compactions, m.compactErrors, &collector{l: l}}
+		dropped, m.deleted, m.rejected, m.commitErrors, m.compactions, m.compactErrors, m.compactHeld, &collector{l: l}}
 	var errs []error
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {

@@ -3,6 +3,7 @@ package buffer
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -96,6 +97,52 @@ func TestCompaction(t *testing.T) {
 	checkDB(t, l.Log)
 	if got := testutilCounter(t, l, "edgegate_buffer_file_size_bytes"); got != float64(fileSize(l.path)) {
 		t.Errorf("file_size_bytes = %v, want %d", got, fileSize(l.path))
+	}
+}
+
+// TestCompactionNeedsRoom: compaction writes a copy of the used part of the file; with less free space than
+// that above min_free_bytes it waits instead of filling the filesystem, and runs once there is room.
+func TestCompactionNeedsRoom(t *testing.T) {
+	const minFree = 64 << 20
+	l := openTest(t, Config{Durability: DurabilityInterval, Cursors: []string{"sink"}, MaxBytes: 1 << 30, MinFreeBytes: minFree}, 0)
+	var avail atomic.Int64
+	avail.Store(1 << 40)
+	l.statfs = func(string) (int64, error) { return avail.Load(), nil }
+	l.compactMinFile = 1 << 20
+	l.compactEvery = 20 * time.Millisecond
+	run(t, l.Log)
+	fill(t, l.Log, 60_000)
+	// The file is mostly free once the events are drained: room is kept scarce meanwhile.
+	l.writeMu.Lock()
+	size := fileSize(l.path)
+	l.writeMu.Unlock()
+	avail.Store(minFree + compactSlack) // less than a copy of anything above the guard
+	if err := l.Ack("sink", l.LastSeq()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the drained events deleted", func() bool { return l.Stats().Events == 0 })
+	waitFor(t, 10*time.Second, "compaction waiting for room", func() bool {
+		return testutilCounter(t, l, "edgegate_buffer_compaction_waiting_for_room") == 1
+	})
+	if n := testutilCounter(t, l, "edgegate_buffer_compactions_total"); n != 0 {
+		t.Fatalf("compacted %v times with %d bytes free", n, avail.Load())
+	}
+	if got := fileSize(l.path); got != size {
+		t.Fatalf("file size %d, was %d", got, size)
+	}
+	avail.Store(1 << 40)
+	waitFor(t, 10*time.Second, "a compaction once there is room", func() bool {
+		return testutilCounter(t, l, "edgegate_buffer_compactions_total") == 1
+	})
+	if got := testutilCounter(t, l, "edgegate_buffer_compaction_waiting_for_room"); got != 0 {
+		t.Errorf("waiting_for_room = %v after the compaction", got)
+	}
+	if got := fileSize(l.path); got >= size/2 {
+		t.Errorf("file size %d after compaction, was %d", got, size)
+	}
+	seq := appendN(t, l.Log, 1, func(int) Entry { return benchEntry() })[0]
+	if recs, err := l.Read(0, 10); err != nil || len(recs) != 1 || recs[0].Seq != seq {
+		t.Errorf("read after compaction = %v, %v", recs, err)
 	}
 }
 
