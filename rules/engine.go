@@ -51,6 +51,9 @@ type Engine struct {
 	reloadMu sync.Mutex // one Reload at a time; guards stamp
 	stamp    string     // the rule files as last read (names, sizes, times)
 
+	// writeState writes the state file (writeStateFile; a test may slow it down).
+	writeState func(path string, sf *stateFile) error
+
 	mu       sync.Mutex // guards m, wakeAt, wakeStop, runCtx, handoff
 	m        *machine
 	handoff  []commandJob // commands sent during an evaluation, for the workers once it is over
@@ -102,6 +105,8 @@ func New(cfg Config, deps Deps, logger *slog.Logger, reg prometheus.Registerer) 
 		queue:   make(chan *event.Event, cfg.QueueSize),
 		cmds:    make(chan commandJob, cfg.CommandQueueSize),
 		wake:    make(chan struct{}, 1),
+
+		writeState: writeStateFile,
 	}
 	if deps.Directory == nil {
 		logger.Warn("no device directory: device matches fail, selectors pick no device, named devices are not checked")
@@ -245,6 +250,15 @@ func (e *Engine) Run(ctx context.Context) error {
 	e.scheduleWakeLocked()
 	e.unlockAfterEval()
 
+	// The state file is written by a goroutine of its own: its fsyncs (tens of milliseconds on an SD card) do
+	// not hold up the events and timers this goroutine evaluates meanwhile.
+	saves, saverDone := make(chan *stateFile, 1), make(chan struct{})
+	go func() {
+		defer close(saverDone)
+		for sf := range saves {
+			e.save(sf)
+		}
+	}()
 	ticker := time.NewTicker(e.cfg.PersistInterval)
 	defer ticker.Stop()
 	e.log.Info("rule engine running", "rules", len(e.set.Load().rules), "command_workers", e.cfg.CommandWorkers,
@@ -266,9 +280,11 @@ loop:
 			e.scheduleWakeLocked()
 			e.unlockAfterEval()
 		case <-ticker.C:
-			e.housekeep()
+			e.housekeep(saves)
 		}
 	}
+	close(saves)
+	<-saverDone // before the last write below, which must not be overtaken by an older one
 
 	e.mu.Lock()
 	if e.wakeStop != nil {
@@ -405,38 +421,59 @@ func (e *Engine) scheduleWakeLocked() {
 	})
 }
 
-// housekeep forgets expired state and saves what changed.
-func (e *Engine) housekeep() {
+// housekeep forgets expired state and hands what changed to the saver (saves): a snapshot still waiting there
+// is replaced by this newer one.
+func (e *Engine) housekeep(saves chan *stateFile) {
 	e.mu.Lock()
 	e.m.sweep(e.clock.Now())
 	e.mu.Unlock()
-	e.persist()
+	sf := e.snapshot()
+	if sf == nil {
+		return
+	}
+	select {
+	case saves <- sf:
+	default:
+		select {
+		case <-saves:
+		default:
+		}
+		saves <- sf // only this goroutine sends: the slot is free
+	}
 }
 
 // persist writes the state file if the state changed since the last write.
 func (e *Engine) persist() {
+	if sf := e.snapshot(); sf != nil {
+		e.save(sf)
+	}
+}
+
+// snapshot captures the state if it changed since the last snapshot (nil otherwise, and without a state file).
+func (e *Engine) snapshot() *stateFile {
 	if e.cfg.StateFile == "" {
-		return
+		return nil
 	}
 	e.mu.Lock()
+	defer e.mu.Unlock()
 	if !e.m.dirty {
-		e.mu.Unlock()
-		return
+		return nil
 	}
 	sf, err := e.m.snapshot(e.clock.Now())
-	if err == nil {
-		e.m.dirty = false
-	}
-	e.mu.Unlock()
-	if err == nil {
-		err = writeStateFile(e.cfg.StateFile, sf)
-		if err != nil {
-			e.mu.Lock()
-			e.m.dirty = true
-			e.mu.Unlock()
-		}
-	}
 	if err != nil {
+		e.limiter.log(e.log, slog.LevelError, "persist", "rule state not saved", "path", e.cfg.StateFile, "error", err)
+		return nil
+	}
+	e.m.dirty = false
+	return sf
+}
+
+// save writes a snapshot to the state file; after a failure the next snapshot is taken even if nothing changed.
+func (e *Engine) save(sf *stateFile) {
+	if err := e.writeState(e.cfg.StateFile, sf); err != nil {
+		e.mu.Lock()
+		e.m.dirty = true
+		e.mu.Unlock()
 		e.limiter.log(e.log, slog.LevelError, "persist", "rule state not saved", "path", e.cfg.StateFile, "error", err)
 	}
 }

@@ -468,6 +468,55 @@ func TestEnginePersistsWindowsWhileEventsCome(t *testing.T) {
 	})
 }
 
+// TestEngineStateWriteDoesNotHoldEvaluation: writing the state file (slow on an SD card) does not hold up the
+// evaluation goroutine: an absence falls due and fires while a write is still in progress, and the state is
+// written again at stop, after that write.
+func TestEngineStateWriteDoesNotHoldEvaluation(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"a.yaml": `rules:
+  - name: left-open
+    absence: {after: door.opened, missing: door.closed, within: 1m}
+    actions: [{emit: {type: door.left_open}}]
+`})
+	cfg.StateFile = filepath.Join(t.TempDir(), "rules-state.json")
+	cfg.PersistInterval = time.Millisecond
+	f := newEngine(t, cfg, nil)
+	writing, release := make(chan struct{}, 16), make(chan struct{})
+	var writes atomic.Int32
+	f.e.writeState = func(path string, sf *stateFile) error {
+		writes.Add(1)
+		select {
+		case writing <- struct{}{}:
+		default:
+		}
+		<-release
+		return writeStateFile(path, sf)
+	}
+	stop := startEngine(t, f.e)
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock) // before the stop (cleanups run last first)
+	f.e.Submit(newEvent("door.opened", "door-1", t0, nil))
+	f.waitEvaluated(t, "left-open", 1)
+	select {
+	case <-writing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the state was not written")
+	}
+	f.clock.Set(t0.Add(2 * time.Minute))
+	waitFor(t, 5*time.Second, "the absence fired while the state file is written", func() bool {
+		return len(f.emit.all()) == 1
+	})
+	unblock()
+	stop()
+	if n := writes.Load(); n < 2 {
+		t.Errorf("%d state writes, want the one held and the one at stop", n)
+	}
+	if _, err := os.Stat(cfg.StateFile); err != nil {
+		t.Errorf("no state file after stop: %v", err)
+	}
+}
+
 func TestEngineRestartPersistence(t *testing.T) {
 	stateFile := filepath.Join(t.TempDir(), "rules-state.json")
 	cfg := DefaultConfig()
