@@ -425,6 +425,8 @@ func (rc *rawConn) read(timeout time.Duration) (packets.Packet, error) {
 		err = pk.ConnackDecode(body)
 	case packets.Puback:
 		err = pk.PubackDecode(body)
+	case packets.Pubrec:
+		err = pk.PubrecDecode(body)
 	case packets.Suback:
 		err = pk.SubackDecode(body)
 	case packets.Publish:

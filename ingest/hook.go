@@ -219,6 +219,9 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 		return false
 	}
 	if write {
+		if st.version == 5 {
+			return true // checked by OnPublish (deniedV5): mochi would answer at once, ahead of waiting PUBACKs
+		}
 		if h.b.deps.ACL.CanPublish(st.device.id, topic) {
 			return true
 		}
@@ -433,12 +436,15 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, packets.ErrRejectPacket
 	}
 	qos := pk.FixedHeader.Qos
-	if int(qos) < len(h.messagesIn) {
-		h.messagesIn[qos].Inc()
-	}
 	// QoS 1 with an AsyncConsumer: PUBACKs are written in order by the connection's acker (pipeline.go).
 	ac, pipelined := h.b.deps.Consumer.(AsyncConsumer)
 	pipelined = pipelined && qos == 1
+	if st.version == 5 && !h.b.deps.ACL.CanPublish(st.device.id, pk.TopicName) {
+		return h.deniedV5(cl, st, pk, pipelined) // not counted as a message in, as for the other versions
+	}
+	if int(qos) < len(h.messagesIn) {
+		h.messagesIn[qos].Inc()
+	}
 
 	// Allow is the allocation-free path; only a device over its rate pays for a reservation.
 	if lim := st.device.limiter; !lim.Allow() {
@@ -496,6 +502,33 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	}
 	h.b.m.events.Inc()
 	return pk, nil
+}
+
+// deniedV5 answers an MQTT 5 publish the ACL refuses as mochi does for the other versions' (OnACLCheck):
+// nothing for QoS 0, reason 0x87 (not authorized) otherwise; but a QoS 1 refusal goes through the connection's
+// acker, behind the PUBACKs of earlier publishes that still wait for durability, since PUBACKs must follow the
+// order of the publishes.
+func (h *hook) deniedV5(cl *mqtt.Client, st *clientState, pk packets.Packet, pipelined bool) (packets.Packet, error) {
+	h.b.m.aclDenied.WithLabelValues("publish").Inc()
+	h.logDenied(st, "publish denied", pk.TopicName)
+	switch {
+	case pk.FixedHeader.Qos == 0:
+		return pk, packets.ErrRejectPacket
+	case pipelined:
+		h.ackerOf(cl, st).jobs <- ackJob{id: pk.PacketID, refuse: true, code: packets.ErrNotAuthorized}
+		return handled(pk)
+	case pk.FixedHeader.Qos == 2:
+		// mochi answers a refused QoS 2 publish with a PUBACK; the flow needs a PUBREC.
+		rec := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: pk.PacketID,
+			ReasonCode: packets.ErrNotAuthorized.Code, Created: time.Now().Unix()}
+		rec.Properties.ReasonString = packets.ErrNotAuthorized.Reason
+		if err := cl.WritePacket(rec); err != nil {
+			h.b.log.Debug("refusal not written", "device_id", st.device.id, "error", err)
+		}
+		return pk, packets.ErrRejectPacket
+	default: // mochi writes the PUBACK at once, which is in order without an acker
+		return pk, packets.ErrNotAuthorized
+	}
 }
 
 // refuse makes mochi withhold the PUBACK (MQTT 3.1.1, QoS 0) or answer with a reason code (MQTT 5, QoS > 0).

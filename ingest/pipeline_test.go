@@ -386,3 +386,52 @@ func TestPipelinedRefusalKeepsPubackOrder(t *testing.T) {
 		}
 	}
 }
+
+// TestDeniedPublishKeepsPubackOrder: an MQTT 5 publish the ACL refuses gets its PUBACK (0x87) after the PUBACKs of
+// the device's earlier publishes, which wait for durability; mochi alone would answer it at once, ahead of them.
+func TestDeniedPublishKeepsPubackOrder(t *testing.T) {
+	tb, ac := startAsync(t, []dev{{id: "sensor-1"}})
+	rc := dialRaw(t, tb.addr, 5)
+	rc.mustConnect("sensor-1")
+	publish := func(topic string, qos ...byte) uint16 {
+		t.Helper()
+		rc.nextID++
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: append(qos, 1)[0]},
+			TopicName: topic, Payload: []byte(`{}`), PacketID: rc.nextID, ProtocolVersion: 5}
+		if err := rc.write(encode(t, pk)); err != nil {
+			t.Fatal(err)
+		}
+		return pk.PacketID
+	}
+	denied0 := tb.metric(t, "edgegate_ingest_acl_denied_total", "action", "publish")
+	stored := publish("devices/sensor-1/events/e")
+	ac.waitQueued(t, 1)
+	refused := publish("devices/sensor-2/events/e") // another device's topic
+	waitFor(t, "the refusal counted", func() bool {
+		return tb.metric(t, "edgegate_ingest_acl_denied_total", "action", "publish") == denied0+1
+	})
+	ac.finish(0, nil)
+	for _, want := range []struct {
+		id   uint16
+		code byte
+	}{{stored, packets.CodeSuccess.Code}, {refused, packets.ErrNotAuthorized.Code}} {
+		pk, err := rc.read(waitTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pk.FixedHeader.Type != packets.Puback || pk.PacketID != want.id || pk.ReasonCode != want.code {
+			t.Fatalf("got %s id %d reason 0x%02x, want PUBACK id %d reason 0x%02x",
+				packets.PacketNames[pk.FixedHeader.Type], pk.PacketID, pk.ReasonCode, want.id, want.code)
+		}
+	}
+	// QoS 2: refused with a PUBREC, as its flow needs.
+	id := publish("devices/sensor-2/events/e", 2)
+	pk, err := rc.read(waitTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pk.FixedHeader.Type != packets.Pubrec || pk.PacketID != id || pk.ReasonCode != packets.ErrNotAuthorized.Code {
+		t.Fatalf("QoS 2: got %s id %d reason 0x%02x, want PUBREC id %d reason 0x87",
+			packets.PacketNames[pk.FixedHeader.Type], pk.PacketID, pk.ReasonCode, id)
+	}
+}
