@@ -348,7 +348,8 @@ func (b *Broker) Publish(topic string, payload []byte, retain bool, qos byte) er
 	return nil
 }
 
-// Connected reports whether the device has at least one live connection.
+// Connected reports whether the device has at least one live connection (session established). It turns true
+// before the device's device.connected event is handed to the consumer, and false before its device.disconnected.
 func (b *Broker) Connected(device string) bool { return b.hook.connected(device) }
 
 // Revoke closes every connection of the device and forgets its stored sessions: call it when the device left the

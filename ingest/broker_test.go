@@ -45,6 +45,10 @@ type consumer struct {
 	full    atomic.Bool
 	gate    chan struct{} // when non-nil, Consume of a non-presence event waits for it to close
 	entered chan struct{} // when non-nil, receives once per gated Consume call
+	// probe, when set before the broker starts, is asked about the subject of every presence event as the event
+	// is consumed; the answers are in probed, in order ("device.connected true", ...).
+	probe  func(device string) bool
+	probed []string
 }
 
 func (c *consumer) Consume(ctx context.Context, r ingest.Result, durable bool) error {
@@ -62,9 +66,16 @@ func (c *consumer) Consume(ctx context.Context, r ingest.Result, durable bool) e
 			return ctx.Err()
 		}
 	}
+	var probed string
+	if presence && c.probe != nil {
+		probed = fmt.Sprintf("%s %v", r.Event.Type(), c.probe(r.Event.Subject()))
+	}
 	c.mu.Lock()
 	c.results = append(c.results, r)
 	c.durable = append(c.durable, durable)
+	if probed != "" {
+		c.probed = append(c.probed, probed)
+	}
 	c.mu.Unlock()
 	return nil
 }

@@ -41,7 +41,7 @@ type deviceState struct {
 	// presence orders the device's presence events: each is handed to the consumer under it, together with the
 	// change of online it reports, so that the last event always tells whether the device is online.
 	presence sync.Mutex
-	online   int // connections whose session is established and not ended
+	online   atomic.Int32 // connections whose session is established and not ended (changed under presence)
 }
 
 type hook struct {
@@ -297,7 +297,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	ds := st.device
 	ds.presence.Lock()
 	defer ds.presence.Unlock()
-	ds.online++
+	ds.online.Add(1)
 	st.online = true
 	h.consume(h.b.deps.Normalizer.Presence(ds.id, true, "", time.Now()), false)
 }
@@ -333,11 +333,11 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 	ds.presence.Lock()
 	if st.online {
 		st.online = false
-		if ds.online--; ds.online == 0 {
+		if ds.online.Add(-1) == 0 {
 			h.consume(h.b.deps.Normalizer.Presence(ds.id, false, reason, time.Now()), false)
 		} else {
 			h.b.log.Debug("device still connected: no device.disconnected", "device_id", ds.id,
-				"client_id", cl.ID, "connections", ds.online)
+				"client_id", cl.ID, "connections", ds.online.Load())
 		}
 	}
 	ds.presence.Unlock()
@@ -639,9 +639,11 @@ func (h *hook) dropWaiter(device string, w *waiter) {
 
 func (h *hook) connected(device string) bool {
 	h.mu.Lock()
-	defer h.mu.Unlock()
 	ds := h.devices[device]
-	return ds != nil && len(ds.clients) > 0
+	h.mu.Unlock()
+	// online, not clients: it changes together with the presence event (before it is handed on), and a
+	// connection that never established its session does not count.
+	return ds != nil && ds.online.Load() > 0
 }
 
 // OnQosPublish binds a waiting command to the packet id mochi gave it on one of the device's connections.

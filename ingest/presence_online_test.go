@@ -2,6 +2,7 @@ package ingest_test
 
 import (
 	"slices"
+	"sync/atomic"
 	"testing"
 
 	"github.com/edgegate/edgegate/ingest"
@@ -36,6 +37,9 @@ func TestPresenceOnlineAfterTakeovers(t *testing.T) {
 		// is announced (mochi writes its CONNACK first).
 		waitFor(t, "the old connection to end", func() bool { return tb.Clients() == 1 })
 		tb.cons.waitCount(t, "device.connected", "sensor-1", i+2)
+		if !tb.Connected("sensor-1") {
+			t.Fatalf("takeover %d: Connected(sensor-1) = false once its device.connected was consumed", i)
+		}
 		if last := tb.cons.lastPresence("sensor-1"); last != "device.connected" {
 			t.Fatalf("takeover %d: last presence event %q, want device.connected", i, last)
 		}
@@ -90,6 +94,29 @@ func TestPresenceOnlineWhileAnyConnectionIsUp(t *testing.T) {
 	if r := tb.cons.disconnectReasons("sensor-1"); !slices.Equal(r, []string{ingest.PresenceConnectionLost}) {
 		t.Errorf("disconnect reasons %v, want [%s]", r, ingest.PresenceConnectionLost)
 	}
-	// The event is emitted while the ending connection still holds the device, which is forgotten just after.
-	waitFor(t, "Connected(sensor-1) to be false after its last connection ended", func() bool { return !tb.Connected("sensor-1") })
+}
+
+// Connected changes before the presence event that reports the change is handed on: a rule that reacts to
+// device.disconnected by looking at Connected sees the device offline, and one reacting to device.connected
+// online.
+func TestConnectedChangesWithPresenceEvents(t *testing.T) {
+	var started atomic.Pointer[testBroker]
+	tb := startBroker(t, brokerOpts{consumer: func(c *consumer) ingest.Consumer {
+		c.probe = func(device string) bool { return started.Load().Connected(device) }
+		return c
+	}})
+	started.Store(tb)
+	for range 3 {
+		rc := dialRaw(t, tb.addr, 4)
+		rc.mustConnect("sensor-1")
+		rc.disconnect()
+		waitFor(t, "the presence event", func() bool { return tb.cons.count("device.disconnected", "sensor-1") == 1 })
+		tb.cons.mu.Lock()
+		got := slices.Clone(tb.cons.probed)
+		tb.cons.probed, tb.cons.results = nil, nil
+		tb.cons.mu.Unlock()
+		if want := []string{"device.connected true", "device.disconnected false"}; !slices.Equal(got, want) {
+			t.Fatalf("Connected as the events were consumed: %q, want %q", got, want)
+		}
+	}
 }
