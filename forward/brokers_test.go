@@ -222,50 +222,49 @@ func TestValidateTLSNeedsTLSScheme(t *testing.T) {
 	}
 }
 
-// TestValidateKeepAlive: MQTT carries the keep-alive in whole seconds in 16 bits, so less than a second (sent as
-// 0: keep-alive off) and more than 65535 s (cut to its low bits) are refused; 0 takes the default.
-func TestValidateKeepAlive(t *testing.T) {
-	const refused = "forward.sinks[0].mqtt.keep_alive: must be from 1s to 65535s (18h12m15s), or 0 for the default 30s; got "
-	for _, tc := range []struct {
-		ka    time.Duration
-		valid bool
-	}{
-		{0, true}, {time.Second, true}, {30 * time.Second, true}, {1500 * time.Millisecond, true}, {MaxKeepAlive, true},
-		{500 * time.Millisecond, false}, {time.Nanosecond, false}, {MaxKeepAlive + time.Second, false},
-		{20 * time.Hour, false}, {-time.Second, false},
-	} {
+// keepAliveCase is a keep_alive to validate and whether it is valid.
+type keepAliveCase struct {
+	ka    time.Duration
+	valid bool
+}
+
+// checkKeepAlives validates the sink mk makes with each keep-alive: a valid one passes, another is refused with
+// refused followed by the value.
+func checkKeepAlives(t *testing.T, refused string, mk func(time.Duration) SinkConfig, cases []keepAliveCase) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.ka.String(), func(t *testing.T) {
-			s := SinkConfig{Name: "s", Type: TypeMQTT, MQTT: &MQTTConfig{URL: "tcp://h:1883", KeepAlive: tc.ka}}
 			if tc.valid {
-				checkValidate(t, []SinkConfig{s})
+				checkValidate(t, []SinkConfig{mk(tc.ka)})
 			} else {
-				checkValidate(t, []SinkConfig{s}, refused+tc.ka.String())
+				checkValidate(t, []SinkConfig{mk(tc.ka)}, refused+tc.ka.String())
 			}
 		})
 	}
 }
 
+// TestValidateKeepAlive: MQTT carries the keep-alive in whole seconds in 16 bits, so less than a second (sent as
+// 0: keep-alive off) and more than 65535 s (cut to its low bits) are refused; 0 takes the default.
+func TestValidateKeepAlive(t *testing.T) {
+	checkKeepAlives(t, "forward.sinks[0].mqtt.keep_alive: must be from 1s to 65535s (18h12m15s), or 0 for the default 30s; got ",
+		func(ka time.Duration) SinkConfig {
+			return SinkConfig{Name: "s", Type: TypeMQTT, MQTT: &MQTTConfig{URL: "tcp://h:1883", KeepAlive: ka}}
+		}, []keepAliveCase{
+			{0, true}, {time.Second, true}, {30 * time.Second, true}, {1500 * time.Millisecond, true}, {MaxKeepAlive, true},
+			{500 * time.Millisecond, false}, {time.Nanosecond, false}, {MaxKeepAlive + time.Second, false},
+			{20 * time.Hour, false}, {-time.Second, false},
+		})
+}
+
 // TestValidateNATSKeepAlive: a NATS keep-alive below a second (the client would ping several times a second) is
 // refused; 0 takes the default, which the transport's pings use.
 func TestValidateNATSKeepAlive(t *testing.T) {
-	const refused = "forward.sinks[0].nats.keep_alive: must be at least 1s, or 0 for the default 30s; got "
-	for _, tc := range []struct {
-		ka    time.Duration
-		valid bool
-	}{
-		{0, true}, {time.Second, true}, {20 * time.Hour, true}, {999 * time.Millisecond, false}, {-time.Second, false},
-	} {
-		t.Run(tc.ka.String(), func(t *testing.T) {
-			s := SinkConfig{Name: "s", Type: TypeNATS, NATS: &NATSConfig{URL: "nats://h:4222", KeepAlive: tc.ka}}
-			if tc.valid {
-				checkValidate(t, []SinkConfig{s})
-			} else {
-				checkValidate(t, []SinkConfig{s}, refused+tc.ka.String())
-			}
-		})
+	mk := func(ka time.Duration) SinkConfig {
+		return SinkConfig{Name: "s", Type: TypeNATS, NATS: &NATSConfig{URL: "nats://h:4222", KeepAlive: ka}}
 	}
-	c := SinkConfig{Name: "s", Type: TypeNATS, NATS: &NATSConfig{URL: "nats://h:4222"}}.withDefaults()
-	if c.NATS.KeepAlive != DefaultKeepAlive {
+	checkKeepAlives(t, "forward.sinks[0].nats.keep_alive: must be at least 1s, or 0 for the default 30s; got ", mk,
+		[]keepAliveCase{{0, true}, {time.Second, true}, {20 * time.Hour, true}, {999 * time.Millisecond, false}, {-time.Second, false}})
+	if c := mk(0).withDefaults(); c.NATS.KeepAlive != DefaultKeepAlive {
 		t.Errorf("default keep_alive = %s, want %s", c.NATS.KeepAlive, DefaultKeepAlive)
 	}
 }
