@@ -93,9 +93,12 @@
 // events one at a time, in submission order: on the submitter's goroutine when the engine is idle, otherwise in
 // Run after those already queued. A rule whose handling of an event panics gets an evaluation error
 // (ErrEvalPanic) and the other rules go on. It hands commands to a bounded pool of workers (retries with
-// backoff, then a dead letter with reason command_undelivered; a full command queue is a dead letter at once)
-// and reloads the rule files between two events, so no event is skipped or evaluated twice across a reload. A reload keeps the timers, windows and
-// debounce state of every rule whose name and pattern are unchanged. Derived events carry the extensions
+// backoff, then a dead letter with reason command_undelivered; a full command queue is a dead letter at once).
+// The commands to one device go out in the order the rules gave them: one that is still being tried (a device
+// that did not acknowledge it, or is not connected yet) holds the later ones back, so that a retried "on" never
+// lands after the "off" that followed it; other devices' commands do not wait. The Engine reloads the rule files
+// between two events, so no event is skipped or evaluated twice across a reload. A reload keeps the timers,
+// windows and debounce state of every rule whose name and pattern are unchanged. Derived events carry the extensions
 // causationid, correlationid, chaindepth and rule; an event more than max_chain_depth derivations deep is not
 // emitted (loop guard). Timers, windows, debounce and sequence state are saved to Config.StateFile (atomically,
 // within persist_interval of a change, default 1s, and on stop) and restored by New; an absence that fell due

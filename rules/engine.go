@@ -41,9 +41,10 @@ type Engine struct {
 	limiter *logLimiter
 
 	queue     chan *event.Event
-	queued    atomic.Int64 // events submitted to queue and not yet evaluated
-	evalSince atomic.Int64 // when the evaluation in progress began (Unix ns), 0 when none is; set with mu held
-	cmds      chan commandJob
+	queued    atomic.Int64  // events submitted to queue and not yet evaluated
+	evalSince atomic.Int64  // when the evaluation in progress began (Unix ns), 0 when none is; set with mu held
+	lanes     *commandLanes // the commands, in order per device
+	cmds      chan string   // devices whose lane is ready, for the workers
 	wake      chan struct{}
 
 	set      atomic.Pointer[ruleSet] // the rules in force (read by Submit and Rules)
@@ -103,7 +104,8 @@ func New(cfg Config, deps Deps, logger *slog.Logger, reg prometheus.Registerer) 
 		clock:   deps.Clock,
 		limiter: newLogLimiter(10 * time.Second),
 		queue:   make(chan *event.Event, cfg.QueueSize),
-		cmds:    make(chan commandJob, cfg.CommandQueueSize),
+		lanes:   newCommandLanes(),
+		cmds:    make(chan string, cfg.CommandQueueSize),
 		wake:    make(chan struct{}, 1),
 
 		writeState: writeStateFile,
@@ -294,7 +296,7 @@ loop:
 	e.handOffLocked() // to the workers, which make them dead letters now that ctx has ended
 	e.runCtx = nil
 	// Commands are queued with e.mu held only; closing lets the workers drain and end.
-	e.cmds = make(chan commandJob, e.cfg.CommandQueueSize)
+	e.cmds = make(chan string, e.cfg.CommandQueueSize)
 	e.mu.Unlock()
 	close(cmds)
 	wg.Wait()
@@ -321,20 +323,20 @@ func (e *Engine) unlockAfterEval() {
 	e.mu.Unlock()
 }
 
-// handOffLocked queues the commands sent by evaluations for the workers. e.mu is held.
+// handOffLocked queues the commands sent by evaluations for the workers, each first in its device's lane. e.mu is
+// held.
 func (e *Engine) handOffLocked() {
 	for i, job := range e.handoff {
 		e.handoff[i] = commandJob{}
+		var ready bool
 		if e.runCtx == nil {
 			e.stopped(job)
-			continue
+			ready = e.lanes.release(job)
+		} else {
+			ready = e.lanes.handOver(job)
 		}
-		select {
-		case e.cmds <- job:
-		default: // not reached: command keeps room for every job in handoff
-			release(job)
-			e.met.action(job.rule, actCommand, "dropped")
-			e.undelivered(job, "command queue full")
+		if ready {
+			e.cmds <- job.device // room: one entry per lane at most, and no more lanes than queued commands
 		}
 	}
 	e.handoff = e.handoff[:0]
@@ -490,19 +492,24 @@ func (s engineSink) command(r *rule, cause *event.Event, device, command string,
 	e := s.e
 	job := commandJob{rule: r, cause: cause.ID(), device: device, command: command, payload: payload}
 	// Commands are queued with e.mu held only, so room seen here is room when the job is queued.
-	if len(e.cmds)+len(e.handoff) >= cap(e.cmds) {
+	if e.lanes.size() >= e.cfg.CommandQueueSize {
 		e.met.action(r, actCommand, "dropped")
 		e.undelivered(job, "command queue full")
 		return
 	}
-	if cs, ok := e.deps.Commander.(CommandSender); ok {
+	// The first attempt goes out at once, unless an earlier command to the device is not delivered yet: it must
+	// not overtake that one's retries.
+	if cs, ok := e.deps.Commander.(CommandSender); ok && e.lanes.idle(device) {
 		if wait, err := cs.SendCommand(device, command, payload); err == nil {
 			job.sent = wait
+			e.lanes.hold(device)
 			e.handoff = append(e.handoff, job)
 			return
 		}
 	}
-	e.cmds <- job // room checked above
+	if e.lanes.push(job) {
+		e.cmds <- device // room: one entry per lane at most, and no more lanes than queued commands
+	}
 }
 
 func (s engineSink) emit(r *rule, ev *event.Event) {
@@ -540,14 +547,17 @@ func (s engineSink) state(r *rule, device, key string, value any) {
 	e.met.action(r, actState, "ok")
 }
 
-// worker delivers commands until cmds is closed; once ctx has ended, what is left becomes dead letters.
-func (e *Engine) worker(ctx context.Context, cmds <-chan commandJob) {
-	for job := range cmds {
-		if ctx.Err() != nil {
-			e.stopped(job)
-			continue
+// worker delivers the commands of the devices whose lanes are ready, each lane's in order, until cmds is
+// closed; once ctx has ended, what is left becomes dead letters.
+func (e *Engine) worker(ctx context.Context, cmds <-chan string) {
+	for device := range cmds {
+		for job, ok := e.lanes.next(device); ok; job, ok = e.lanes.next(device) {
+			if ctx.Err() != nil {
+				e.stopped(job)
+				continue
+			}
+			e.deliver(ctx, job)
 		}
-		e.deliver(ctx, job)
 	}
 }
 

@@ -107,23 +107,32 @@ func (c *blockingSender) SendCommand(device, command string, payload []byte) (fu
 	}, nil
 }
 
+// lightRule commands the light the event names (data.light).
+const lightRule = `
+rules:
+  - name: light
+    on: button.pressed
+    actions:
+      - command: {device: '{{ data.light }}', command: lights.on, payload: '{"i":{{ data.i }}}'}
+`
+
 // TestEngineStopKeepsAcknowledgedCommands: at stop, the commands evaluations sent that wait behind a busy worker
 // and that their device acknowledged are delivered, not dead letters "not delivered".
 func TestEngineStopKeepsAcknowledgedCommands(t *testing.T) {
 	cfg := DefaultConfig()
-	cfg.Dir = writeRules(t, map[string]string{"hall.yaml": hallLightRule})
+	cfg.Dir = writeRules(t, map[string]string{"light.yaml": lightRule})
 	cfg.CommandWorkers = 1
 	f := newEngine(t, cfg, homeDevices)
 	sc := &blockingSender{fakeCommander: f.cmd}
 	f.e.deps.Commander = sc
 	stop := startEngine(t, f.e)
-	for i := range 3 {
-		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": i}))
+	for i, light := range []string{"hall-light", "kitchen-light-1", "kitchen-light-2"} {
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": i, "light": light}))
 	}
-	f.waitEvaluated(t, "hall", 3)
+	f.waitEvaluated(t, "light", 3)
 	stop()
-	if ok, failed := testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "ok")),
-		testutil.ToFloat64(f.e.met.actions.WithLabelValues("hall", "command", "failed")); ok != 2 || failed != 1 {
+	if ok, failed := testutil.ToFloat64(f.e.met.actions.WithLabelValues("light", "command", "ok")),
+		testutil.ToFloat64(f.e.met.actions.WithLabelValues("light", "command", "failed")); ok != 2 || failed != 1 {
 		t.Errorf("commands ok %v, failed %v; want 2 and 1 (the one never acknowledged)", ok, failed)
 	}
 	if dl := f.dl.all(); len(dl) != 1 {
@@ -164,5 +173,54 @@ func TestEngineWaitsForOfflineDevice(t *testing.T) {
 	})
 	if dl := f.dl.all(); len(dl) != 0 {
 		t.Fatalf("dead letters %v, want none", dl)
+	}
+}
+
+// flakySender is a CommandSender whose sends are never acknowledged (the device is not there yet); Command, the
+// retries, works.
+type flakySender struct {
+	*fakeCommander
+	mu    sync.Mutex
+	sends []string
+}
+
+func (c *flakySender) SendCommand(device, command string, payload []byte) (func(context.Context) error, error) {
+	c.mu.Lock()
+	c.sends = append(c.sends, string(payload))
+	c.mu.Unlock()
+	return func(context.Context) error { return fmt.Errorf("%w: %s", ErrDeviceOffline, device) }, nil
+}
+
+// TestEngineCommandsToOneDeviceInOrder: a command to a device waits for the earlier ones to it, retries
+// included: its first attempt is not sent while one of them is still to be delivered. Otherwise "on" retried
+// after a later "off" went through would leave the light on. Another device's commands do not wait.
+func TestEngineCommandsToOneDeviceInOrder(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"light.yaml": lightRule})
+	cfg.CommandBackoff = 50 * time.Millisecond
+	f := newEngine(t, cfg, homeDevices)
+	sc := &flakySender{fakeCommander: f.cmd}
+	f.e.deps.Commander = sc
+	startEngine(t, f.e)
+	for i, light := range []string{"hall-light", "hall-light", "kitchen-light-1", "hall-light"} {
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": i, "light": light}))
+	}
+	waitFor(t, 10*time.Second, "every command delivered", func() bool {
+		return testutil.ToFloat64(f.e.met.actions.WithLabelValues("light", "command", "ok")) == 4
+	})
+	var hall []string
+	for _, c := range f.cmd.list() {
+		if strings.HasPrefix(c, "hall-light ") {
+			hall = append(hall, c)
+		}
+	}
+	want := []string{`hall-light lights.on {"i":0}`, `hall-light lights.on {"i":1}`, `hall-light lights.on {"i":3}`}
+	if strings.Join(hall, "|") != strings.Join(want, "|") {
+		t.Errorf("hall-light got %q, want %q", hall, want)
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if got := strings.Join(sc.sends, " "); got != `{"i":0} {"i":2}` {
+		t.Errorf("first attempts sent by the evaluations: %s; want those of the first command to each device", got)
 	}
 }
