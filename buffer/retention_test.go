@@ -297,6 +297,42 @@ func TestPurge(t *testing.T) {
 	checkDB(t, l.Log)
 }
 
+// TestPurgeCountsDeliveredAsDeleted: a purge removes delivered and undelivered events alike; only those the
+// required cursors had not passed are losses (dropped_total{purge}), the others count as delivered and deleted.
+func TestPurgeCountsDeliveredAsDeleted(t *testing.T) {
+	base := time.Date(2026, 1, 2, 15, 0, 0, 0, time.UTC)
+	l := openTest(t, Config{Cursors: []string{"sink"}}, 8)
+	run(t, l.Log)
+	appendN(t, l.Log, 30, func(i int) Entry {
+		e := ev(i)
+		e.Time = base.Add(time.Duration(i) * time.Minute) // seq i+1 at minute i
+		return e
+	})
+	if err := l.Ack("sink", 10); err != nil {
+		t.Fatal(err)
+	}
+	waitPersisted(t, l.Log, "sink", 10)
+	deleted0 := testutilCounter(t, l, "edgegate_buffer_delivered_deleted_total")
+	stored := l.Stats().Events
+	n, err := l.Purge(base.Add(20 * time.Minute)) // seqs up to 20
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := stored - 10; n != int(want) { // 21..30 stay
+		t.Fatalf("purged %d, want %d", n, want)
+	}
+	if got := testutilCounter(t, l, "edgegate_buffer_dropped_total", "reason", "purge"); got != 10 {
+		t.Errorf("dropped_total{purge} = %v, want 10 (seqs 11..20)", got)
+	}
+	if got := testutilCounter(t, l, "edgegate_buffer_delivered_deleted_total") - deleted0; got != float64(n-10) {
+		t.Errorf("delivered_deleted_total grew by %v, want %d (the delivered ones the purge removed)", got, n-10)
+	}
+	if recs := readAll(t, l.Log); len(recs) != 10 || recs[0].Seq != 21 {
+		t.Errorf("%d records left, from seq %d; want 21..30", len(recs), recs[0].Seq)
+	}
+	checkDB(t, l.Log)
+}
+
 // TestPurgeWithoutRun: tools purge with the gateway stopped.
 func TestPurgeWithoutRun(t *testing.T) {
 	l := openTest(t, Config{}, 0)

@@ -71,7 +71,7 @@ func (t *txn) count(seq uint64, reason int) {
 	case reason == reasonUndone:
 	case reason == reasonDelivered:
 		t.deleted++
-	case reason == reasonPurge || !t.delivered(seq):
+	case !t.delivered(seq):
 		t.drops[reason]++
 	default:
 		t.deleted++
@@ -301,7 +301,7 @@ func matchAll(uint8, int64) bool { return true }
 // some of the segment's events were delivered and others not, so that the caller counts them one by one.
 func (t *txn) dropWhole(i int, reason int) (bool, error) {
 	s := t.st.segs[i]
-	if reason >= 0 && reason != reasonPurge && t.hasRequired && s.MinSeq <= t.minCursor && s.MaxSeq > t.minCursor {
+	if reason >= 0 && t.hasRequired && s.MinSeq <= t.minCursor && s.MaxSeq > t.minCursor {
 		return false, nil
 	}
 	if err := t.events.DeleteBucket(seqKey(s.Base)); err != nil {
@@ -313,7 +313,7 @@ func (t *txn) dropWhole(i int, reason int) (bool, error) {
 	switch {
 	case reason == reasonDelivered:
 		t.deleted += s.Count
-	case reason == reasonPurge || !t.delivered(s.MaxSeq):
+	case !t.delivered(s.MaxSeq):
 		t.drops[reason] += s.Count
 	default:
 		t.deleted += s.Count

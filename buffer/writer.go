@@ -719,16 +719,22 @@ func (l *Log) openAgain() error {
 }
 
 // Purge removes the events whose time is before `before`, whether the cursors passed them or not, and
-// returns how many it removed; each is counted in edgegate_buffer_dropped_total{reason="purge"}. It works
-// with or without Run (offline tools).
+// returns how many it removed. Those the required cursors had not passed are counted in
+// edgegate_buffer_dropped_total{reason="purge"}, the others (delivered, not lost) in
+// edgegate_buffer_delivered_deleted_total. It works with or without Run (offline tools).
 func (l *Log) Purge(before time.Time) (int, error) {
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
-	t, err := l.update(func(t *txn) error { return t.expire(unixNano(before), reasonPurge) })
+	var n int64
+	_, err := l.update(func(t *txn) error {
+		n0 := t.drops[reasonPurge] + t.deleted
+		err := t.expire(unixNano(before), reasonPurge)
+		n = t.drops[reasonPurge] + t.deleted - n0
+		return err
+	})
 	if err != nil {
 		return 0, fmt.Errorf("buffer: purge: %w", err)
 	}
-	n := t.drops[reasonPurge]
 	l.logger.Info("events purged", "before", before, "count", n)
 	return int(n), nil
 }
