@@ -483,6 +483,7 @@ type connectOpts struct {
 	noPass     bool
 	keepalive  uint16
 	will       *packets.Packet // topic, payload and QoS of the will
+	keep       bool            // clean session off: the broker keeps the session
 }
 
 // connect sends CONNECT and returns the CONNACK reason code.
@@ -496,7 +497,7 @@ func (rc *rawConn) connect(o connectOpts) byte {
 	}
 	name := []byte("MQTT")
 	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, Connect: packets.ConnectParams{
-		ProtocolName: name, Clean: true, Keepalive: o.keepalive, ClientIdentifier: o.clientID,
+		ProtocolName: name, Clean: !o.keep, Keepalive: o.keepalive, ClientIdentifier: o.clientID,
 		UsernameFlag: o.user != "", Username: []byte(o.user), PasswordFlag: o.pass != "", Password: []byte(o.pass)}}
 	if o.will != nil {
 		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, o.will.TopicName, o.will.Payload

@@ -191,3 +191,43 @@ func TestCommandToUnsubscribedDevice(t *testing.T) {
 		t.Fatalf("acknowledged command: %v", err)
 	}
 }
+
+// TestCommandAckedAfterTakeover: a command in flight when the device's connection is taken over by a new one (the
+// same client id, the session kept) is sent again on the new connection by the broker, and the device's PUBACK
+// there acknowledges it: it does not wait for command_timeout, to be retried and delivered twice.
+func TestCommandAckedAfterTakeover(t *testing.T) {
+	tb := startBroker(t, brokerOpts{cfg: func(c *ingest.BrokerConfig) { c.CommandTimeout = 2 * waitTimeout }})
+	old := dialRaw(t, tb.addr, 4)
+	if code := old.connect(connectOpts{user: "light-1", keep: true}); code != 0 {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	if codes := old.subscribe("devices/light-1/commands/#"); codes[0] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+	wait, err := tb.SendCommand("light-1", "on", []byte("1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	result := make(chan error, 1)
+	go func() { result <- wait(context.Background()) }()
+	cmd := old.expect(packets.Publish) // not acknowledged on this connection
+
+	taker := dialRaw(t, tb.addr, 4)
+	if code := taker.connect(connectOpts{user: "light-1", keep: true}); code != 0 {
+		t.Fatalf("CONNACK 0x%02x on takeover", code)
+	}
+	again := taker.expect(packets.Publish)
+	if again.PacketID != cmd.PacketID || !again.FixedHeader.Dup || string(again.Payload) != "1" {
+		t.Fatalf("resent PUBLISH id %d dup %v payload %q, want id %d dup true payload 1", again.PacketID,
+			again.FixedHeader.Dup, again.Payload, cmd.PacketID)
+	}
+	taker.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: again.PacketID})
+	select {
+	case err := <-result:
+		if err != nil {
+			t.Fatalf("acknowledged on the new connection, yet: %v", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("the command acknowledged on the new connection is still waiting")
+	}
+}

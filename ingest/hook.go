@@ -646,7 +646,8 @@ func (h *hook) connected(device string) bool {
 	return ds != nil && ds.online.Load() > 0
 }
 
-// OnQosPublish binds a waiting command to the packet id mochi gave it on one of the device's connections.
+// OnQosPublish binds a waiting command to the packet id mochi gave it on one of the device's connections, or, when
+// mochi resends it on the connection that took the session over, to that connection.
 func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, resends int) {
 	if h.pending.Load() == 0 || resends > 0 {
 		return
@@ -660,6 +661,16 @@ func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, resends
 	for _, w := range st.device.waiters {
 		if w.client == nil && w.topic == pk.TopicName {
 			w.client, w.packetID = cl, pk.PacketID
+			return
+		}
+	}
+	if !pk.FixedHeader.Dup {
+		return
+	}
+	// A command resent on the connection that took the session over: its PUBACK comes on this one now.
+	for _, w := range st.device.waiters {
+		if w.client != nil && w.client != cl && w.client.Closed() && w.packetID == pk.PacketID && w.topic == pk.TopicName {
+			w.client = cl
 			return
 		}
 	}
