@@ -31,6 +31,10 @@ type BrokerConfig struct {
 	MaxConnections int `yaml:"max_connections"`
 	// MaxConnectionsPerIP caps open connections from one source address. Default 1000.
 	MaxConnectionsPerIP int `yaml:"max_connections_per_ip"`
+	// MaxConnectionsPerDevice caps the open connections of one device (client ids "{device}" and
+	// "{device}:{suffix}"), so that one device's credentials cannot take the broker's connections. A connection
+	// that takes over a session of the device (the same client id) replaces one and is not refused. Default 16.
+	MaxConnectionsPerDevice int `yaml:"max_connections_per_device"`
 	// PublishRate is the sustained number of messages per second one device may publish. Default 100.
 	PublishRate float64 `yaml:"publish_rate"`
 	// PublishBurst is the token bucket size of PublishRate. Default 200.
@@ -60,16 +64,17 @@ type TLSConfig struct {
 // DefaultBrokerConfig returns the defaults documented on BrokerConfig.
 func DefaultBrokerConfig() BrokerConfig {
 	return BrokerConfig{
-		Listen:              ":1883",
-		MaxPacketBytes:      256 << 10,
-		ConnectTimeout:      5 * time.Second,
-		MaxConnections:      10000,
-		MaxConnectionsPerIP: 1000,
-		PublishRate:         100,
-		PublishBurst:        200,
-		CommandTopic:        "devices/{device}/commands/{command}",
-		CommandTimeout:      5 * time.Second,
-		SessionExpiry:       24 * time.Hour,
+		Listen:                  ":1883",
+		MaxPacketBytes:          256 << 10,
+		ConnectTimeout:          5 * time.Second,
+		MaxConnections:          10000,
+		MaxConnectionsPerIP:     1000,
+		MaxConnectionsPerDevice: 16,
+		PublishRate:             100,
+		PublishBurst:            200,
+		CommandTopic:            "devices/{device}/commands/{command}",
+		CommandTimeout:          5 * time.Second,
+		SessionExpiry:           24 * time.Hour,
 	}
 }
 
@@ -126,6 +131,9 @@ func (c BrokerConfig) Validate() error {
 	}
 	if c.MaxConnectionsPerIP <= 0 {
 		errs = append(errs, fmt.Errorf("mqtt.max_connections_per_ip: must be > 0, got %d", c.MaxConnectionsPerIP))
+	}
+	if c.MaxConnectionsPerDevice <= 0 {
+		errs = append(errs, fmt.Errorf("mqtt.max_connections_per_device: must be > 0, got %d", c.MaxConnectionsPerDevice))
 	}
 	if !(c.PublishRate > 0) || math.IsInf(c.PublishRate, 1) { // NaN fails the comparison
 		errs = append(errs, fmt.Errorf("mqtt.publish_rate: must be a finite number > 0, got %g", c.PublishRate))

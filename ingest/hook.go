@@ -125,6 +125,13 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 
 	st := &clientState{version: cl.Properties.ProtocolVersion}
 	h.mu.Lock()
+	if n := h.openConns(id, cl.ID); n >= h.b.cfg.MaxConnectionsPerDevice {
+		h.mu.Unlock()
+		h.b.m.authFail.WithLabelValues("device_connection_limit").Inc()
+		h.b.log.Info("connection refused", "reason", "device_connection_limit", "device_id", id, "client_id", cl.ID,
+			"connections", n, "max_connections_per_device", h.b.cfg.MaxConnectionsPerDevice)
+		return false
+	}
 	ds := h.devices[id]
 	if ds == nil {
 		lim := h.limiters[id]
@@ -141,6 +148,22 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	h.clients.Store(cl, st)
 	h.conns.Store(cl.Net.Conn, cl)
 	return true
+}
+
+// openConns counts the device's authenticated connections other than one with client id clientID, which a new
+// connection with that id takes over. h.mu is held.
+func (h *hook) openConns(device, clientID string) int {
+	ds := h.devices[device]
+	if ds == nil {
+		return 0
+	}
+	n := 0
+	for c := range ds.clients {
+		if c.ID != clientID {
+			n++
+		}
+	}
+	return n
 }
 
 // maxStoredSessions bounds the sessions of disconnected clients the broker keeps for one device (client ids

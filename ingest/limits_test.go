@@ -149,6 +149,35 @@ func TestConnectionCaps(t *testing.T) {
 		other := &rawConn{t: t, c: c, r: newReader(c), version: 4}
 		other.mustConnect("light-1")
 	})
+	t.Run("per device", func(t *testing.T) {
+		tb := startBroker(t, brokerOpts{cfg: func(c *ingest.BrokerConfig) { c.MaxConnectionsPerDevice = 2 }})
+		connect := func(clientID string) (*rawConn, byte) {
+			rc := dialRaw(t, tb.addr, 5)
+			return rc, rc.connect(connectOpts{user: "sensor-1", clientID: clientID})
+		}
+		first, code1 := connect("sensor-1")
+		_, code2 := connect("sensor-1:b")
+		if code1 != 0 || code2 != 0 {
+			t.Fatalf("CONNACKs 0x%02x 0x%02x, want both accepted", code1, code2)
+		}
+		if _, code := connect("sensor-1:c"); code != packets.ErrBadUsernameOrPassword.Code {
+			t.Fatalf("a third connection of the device: CONNACK 0x%02x, want 0x%02x", code, packets.ErrBadUsernameOrPassword.Code)
+		}
+		if got := tb.metric(t, "edgegate_ingest_auth_failures_total", "reason", "device_connection_limit"); got != 1 {
+			t.Errorf("auth failures{device_connection_limit} = %v, want 1", got)
+		}
+		// Another device is not affected, and a takeover of one of the device's sessions replaces it.
+		dialRaw(t, tb.addr, 5).mustConnect("sensor-2")
+		if _, code := connect("sensor-1:b"); code != 0 {
+			t.Fatalf("a takeover at the cap: CONNACK 0x%02x, want accepted", code)
+		}
+		// A connection that ends frees its place.
+		first.disconnect()
+		waitFor(t, "the first connection to end", func() bool { return tb.Clients() == 2 })
+		if _, code := connect("sensor-1:c"); code != 0 {
+			t.Fatalf("below the cap again: CONNACK 0x%02x, want accepted", code)
+		}
+	})
 }
 
 func TestPublishRateLimit(t *testing.T) {
