@@ -96,7 +96,8 @@
 // backoff, then a dead letter with reason command_undelivered; a full command queue is a dead letter at once).
 // The commands to one device go out in the order the rules gave them: one that is still being tried (a device
 // that did not acknowledge it, or is not connected yet) holds the later ones back, so that a retried "on" never
-// lands after the "off" that followed it; other devices' commands do not wait. The Engine reloads the rule files
+// lands after the "off" that followed it; other devices' commands do not wait. At most 32 commands wait behind
+// one device's (more are dead letters at once), so a device that takes none does not fill the queue. The Engine reloads the rule files
 // between two events, so no event is skipped or evaluated twice across a reload. A reload keeps the timers,
 // windows and debounce state of every rule whose name and pattern are unchanged. Derived events carry the extensions
 // causationid, correlationid, chaindepth and rule; an event more than max_chain_depth derivations deep is not

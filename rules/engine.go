@@ -497,6 +497,11 @@ func (s engineSink) command(r *rule, cause *event.Event, device, command string,
 		e.undelivered(job, "command queue full")
 		return
 	}
+	if n := e.lanes.waiting(device); n >= maxLaneWaiting {
+		e.met.action(r, actCommand, "dropped")
+		e.undelivered(job, fmt.Sprintf("%d earlier commands to the device wait for it", n))
+		return
+	}
 	// The first attempt goes out at once, unless an earlier command to the device is not delivered yet: it must
 	// not overtake that one's retries.
 	if cs, ok := e.deps.Commander.(CommandSender); ok && e.lanes.idle(device) {

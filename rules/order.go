@@ -32,6 +32,25 @@ func (c *commandLanes) size() int {
 	return c.pending
 }
 
+// maxLaneWaiting bounds the commands waiting in one device's lane: a device that takes none (not connected, not
+// acknowledging) does not fill the command queue of every device. The one being delivered is not counted.
+const maxLaneWaiting = 32
+
+// waiting is how many of the device's commands wait in its lane (held ones included).
+func (c *commandLanes) waiting(device string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.lanes[device]
+	if l == nil {
+		return 0
+	}
+	n := len(l.jobs)
+	if l.held {
+		n++
+	}
+	return n
+}
+
 // idle reports whether the device has no command waiting, held or being delivered.
 func (c *commandLanes) idle(device string) bool {
 	c.mu.Lock()

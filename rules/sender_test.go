@@ -224,3 +224,34 @@ func TestEngineCommandsToOneDeviceInOrder(t *testing.T) {
 		t.Errorf("first attempts sent by the evaluations: %s; want those of the first command to each device", got)
 	}
 }
+
+// TestEngineDeviceThatTakesNothingDoesNotFillTheQueue: the commands to a device that takes none wait in its lane up
+// to a bound; beyond it they are dead letters at once, and the other devices' commands still go out.
+func TestEngineDeviceThatTakesNothingDoesNotFillTheQueue(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Dir = writeRules(t, map[string]string{"light.yaml": lightRule})
+	cfg.CommandQueueSize = maxLaneWaiting + 8
+	f := newEngine(t, cfg, homeDevices)
+	f.cmd.block = make(chan struct{}) // no command completes until the test ends
+	defer close(f.cmd.block)
+	startEngine(t, f.e)
+	const n = maxLaneWaiting + 10
+	for i := range n {
+		f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": i, "light": "hall-light"}))
+		if i == 0 {
+			waitFor(t, 5*time.Second, "the first command in delivery", func() bool { return f.cmd.waiting.Load() == 1 })
+		}
+	}
+	f.waitEvaluated(t, "light", n)
+	// One in delivery, maxLaneWaiting waiting, the rest dead letters.
+	waitFor(t, 5*time.Second, "the overflow dead-lettered", func() bool { return len(f.dl.all()) == n-1-maxLaneWaiting })
+	for _, d := range f.dl.all() {
+		if !strings.Contains(d.detail, "earlier commands to the device wait for it") {
+			t.Fatalf("dead letter %+v", d)
+		}
+	}
+	// The queue has room for another device, whose command is delivered (its attempt waits on the same blocked
+	// commander, so it is seen waiting).
+	f.e.Submit(newEvent("button.pressed", "b1", t0, map[string]any{"i": n, "light": "kitchen-light-1"}))
+	waitFor(t, 5*time.Second, "the other device's command tried", func() bool { return f.cmd.waiting.Load() == 2 })
+}
