@@ -197,7 +197,7 @@ func (c *flakySender) SendCommand(device, command string, payload []byte) (func(
 func TestEngineCommandsToOneDeviceInOrder(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Dir = writeRules(t, map[string]string{"light.yaml": lightRule})
-	cfg.CommandBackoff = 50 * time.Millisecond
+	cfg.CommandBackoff = 250 * time.Millisecond // far longer than the four evaluations take
 	f := newEngine(t, cfg, homeDevices)
 	sc := &flakySender{fakeCommander: f.cmd}
 	f.e.deps.Commander = sc
