@@ -127,8 +127,8 @@ func TestCompactionNeedsRoom(t *testing.T) {
 	if n := testutilCounter(t, l, "edgegate_buffer_compactions_total"); n != 0 {
 		t.Fatalf("compacted %v times with %d bytes free", n, avail.Load())
 	}
-	if got := fileSize(l.path); got != size {
-		t.Fatalf("file size %d, was %d", got, size)
+	if got := fileSize(l.path); got < size {
+		t.Fatalf("file size %d, was %d: compacted without room", got, size)
 	}
 	avail.Store(1 << 40)
 	waitFor(t, 10*time.Second, "a compaction once there is room", func() bool {
