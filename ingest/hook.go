@@ -235,22 +235,17 @@ func (h *hook) identify(cl *mqtt.Client, pk packets.Packet) (id, reason string) 
 	return "", "anonymous"
 }
 
-// OnACLCheck applies the deny-by-default ACL: write for publishes, read for subscriptions and deliveries.
+// OnACLCheck applies the deny-by-default ACL to subscriptions and deliveries (read); OnPublish applies it to
+// publishes.
 func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	st := h.state(cl)
 	if st == nil {
 		return false
 	}
 	if write {
-		if st.version == 5 {
-			return true // checked by OnPublish (deniedV5): mochi would answer at once, ahead of waiting PUBACKs
-		}
-		if h.b.deps.ACL.CanPublish(st.device.id, topic) {
-			return true
-		}
-		h.b.m.aclDenied.WithLabelValues("publish").Inc()
-		h.logDenied(st, "publish denied", topic)
-		return false
+		// Publishes are checked by OnPublish (publishDenied): refused here, an MQTT 5 one would be answered at
+		// once, ahead of the PUBACKs of earlier publishes that wait for durability.
+		return true
 	}
 	return h.b.deps.ACL.CanSubscribe(st.device.id, topic)
 }
@@ -462,8 +457,8 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	// QoS 1 with an AsyncConsumer: PUBACKs are written in order by the connection's acker (pipeline.go).
 	ac, pipelined := h.b.deps.Consumer.(AsyncConsumer)
 	pipelined = pipelined && qos == 1
-	if st.version == 5 && !h.b.deps.ACL.CanPublish(st.device.id, pk.TopicName) {
-		return h.deniedV5(cl, st, pk, pipelined) // not counted as a message in, as for the other versions
+	if !h.b.deps.ACL.CanPublish(st.device.id, pk.TopicName) {
+		return h.publishDenied(cl, st, pk, pipelined) // not counted as a message in
 	}
 	if int(qos) < len(h.messagesIn) {
 		h.messagesIn[qos].Inc()
@@ -527,15 +522,18 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	return pk, nil
 }
 
-// deniedV5 answers an MQTT 5 publish the ACL refuses as mochi does for the other versions' (OnACLCheck):
-// nothing for QoS 0, reason 0x87 (not authorized) otherwise; but a QoS 1 refusal goes through the connection's
-// acker, behind the PUBACKs of earlier publishes that still wait for durability, since PUBACKs must follow the
-// order of the publishes.
-func (h *hook) deniedV5(cl *mqtt.Client, st *clientState, pk packets.Packet, pipelined bool) (packets.Packet, error) {
+// publishDenied answers a publish the ACL refuses as mochi's own ACL check would: nothing for QoS 0; MQTT 3.1.1,
+// which has no negative acknowledgement, ends the connection; MQTT 5 gets reason 0x87 (not authorized). But a QoS 1
+// refusal goes through the connection's acker, behind the PUBACKs of earlier publishes that still wait for
+// durability, since PUBACKs must follow the order of the publishes.
+func (h *hook) publishDenied(cl *mqtt.Client, st *clientState, pk packets.Packet, pipelined bool) (packets.Packet, error) {
 	h.b.m.aclDenied.WithLabelValues("publish").Inc()
 	h.logDenied(st, "publish denied", pk.TopicName)
 	switch {
 	case pk.FixedHeader.Qos == 0:
+		return pk, packets.ErrRejectPacket
+	case st.version != 5:
+		_ = h.b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
 		return pk, packets.ErrRejectPacket
 	case pipelined:
 		h.ackerOf(cl, st).jobs <- ackJob{id: pk.PacketID, refuse: true, code: packets.ErrNotAuthorized}
