@@ -492,19 +492,20 @@ func (s engineSink) command(r *rule, cause *event.Event, device, command string,
 	e := s.e
 	job := commandJob{rule: r, cause: cause.ID(), device: device, command: command, payload: payload}
 	// Commands are queued with e.mu held only, so room seen here is room when the job is queued.
-	if e.lanes.size() >= e.cfg.CommandQueueSize {
+	total, waiting, idle := e.lanes.look(device)
+	if total >= e.cfg.CommandQueueSize {
 		e.met.action(r, actCommand, "dropped")
 		e.undelivered(job, "command queue full")
 		return
 	}
-	if n := e.lanes.waiting(device); n >= maxLaneWaiting {
+	if waiting >= maxLaneWaiting {
 		e.met.action(r, actCommand, "dropped")
-		e.undelivered(job, fmt.Sprintf("%d earlier commands to the device wait for it", n))
+		e.undelivered(job, fmt.Sprintf("%d earlier commands to the device wait for it", waiting))
 		return
 	}
 	// The first attempt goes out at once, unless an earlier command to the device is not delivered yet: it must
 	// not overtake that one's retries.
-	if cs, ok := e.deps.Commander.(CommandSender); ok && e.lanes.idle(device) {
+	if cs, ok := e.deps.Commander.(CommandSender); ok && idle {
 		if wait, err := cs.SendCommand(device, command, payload); err == nil {
 			job.sent = wait
 			e.lanes.hold(device)

@@ -25,37 +25,24 @@ type lane struct {
 
 func newCommandLanes() *commandLanes { return &commandLanes{lanes: map[string]*lane{}} }
 
-// size is how many commands wait in the lanes for a worker.
-func (c *commandLanes) size() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.pending
-}
-
 // maxLaneWaiting bounds the commands waiting in one device's lane: a device that takes none (not connected, not
 // acknowledging) does not fill the command queue of every device. The one being delivered is not counted.
 const maxLaneWaiting = 32
 
-// waiting is how many of the device's commands wait in its lane (held ones included).
-func (c *commandLanes) waiting(device string) int {
+// look tells how many commands wait in all the lanes for a worker (held ones included), how many of them are the
+// device's, and whether the device's lane is idle: no command of the device waits, is held or is being delivered.
+func (c *commandLanes) look(device string) (total, waiting int, idle bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l := c.lanes[device]
 	if l == nil {
-		return 0
+		return c.pending, 0, true
 	}
-	n := len(l.jobs)
+	waiting = len(l.jobs)
 	if l.held {
-		n++
+		waiting++
 	}
-	return n
-}
-
-// idle reports whether the device has no command waiting, held or being delivered.
-func (c *commandLanes) idle(device string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.lanes[device] == nil
+	return c.pending, waiting, false
 }
 
 func (c *commandLanes) laneOf(device string) *lane {
@@ -105,7 +92,7 @@ func (c *commandLanes) release(job commandJob) (ready bool) {
 	l := c.lanes[job.device]
 	l.held = false
 	c.pending--
-	if len(l.jobs) == 0 && !l.scheduled {
+	if len(l.jobs) == 0 { // a held lane is not scheduled
 		delete(c.lanes, job.device)
 		return false
 	}
@@ -128,11 +115,8 @@ func (c *commandLanes) next(device string) (job commandJob, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l := c.lanes[device]
-	if len(l.jobs) == 0 || l.held {
-		l.scheduled = false
-		if len(l.jobs) == 0 && !l.held {
-			delete(c.lanes, device)
-		}
+	if len(l.jobs) == 0 { // not held either: a lane is held only while idle, and never scheduled meanwhile
+		delete(c.lanes, device)
 		return commandJob{}, false
 	}
 	job = l.jobs[0]
