@@ -52,7 +52,7 @@ func LoadRegistry(path string) (*Registry, error) {
 
 // ParseRegistry decodes a registry file's contents strictly (unknown keys are errors) and checks every device as
 // NewRegistry does. name is the file name used in error messages; problems carry its line numbers, e.g.
-// "devices.yaml:12: devices[3].password_hash: ...". An empty document is a registry without devices. In the file,
+// "devices.yaml:12: devices[3].password_hash: ...". An empty document is a registry without devices (not Listed). In the file,
 // cert_cn: "" stands for the device's id.
 func ParseRegistry(name string, data []byte) (*Registry, error) {
 	var rf registryFile
@@ -76,6 +76,7 @@ func ParseRegistry(name string, data []byte) (*Registry, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
+		r.unlisted = rf.Devices == nil
 		return r, nil
 	}
 	lines := newLineFinder(data)

@@ -32,6 +32,9 @@ type Registry struct {
 
 	// slow bounds the number of concurrent bcrypt/argon2id verifications (CPU and, for argon2id, memory).
 	slow chan struct{}
+
+	// unlisted: made by ParseRegistry from a document without a device list (see Listed).
+	unlisted bool
 }
 
 type cachedLogin struct {
@@ -85,6 +88,12 @@ func newDeviceSet(devs []Device) *deviceSet {
 	}
 	return s
 }
+
+// Listed reports whether the registry's devices were given as a list, even an empty one (`devices: []`). A
+// registry parsed from a file without one (empty, only comments, or `devices:` with nothing under it) is not
+// listed: a reload can tell such a file, which may be one caught while being written, from one that means to
+// remove every device.
+func (r *Registry) Listed() bool { return !r.unlisted }
 
 // Replace makes r hold other's devices, atomically: checks already running finish against the old set. Remembered
 // logins of devices whose password hash changed or that are gone are forgotten. other must not be nil. It returns,

@@ -69,11 +69,20 @@ func TestLoadRegistryTooLarge(t *testing.T) {
 }
 
 func TestParseRegistryEmpty(t *testing.T) {
-	for _, doc := range []string{"", "# nothing\n", "devices: []\n", "devices:\n"} {
+	for doc, listed := range map[string]bool{"": false, "# nothing\n": false, "devices:\n": false, "devices: []\n": true} {
 		r, err := ParseRegistry("empty.yaml", []byte(doc))
 		if err != nil || r.Len() != 0 {
-			t.Errorf("ParseRegistry(%q) = %v, %v; want an empty registry", doc, r, err)
+			t.Fatalf("ParseRegistry(%q) = %v, %v; want an empty registry", doc, r, err)
 		}
+		if r.Listed() != listed {
+			t.Errorf("ParseRegistry(%q).Listed() = %v, want %v", doc, r.Listed(), listed)
+		}
+	}
+	if r := parseTest(t); !r.Listed() {
+		t.Error("a registry with devices is not Listed")
+	}
+	if r, err := NewRegistry(nil); err != nil || !r.Listed() {
+		t.Errorf("NewRegistry(nil) = %v, Listed %v; want a listed empty registry", err, r != nil && r.Listed())
 	}
 }
 

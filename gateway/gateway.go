@@ -334,13 +334,22 @@ func (g *Gateway) closeDeadLetters() {
 // ReloadDevices reads the device registry file again and, if it is valid, puts it in force at once: new devices
 // can connect, rules select on the new metadata, and every connection of a device that is gone, or whose
 // credentials or grants changed, is closed (it reconnects under its new entry, if it has one). A bad file keeps the
-// previous registry in force; the error names the file, with line and field. It returns the ids of the devices
+// previous registry in force; the error names the file, with line and field. So does a file without a device list
+// while devices are registered (an explicit `devices: []` removes them all). It returns the ids of the devices
 // whose access changed.
 func (g *Gateway) ReloadDevices() ([]string, error) {
 	next, err := devices.LoadRegistry(g.cfg.Devices.Registry)
 	if err != nil {
 		g.reloads.WithLabelValues("devices", "error").Inc()
 		return nil, fmt.Errorf("gateway: devices.registry: reload (the previous registry stays in force): %w", err)
+	}
+	if next.Len() == 0 && !next.Listed() && g.registry.Len() > 0 {
+		// An empty file is most often one being written (a shell redirect, an editor that truncates first):
+		// taking it would disconnect every device.
+		g.reloads.WithLabelValues("devices", "error").Inc()
+		return nil, fmt.Errorf("gateway: devices.registry: reload: %s has no device list (empty, or caught while "+
+			"being written); the previous registry of %d devices stays in force. To remove every device, write "+
+			"`devices: []`", g.cfg.Devices.Registry, g.registry.Len())
 	}
 	g.reloads.WithLabelValues("devices", "ok").Inc()
 	changed := g.registry.Replace(next)

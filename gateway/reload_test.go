@@ -276,6 +276,52 @@ func TestReloadDevices(t *testing.T) {
 	})
 }
 
+// TestReloadDevicesEmptyFile: a registry file without a device list (as one caught between its truncation and
+// its writing is) keeps the registered devices in force and connected; an explicit empty list removes them all.
+func TestReloadDevicesEmptyFile(t *testing.T) {
+	t.Parallel()
+	gw, path, original, addr, lost := reloadGateway(t)
+	thermo := connectThermo(t, addr, lost)
+	for i, doc := range []string{"", "# being written\n", "devices:\n"} {
+		if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, err := gw.ReloadDevices()
+		if err == nil {
+			t.Fatalf("ReloadDevices took %q, a file without a device list", doc)
+		}
+		mustContain(t, "the reload error", err.Error(), path+" has no device list", "stays in force", "devices: []")
+		if got := metricSum(t, gw.Reg, "edgegate_gateway_reloads_total", map[string]string{"what": "devices", "result": "error"}); got != float64(i+1) {
+			t.Errorf("reloads{devices,error} = %v, want %d", got, i+1)
+		}
+	}
+	publish(t, thermo, "devices/thermo-1/telemetry", 1, `{"temp":20}`)
+	if !thermo.IsConnectionOpen() {
+		t.Fatal("thermo-1 was disconnected by a refused reload")
+	}
+	if c, err := tryConnect(addr, "kitchen-motion", "kitchen-motion-pw"); err != nil {
+		t.Fatalf("kitchen-motion cannot log in after a refused reload: %v", err)
+	} else {
+		c.Disconnect(0)
+	}
+
+	if err := os.WriteFile(path, []byte("devices: []\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changed, err := gw.ReloadDevices()
+	if err != nil {
+		t.Fatalf("ReloadDevices(devices: []): %v", err)
+	}
+	if want := bytes.Count(original, []byte("\n  - id: ")); len(changed) != want || !slices.Contains(changed, "thermo-1") {
+		t.Errorf("access changed for %v, want all %d devices", changed, want)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("thermo-1's connection is still open 10s after every device was removed")
+	}
+}
+
 // tryConnect connects a client without failing the test.
 func tryConnect(addr, id, password string) (paho.Client, error) {
 	c := paho.NewClient(paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(id).SetUsername(id).
