@@ -276,6 +276,54 @@ func TestRulesTestSeesDeviceState(t *testing.T) {
 	}
 }
 
+// TestRulesTestWithConfig: with --config, `rules test` runs the configuration's rules settings, rule directory and
+// device registry, as the gateway would; --rules still overrides the directory.
+func TestRulesTestWithConfig(t *testing.T) {
+	rulesDir, err := filepath.Abs("testdata/replay/rules")
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs, err := filepath.Abs("testdata/replay/events.jsonl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const guard = "loop guard: the cause is 1 derivations deep (max_chain_depth 1)"
+	cfg, _ := writeConfig(t, "")
+	setRules(t, cfg, "  dir: "+rulesDir+"\n  max_chain_depth: 1\n")
+	code, out, errOut := runCmd(t, "rules", "test", "--config", cfg, "--events", evs)
+	if code != 0 {
+		t.Fatalf("rules test --config: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	for _, want := range []string{"rules: 2 loaded from " + rulesDir, guard} {
+		if !strings.Contains(out, want) {
+			t.Errorf("rules test --config: output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// Without --config the built-in max_chain_depth (8) lets the second derivation through.
+	code, out, errOut = runCmd(t, "rules", "test", "--rules", rulesDir, "--events", evs,
+		"--devices", filepath.Join(repo, "configs/devices.yaml"))
+	if code != 0 {
+		t.Fatalf("rules test: exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+	}
+	if strings.Contains(out, guard) || !strings.Contains(out, "-> emit climate.alarm") {
+		t.Errorf("rules test without --config stopped the chain at depth 1:\n%s", out)
+	}
+
+	// --rules overrides the configuration's directory.
+	code, out, errOut = runCmd(t, "rules", "test", "--config", cfg, "--rules", filepath.Join(repo, "configs/rules.d"),
+		"--events", filepath.Join(repo, "rules/testdata/dryrun/lights.jsonl"))
+	if code != 0 || !strings.Contains(out, "-> command kitchen-light-1 lights.on") {
+		t.Errorf("rules test --config --rules: exit %d, output lacks the kitchen light's command\nstdout: %s\nstderr: %s",
+			code, out, errOut)
+	}
+
+	setRules(t, cfg, "  dir: "+rulesDir+"\n  max_chain_depth: -3\n")
+	if code, _, errOut := runCmd(t, "rules", "test", "--config", cfg, "--events", evs); code == 0 || !strings.Contains(errOut, "max_chain_depth") {
+		t.Errorf("rules test with max_chain_depth -3: exit %d, stderr %q; want an error naming it", code, errOut)
+	}
+}
+
 var update = flag.Bool("update", false, "rewrite the golden files under testdata/")
 
 // setRules replaces the rules section of the configuration at path with body (indented YAML keys).

@@ -345,7 +345,10 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	switch sub {
 	case "test":
-		fs := newFlagSet("rules test", "--rules DIR --events FILE.jsonl [--devices FILE]", stderr)
+		fs := newFlagSet("rules test", "--events FILE.jsonl [--config FILE] [--rules DIR] [--devices FILE]\n\n"+
+			"Dry-runs the rules over recorded events. With --config, the rules settings, rule directory and device\n"+
+			"registry are the configuration's; --rules and --devices override them.", stderr)
+		path := fs.String("config", "", "configuration file (default: none, the built-in rules settings)")
 		dir := fs.String("rules", "configs/rules.d", "directory of rule files")
 		events := fs.String("events", "", "recorded CloudEvents, one JSON object per line")
 		devs := fs.String("devices", "configs/devices.yaml", "device registry (for metadata matches)")
@@ -356,13 +359,32 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			fs.Usage()
 			return errUsage
 		}
+		cfg := rules.DefaultConfig()
+		if *path != "" {
+			gcfg, err := loadConfig(*path)
+			if err != nil {
+				return err
+			}
+			cfg = gcfg.Rules
+			cfg.Source = "/gateways/" + gcfg.ID + "/rules" // as the gateway sets it
+			set := map[string]bool{}
+			fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+			if !set["rules"] {
+				*dir = cfg.Dir
+			}
+			if !set["devices"] {
+				*devs = gcfg.Devices.Registry
+			}
+		}
+		cfg.Dir = *dir
+		if err := cfg.Validate(); err != nil {
+			return fmt.Errorf("rules: %w", err)
+		}
 		f, err := os.Open(*events)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		cfg := rules.DefaultConfig()
-		cfg.Dir = *dir
 		return dryRun(cfg, *devs, f, stdout)
 	case "replay":
 		fs := newFlagSet("rules replay", "--since DURATION [--config FILE] [--rules DIR]\n\n"+
@@ -394,7 +416,7 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer lg.Close()
 		return replay(ctx, lg, time.Now().Add(-*since), rcfg, cfg.Devices.Registry, stdout)
 	default:
-		fmt.Fprintln(stderr, "Usage: edgegate rules test --rules DIR --events FILE.jsonl | edgegate rules replay --since DURATION")
+		fmt.Fprintln(stderr, "Usage: edgegate rules test --events FILE.jsonl [--config FILE] | edgegate rules replay --since DURATION")
 		if sub == "-h" || sub == "--help" {
 			return errHelp
 		}
