@@ -113,6 +113,9 @@ func (l *Log) compact(oldSize, used int64) error {
 	if err := syncDir(filepath.Dir(l.path)); err != nil {
 		l.logger.Warn("fsync of the data directory after compaction", "error", err)
 	}
+	if l.afterSwap != nil {
+		l.afterSwap()
+	}
 	ndb, kind, err := openDB(l.path, l.cfg.Durability)
 	if err != nil {
 		// The old file is no longer at the path: nothing more may be committed to it.
@@ -189,6 +192,14 @@ func Check(path string) error {
 // Recover moves a damaged log file aside, as <path>.corrupt-<UTC time>, so that the next start creates a new,
 // empty log; nothing is deleted. It refuses while a process holds the file (a running gateway).
 func Recover(path string) (movedTo string, err error) {
+	if _, err := os.Stat(path); err != nil {
+		return "", fmt.Errorf("buffer: recover %s: %w", path, err)
+	}
+	lockf, err := lockLog(path)
+	if err != nil {
+		return "", fmt.Errorf("buffer: recover %s: %w", path, err)
+	}
+	defer lockf.Close()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return "", fmt.Errorf("buffer: recover %s: %w", path, err)

@@ -83,14 +83,16 @@ type Log struct {
 	m        *metrics
 	segSize  uint64
 	tool     bool
+	lockf    *os.File // holds the lock of lockLog while the log is open
 	required []string
 	opened   string // how the last open of the file found it: openNew, openClean or openRebuilt
 
 	// Test hooks: beforeCommit fails a commit when it returns an error; now is the clock; statfs reports
 	// the free space of the filesystem holding a path; beforeReopen fails the opening of the file again after
-	// a failed commit when it returns an error.
+	// a failed commit when it returns an error; afterSwap runs inside compaction's swap of the files.
 	beforeCommit   func() error
 	beforeReopen   func() error
+	afterSwap      func() // called by compaction between renaming the new file over the log and opening it
 	now            func() time.Time
 	statfs         func(path string) (int64, error)
 	compactMinFile int64
@@ -291,23 +293,31 @@ func open(cfg Config, logger *slog.Logger, reg prometheus.Registerer, o openOpti
 		runDone:        make(chan struct{}),
 		wake:           make(chan struct{}, 1),
 	}
+	lockf, err := lockLog(cfg.Path)
+	if err != nil {
+		return nil, fmt.Errorf("buffer: open %s: %w", cfg.Path, err)
+	}
+	l.lockf = lockf
 	if !o.tool {
 		_ = os.Remove(cfg.Path + ".compact") // left by a compaction that did not finish; the log is intact
 	}
 	start := time.Now()
 	db, kind, err := openDB(cfg.Path, cfg.Durability)
 	if err != nil {
+		_ = lockf.Close()
 		return nil, err
 	}
 	l.db = db
 	l.opened = kind
 	if err := l.init(); err != nil {
 		_ = db.Close()
+		_ = lockf.Close()
 		return nil, err
 	}
 	m, err := newMetrics(l, reg)
 	if err != nil {
 		_ = db.Close()
+		_ = lockf.Close()
 		return nil, fmt.Errorf("buffer: metrics: %w", err)
 	}
 	l.m = m
@@ -1124,6 +1134,7 @@ func (l *Log) shutdown() error {
 	}
 	l.writeMu.Lock()
 	defer l.writeMu.Unlock()
+	defer l.lockf.Close() // last: the file is closed, another process may open it
 	var errs []error
 	if l.cursorsDirty() {
 		if _, err := l.update(nil); err != nil {

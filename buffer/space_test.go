@@ -2,6 +2,7 @@ package buffer
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -98,6 +99,45 @@ func TestCompaction(t *testing.T) {
 	if got := testutilCounter(t, l, "edgegate_buffer_file_size_bytes"); got != float64(fileSize(l.path)) {
 		t.Errorf("file_size_bytes = %v, want %d", got, fileSize(l.path))
 	}
+}
+
+// TestToolDuringCompactionSwap: between renaming its copy over the log and opening it, compaction holds no lock
+// on the file at the path; a tool that opens the log then is refused all the same (ErrLocked), and the gateway's
+// log opens the new file and goes on.
+func TestToolDuringCompactionSwap(t *testing.T) {
+	l := openTest(t, Config{Durability: DurabilityInterval, Cursors: []string{"sink"}, MaxBytes: 1 << 30}, 0)
+	l.compactMinFile = 1 << 20
+	l.compactEvery = 20 * time.Millisecond
+	var once sync.Once
+	toolErr := make(chan error, 1)
+	l.afterSwap = func() {
+		once.Do(func() {
+			tool, err := OpenTool(Config{Path: l.path}, nil)
+			if err == nil {
+				_ = tool.Close()
+			}
+			toolErr <- err
+		})
+	}
+	run(t, l.Log)
+	fill(t, l.Log, 60_000) // about 15 MiB: compaction needs more than twice the used size plus 4 MiB
+	if err := l.Ack("sink", l.LastSeq()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "a compaction", func() bool {
+		return testutilCounter(t, l, "edgegate_buffer_compactions_total") >= 1
+	})
+	if err := <-toolErr; !errors.Is(err, ErrLocked) {
+		t.Fatalf("a tool opening the log during the swap got %v, want ErrLocked", err)
+	}
+	if got := testutilCounter(t, l, "edgegate_buffer_compaction_errors_total"); got != 0 {
+		t.Fatalf("compaction_errors_total = %v, want 0", got)
+	}
+	seq, err := l.Append(context.Background(), benchEntry())
+	if err != nil || seq != 60_001 {
+		t.Fatalf("append after compaction = %d, %v; want 60001", seq, err)
+	}
+	checkDB(t, l.Log)
 }
 
 // TestCompactionNeedsRoom: compaction writes a copy of the used part of the file; with less free space than

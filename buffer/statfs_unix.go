@@ -3,6 +3,7 @@
 package buffer
 
 import (
+	"errors"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
@@ -19,3 +20,6 @@ func diskFree(path string) (int64, error) {
 
 // lockFile takes an exclusive, non-blocking lock on f's descriptor (the lock bbolt takes).
 func lockFile(fd uintptr) error { return unix.Flock(int(fd), unix.LOCK_EX|unix.LOCK_NB) }
+
+// lockHeld reports whether a lockFile error means another descriptor holds the lock.
+func lockHeld(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) }
