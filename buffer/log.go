@@ -247,8 +247,9 @@ func Open(cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Log, err
 
 // OpenTool opens an existing log for an offline tool (stats, export, import, purge). Every persisted cursor and
 // every cursor in cfg.Cursors (the configured sinks', at position 0 when it saved none) holds events as the
-// gateway's would, and no cursor is removed. It registers no metrics. It fails within about a second with ErrLocked when a running gateway holds the file. Run is needed
-// only to Append; Purge, Read and Stats work without it.
+// gateway's would, and no cursor is removed. It registers no metrics. It fails within about a second with
+// ErrLocked while a running gateway has the log open (see lockLog). Run is needed only to Append; Purge, Read and
+// Stats work without it.
 func OpenTool(cfg Config, logger *slog.Logger) (*Log, error) {
 	return open(cfg, logger, nil, openOptions{tool: true})
 }

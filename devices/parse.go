@@ -52,8 +52,8 @@ func LoadRegistry(path string) (*Registry, error) {
 
 // ParseRegistry decodes a registry file's contents strictly (unknown keys are errors) and checks every device as
 // NewRegistry does. name is the file name used in error messages; problems carry its line numbers, e.g.
-// "devices.yaml:12: devices[3].password_hash: ...". An empty document is a registry without devices (not Listed). In the file,
-// cert_cn: "" stands for the device's id.
+// "devices.yaml:12: devices[3].password_hash: ...". An empty document is a registry without devices, one that is
+// not Listed. In the file, cert_cn: "" stands for the device's id.
 func ParseRegistry(name string, data []byte) (*Registry, error) {
 	var rf registryFile
 	if err := decodeYAML(data, &rf); err != nil {
