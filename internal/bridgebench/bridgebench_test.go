@@ -16,6 +16,7 @@ var (
 	flagDevices  = flag.Int("devices", 10, "bench devices publishing at once")
 	flagMessages = flag.Int("messages", 10000, "messages per device in BenchmarkOnline")
 	flagInflight = flag.Int("inflight", 0, "the most unacknowledged publishes of one bench device (0: the default, 100)")
+	flagPayload  = flag.Int("payload", 0, "the bytes of each device message, JSON (0: the default, 100)")
 	flagDrain    = flag.Int("drain", 100000, "backlog of BenchmarkDrain (e.g. 1000000)")
 	flagLive     = flag.Float64("live-rate", 200, "live messages per second during BenchmarkDrain")
 	flagDefaults = flag.Bool("bridge-defaults", true, "BenchmarkDrain also runs the bridge at mosquitto's default queue limit, once")
@@ -175,7 +176,8 @@ func benchOptions(b *testing.B, bin string) Options {
 	}
 	return Options{Devices: *flagDevices, Messages: *flagMessages, Backlog: *flagDrain, LiveRate: *flagLive,
 		GatewayBinary: bin, KeepDir: *flagKeep, Logf: logf, Durability: *flagDurable, Window: *flagWindow, GatewayProcs: *flagProcs,
-		LivePriority: *flagLivePrio, Batch: *flagBatch, Inflight: *flagInflight}
+		LivePriority: *flagLivePrio, Batch: *flagBatch, Inflight: *flagInflight,
+		PayloadBytes: *flagPayload}
 }
 
 // compare runs run for the gateway and the bridge alternately, b.N rounds, and reports each system's median

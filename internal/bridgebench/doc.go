@@ -39,7 +39,7 @@
 //	go test -run '^$' -bench Drain -benchtime 1x ./internal/bridgebench/ -drain 1000000
 //
 // Flags of the benchmarks: -devices, -messages (per device, online), -inflight (the unacknowledged publishes of
-// one device), -drain (the backlog), -live-rate, -live-priority (the live device's priority, with a lane for it),
+// one device), -payload (the bytes of a device message), -drain (the backlog), -live-rate, -live-priority (the live device's priority, with a lane for it),
 // -durability (the gateway log's fsync or interval), -window (the gateway sink's window), -batch (the gateway's
 // sink in batch mode), -edgegate (a built binary instead of building cmd/edgegate), -bridge-defaults=false (skip
 // the lossy bridge run), -progress, -keep (keep each run's directory). They report each system's median rate, the ratio gateway/bridge of the
