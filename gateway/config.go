@@ -130,6 +130,15 @@ func onlyComments(data []byte) bool {
 	return true
 }
 
+// RulesConfig is the rule engine's configuration as the gateway runs it: the rules section, with the source of
+// derived events named after the gateway. The gateway adds the state file under the data directory; the dry runs
+// of the rules tools keep their state in memory.
+func (c Config) RulesConfig() rules.Config {
+	rc := c.Rules
+	rc.Source = "/gateways/" + c.ID + "/rules"
+	return rc
+}
+
 var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
 
 // Validate reports every problem of the configuration, each naming its key.

@@ -104,9 +104,8 @@ func New(cfg Config, logger *slog.Logger, reg *prometheus.Registry) (gw *Gateway
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 
-	rcfg := cfg.Rules
+	rcfg := cfg.RulesConfig()
 	rcfg.StateFile = filepath.Join(cfg.DataDir, "rules-state.json")
-	rcfg.Source = "/gateways/" + cfg.ID + "/rules"
 	em := &emitter{g: g}
 	g.rules, err = rules.New(rcfg, rules.Deps{
 		Directory:   directory{reg: g.registry},

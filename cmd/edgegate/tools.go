@@ -365,8 +365,7 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			if err != nil {
 				return err
 			}
-			cfg = gcfg.Rules
-			cfg.Source = "/gateways/" + gcfg.ID + "/rules" // as the gateway sets it
+			cfg = gcfg.RulesConfig()
 			set := map[string]bool{}
 			fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 			if !set["rules"] {
@@ -401,11 +400,10 @@ func cmdRules(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err != nil {
 			return err
 		}
-		rcfg := cfg.Rules
+		rcfg := cfg.RulesConfig()
 		if *dir != "" {
 			rcfg.Dir = *dir
 		}
-		rcfg.Source = "/gateways/" + cfg.ID + "/rules" // as the gateway sets it
 		if err := rcfg.Validate(); err != nil {
 			return fmt.Errorf("%s: %w", *path, err)
 		}
