@@ -338,17 +338,15 @@ func (g *Gateway) closeDeadLetters() {
 // whose access changed.
 func (g *Gateway) ReloadDevices() ([]string, error) {
 	next, err := devices.LoadRegistry(g.cfg.Devices.Registry)
+	if err == nil && !next.Listed() && g.registry.Len() > 0 {
+		// An empty file is most often one being written (a shell redirect, an editor that truncates first):
+		// taking it would disconnect every device.
+		err = fmt.Errorf("%s has no device list (empty, or caught while being written); to remove every device, "+
+			"write `devices: []`", g.cfg.Devices.Registry)
+	}
 	if err != nil {
 		g.reloads.WithLabelValues("devices", "error").Inc()
 		return nil, fmt.Errorf("gateway: devices.registry: reload (the previous registry stays in force): %w", err)
-	}
-	if next.Len() == 0 && !next.Listed() && g.registry.Len() > 0 {
-		// An empty file is most often one being written (a shell redirect, an editor that truncates first):
-		// taking it would disconnect every device.
-		g.reloads.WithLabelValues("devices", "error").Inc()
-		return nil, fmt.Errorf("gateway: devices.registry: reload: %s has no device list (empty, or caught while "+
-			"being written); the previous registry of %d devices stays in force. To remove every device, write "+
-			"`devices: []`", g.cfg.Devices.Registry, g.registry.Len())
 	}
 	g.reloads.WithLabelValues("devices", "ok").Inc()
 	changed := g.registry.Replace(next)
