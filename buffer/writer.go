@@ -240,10 +240,10 @@ func (l *Log) saveGrace() time.Duration {
 }
 
 // saveEvery is the least time between a commit that saved cursors and a commit that saves only cursors (Ack;
-// AckNow does not wait for it). A sink
-// draining a backlog moves its cursor with every acknowledgement: saved at once each time, the cursors took a
-// commit (two fsyncs) per round trip, more fsyncs than the live appends, for nothing a crash would show, since
-// events past the saved cursor are sent again anyway (a sink counts them in its window until they are saved).
+// AckNow does not wait for it). A sink draining a backlog moves its cursor with every acknowledgement: saved at
+// once each time, the cursors took a commit (two fsyncs) per round trip, more fsyncs than the live appends, for
+// nothing a crash would show, since events past the saved cursor are sent again anyway (a sink counts them in its
+// window until they are saved).
 const saveEvery = 5 * time.Millisecond
 
 // saveDelay is how long moved cursors wait before a commit of their own: while appends flow (one was committed

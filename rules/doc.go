@@ -97,14 +97,14 @@
 // The commands to one device go out in the order the rules gave them: one that is still being tried (a device
 // that did not acknowledge it, or is not connected yet) holds the later ones back, so that a retried "on" never
 // lands after the "off" that followed it; other devices' commands do not wait. At most 32 commands wait behind
-// one device's (more are dead letters at once), so a device that takes none does not fill the queue. The Engine reloads the rule files
-// between two events, so no event is skipped or evaluated twice across a reload. A reload keeps the timers,
-// windows and debounce state of every rule whose name and pattern are unchanged. Derived events carry the extensions
-// causationid, correlationid, chaindepth and rule; an event more than max_chain_depth derivations deep is not
-// emitted (loop guard). Timers, windows, debounce and sequence state are saved to Config.StateFile (atomically,
-// within persist_interval of a change, default 1s, and on stop) and restored by New; an absence that fell due
-// while the gateway was down fires once when Run starts. A crash loses at most the last persist_interval of
-// state changes.
+// one device's (more are dead letters at once), so a device that takes none does not fill the queue. The Engine
+// reloads the rule files between two events, so no event is skipped or evaluated twice across a reload. A reload
+// keeps the timers, windows and debounce state of every rule whose name and pattern are unchanged. Derived events
+// carry the extensions causationid, correlationid, chaindepth and rule; an event more than max_chain_depth
+// derivations deep is not emitted (loop guard). Timers, windows, debounce and sequence state are saved to
+// Config.StateFile (atomically, within persist_interval of a change, default 1s, and on stop) and restored by New;
+// an absence that fell due while the gateway was down fires once when Run starts. A crash loses at most the last
+// persist_interval of state changes.
 //
 // DryRun runs the same evaluation over recorded events on a simulated clock (event time) and explains every
 // decision without side effects.
